@@ -1,0 +1,1 @@
+"""The fixed benchmark's measuring side: evaluator, hardware table, benchmarks."""

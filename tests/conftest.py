@@ -1,0 +1,33 @@
+"""Test set-up shared by every test file.
+
+TRITON_INTERPRET must be set before any kernel module is imported, so it is set here,
+at the very top, whenever no CUDA GPU is present. On a GPU machine the same kernel tests
+run natively.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by `make gpu-check`)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device kernel and model tests run on: CUDA when present, else CPU."""
+    return DEVICE

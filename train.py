@@ -1,0 +1,394 @@
+"""The fixed timing harness: trains the research surface's recipe on a preset and measures it.
+
+    python train.py --preset cpu-tiny [--budget-tokens N | --budget-seconds S]
+                    [--target-loss L] [--seed S] [--out result.json]
+
+The harness owns the clock, the data and the evaluation. The clock starts after an
+untimed warmup (which compiles and fills caches; the model and optimizer state are then
+restored, so no training progress leaks into the timed run), is CUDA-synchronised, and
+is paused for every evaluation. The result JSON is written to --out and printed as the
+last line of stdout. Nothing in model/ or kernels/ may change what is measured here.
+"""
+
+import argparse
+import copy
+import json
+import math
+import platform
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import kernels
+from bench.evaluator import causality_probe, evaluate
+from bench.hardware import mfu
+from data.cache import DataMissingError, load_meta
+from data.loader import Loader, open_split, read_split_tokens
+from model import build_recipe
+
+SCHEMA_VERSION = 1
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTEGRITY = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Preset:
+    device: str  # where it runs: "cpu" or "cuda"
+    data: str  # default dataset (a name under the data cache)
+    budget_tokens: int  # default budget; also the schedule's horizon under --target-loss
+    eval_tokens: int  # validation tokens per evaluation (a fixed prefix of the val split)
+    eval_seq_len: int
+    eval_batch_size: int
+    n_evals: int  # evaluations spread evenly over the budget, the curve's resolution
+    target_loss: float | None  # the preset's default target for time-to-loss
+
+
+PRESETS = {
+    "cpu-tiny": Preset("cpu", "embedded", 180_224, 32_768, 128, 64, 6, None),
+    "gpu-small": Preset("cuda", "fineweb", 200_000_000, 2_097_152, 1024, 32, 20, None),
+    "gpt2-124m": Preset("cuda", "fineweb", 4_000_000_000, 10_485_760, 1024, 32, 40, 3.28),
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+class Clock:
+    """Wall time of the timed region, synchronised with the GPU, pausable for evaluation."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.elapsed_before = 0.0
+        self.started_at: float | None = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        self.started_at = time.perf_counter()
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None
+
+    def pause(self) -> None:
+        if self.running:
+            self._sync()
+            self.elapsed_before += time.perf_counter() - self.started_at
+            self.started_at = None
+
+    def elapsed(self) -> float:
+        if self.started_at is None:
+            return self.elapsed_before
+        self._sync()
+        return self.elapsed_before + time.perf_counter() - self.started_at
+
+
+class Budget:
+    """Progress in [0, 1] through the run, in tokens or in seconds."""
+
+    def __init__(self, tokens: int | None, seconds: float | None):
+        self.tokens, self.seconds = tokens, seconds
+
+    def progress(self, tokens: int, clock: Clock) -> float:
+        if self.seconds is not None:
+            return clock.elapsed() / self.seconds
+        return tokens / self.tokens
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-tokens", type=int, help="train for this many tokens")
+    budget.add_argument("--budget-seconds", type=float, help="train for this many timed seconds")
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        help="stop when val loss reaches this; report the time it took (time-to-target)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for the model init and data order")
+    p.add_argument("--out", type=Path, help="write the result JSON here (also printed last)")
+    p.add_argument("--data", help="dataset name in the data cache (default: the preset's)")
+    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    p.add_argument(
+        "--kernels", default="auto", help="kernel backend: auto (triton on CUDA), torch, triton"
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for CUDA, off for CPU)",
+    )
+    p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
+    return p.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> tuple[Preset, torch.device]:
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset '{args.preset}': choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device or preset.device)
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"preset '{args.preset}' runs on CUDA but no CUDA GPU is visible; "
+            "use --preset cpu-tiny, or --device cpu to force it onto the CPU"
+        )
+    for flag in ("budget_tokens", "budget_seconds"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    return preset, device
+
+
+def snapshot(recipe) -> tuple[dict, list[dict]]:
+    model_state = {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in recipe.optimizers]
+    return model_state, opt_states
+
+
+def restore(recipe, state: tuple[dict, list[dict]]) -> None:
+    model_state, opt_states = state
+    recipe.model.load_state_dict(model_state)
+    for opt, opt_state in zip(recipe.optimizers, opt_states):
+        opt.load_state_dict(copy.deepcopy(opt_state))  # replaces the state wholesale
+
+
+def warmup(recipe, loader: Loader, evaluate_fn, max_steps: int = 3) -> None:
+    """Run the batch shapes the recipe will use, and one evaluation, outside the clock."""
+    shapes = []
+    for i in range(21):
+        shape = recipe.batch_shape(i / 20)
+        if shape not in shapes:
+            shapes.append(shape)
+    for step in range(max(max_steps, len(shapes))):
+        x, y = loader.next_batch(*shapes[step % len(shapes)])
+        recipe.train_step(x, y, min(1.0, step / max_steps))
+    evaluate_fn()
+
+
+def interpolate_target(curve: list[dict], target: float) -> float | None:
+    """Training time at which val loss first crossed the target, linear between evaluations."""
+    for prev, cur in zip(curve, curve[1:]):
+        if cur["val_loss"] <= target < prev["val_loss"]:
+            frac = (prev["val_loss"] - target) / (prev["val_loss"] - cur["val_loss"])
+            return prev["seconds"] + frac * (cur["seconds"] - prev["seconds"])
+    if curve and curve[0]["val_loss"] <= target:
+        return curve[0]["seconds"]
+    return None
+
+
+def run(args: argparse.Namespace) -> tuple[dict, int]:
+    preset, device = validate_args(args)
+    torch.manual_seed(args.seed)
+    data_name = args.data or preset.data
+    meta = load_meta(data_name)
+    vocab_size = meta["vocab_size"]
+    val_tokens = read_split_tokens(data_name, "val")[: preset.eval_tokens + 1]
+    token_bytes = None
+    if meta.get("token_bytes"):
+        import numpy as np
+
+        from data.cache import dataset_dir
+
+        token_bytes = np.load(dataset_dir(data_name) / meta["token_bytes"])
+
+    backend = kernels.resolve(args.kernels, device.type)
+    kernels.set_backend(backend)
+    compile_model = device.type == "cuda" if args.compile is None else args.compile
+    recipe = build_recipe(args.preset, device, vocab_size, compile_model)
+
+    def run_eval():
+        recipe.model.eval()
+        try:
+            return evaluate(
+                recipe.logits,
+                val_tokens,
+                preset.eval_seq_len,
+                preset.eval_batch_size,
+                vocab_size,
+                device,
+                token_bytes,
+            )
+        finally:
+            recipe.model.train()
+
+    # Untimed warmup on its own data stream, then back to the initial state.
+    t0 = time.perf_counter()
+    initial = snapshot(recipe)
+    warmup(recipe, open_split(data_name, "train", args.seed + 10_000, device), run_eval)
+    restore(recipe, initial)
+    warmup_seconds = time.perf_counter() - t0
+    torch.manual_seed(args.seed)
+    loader = open_split(data_name, "train", args.seed, device)
+
+    budget = Budget(
+        args.budget_tokens or (None if args.budget_seconds else preset.budget_tokens),
+        args.budget_seconds,
+    )
+    target = args.target_loss
+    max_loss = 3 * math.log(vocab_size)  # far above the initial ln(vocab): the run blew up
+    clock = Clock(device)
+    curve: list[dict] = []
+    status, steps, tokens, eval_seconds = "ok", 0, 0, 0.0
+    next_eval = 1 / preset.n_evals
+    time_to_target = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def record_eval() -> dict:
+        nonlocal eval_seconds
+        was_running = clock.running
+        clock.pause()
+        t = time.perf_counter()
+        ev = run_eval()
+        eval_seconds += time.perf_counter() - t
+        point = dict(tokens=tokens, seconds=clock.elapsed(), val_loss=ev.loss, val_bpb=ev.bpb)
+        curve.append(point)
+        print(
+            f"eval   step {steps:5d} | tokens {tokens:>11,} | val loss {ev.loss:.4f} | "
+            f"train time {point['seconds']:.1f}s",
+            flush=True,
+        )
+        if was_running:
+            clock.start()
+        return point
+
+    clock.start()
+    while True:
+        progress = budget.progress(tokens, clock)
+        if progress >= 1.0:
+            break
+        batch_size, seq_len = recipe.batch_shape(progress)
+        x, y = loader.next_batch(batch_size, seq_len)
+        loss = recipe.train_step(x, y, progress)
+        steps += 1
+        tokens += batch_size * seq_len
+        if steps % args.log_every == 0 or steps == 1:
+            value = loss.item()
+            if not math.isfinite(value) or value > max_loss:
+                status = "diverged"
+                print(f"diverged at step {steps}: train loss {value}", flush=True)
+                break
+            elapsed = clock.elapsed()
+            print(
+                f"train  step {steps:5d} | tokens {tokens:>11,} | loss {value:.4f} | "
+                f"{tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f}s",
+                flush=True,
+            )
+        progress = budget.progress(tokens, clock)
+        if progress >= next_eval and progress < 1.0:
+            point = record_eval()
+            # Near the target, evaluate four times as often to time the crossing well.
+            close = target is not None and point["val_loss"] < target + 0.1
+            next_eval = progress + (0.25 if close else 1.0) / preset.n_evals
+            if target is not None and point["val_loss"] <= target:
+                break
+    clock.pause()
+    train_seconds = clock.elapsed()
+
+    if status == "ok" and (not curve or curve[-1]["tokens"] != tokens):
+        record_eval()
+    final = curve[-1] if curve else None
+    if target is not None:
+        time_to_target = interpolate_target(curve, target)
+
+    probe = None
+    if status == "ok":
+        recipe.model.eval()
+        probe = causality_probe(
+            recipe.logits,
+            vocab_size,
+            preset.eval_seq_len,
+            device,
+            torch.Generator().manual_seed(secrets.randbits(63)),  # fresh probe every run
+        )
+        recipe.model.train()
+        if not probe.causal:
+            status = "integrity-violation"
+
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    tokens_per_sec = tokens / train_seconds if train_seconds > 0 else 0.0
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "preset": args.preset,
+        "seed": args.seed,
+        "device": device.type,
+        "gpu_name": gpu_name,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_version": torch.__version__,
+        "triton_version": _triton_version(),
+        "python_version": platform.python_version(),
+        "kernels": backend,
+        "compile": compile_model,
+        "data": data_name,
+        "data_fingerprint": meta["fingerprint"],
+        "n_params": sum(p.numel() for p in recipe.model.parameters()),
+        "flops_per_token": recipe.flops_per_token(),
+        "budget_tokens": budget.tokens,
+        "budget_seconds": budget.seconds,
+        "target_loss": target,
+        "tokens": tokens,
+        "steps": steps,
+        "train_seconds": train_seconds,
+        "warmup_seconds": warmup_seconds,
+        "eval_seconds": eval_seconds,
+        "tokens_per_sec": tokens_per_sec,
+        "val_loss": final["val_loss"] if final else None,
+        "val_bpb": final["val_bpb"] if final else None,
+        "time_to_target": time_to_target,
+        "mfu": mfu(recipe.flops_per_token(), tokens_per_sec, gpu_name),
+        "peak_memory_bytes": _peak_memory(device),
+        "causality": None if probe is None else probe.__dict__,
+        "curve": curve,
+    }
+    code = {"ok": EXIT_OK, "diverged": EXIT_DIVERGED}.get(status, EXIT_INTEGRITY)
+    return result, code
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    except ImportError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result, code = run(args)
+    except (UsageError, DataMissingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    line = json.dumps(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(line, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
