@@ -27,9 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests
 
+# On the GPU: the gpu-marked tests, the kernel and model tests natively, a gpu-small run
+# with triton kernels and with the torch references, and the kernel benchmarks.
 gpu-check:
-	$(SYSPY) -m pytest -q -m gpu tests
+	$(SYSPY) -m pytest -q tests/test_kernels*.py tests/test_model.py tests/test_evaluator.py
 	$(SYSPY) -m bench.gpu_check
+	$(SYSPY) -m bench.kernels_bench
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -21,13 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import kernels
 from bench.evaluator import causality_probe, evaluate
 from bench.hardware import mfu
-from data.cache import DataMissingError, load_meta
+from data.cache import DataMissingError, dataset_dir, load_meta
 from data.loader import Loader, open_split, read_split_tokens
+from data.shards import ShardError
 from model import build_recipe
 
 SCHEMA_VERSION = 1
@@ -195,11 +197,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     vocab_size = meta["vocab_size"]
     val_tokens = read_split_tokens(data_name, "val")[: preset.eval_tokens + 1]
     token_bytes = None
-    if meta.get("token_bytes"):
-        import numpy as np
-
-        from data.cache import dataset_dir
-
+    if meta.get("token_bytes"):  # the byte table that bits per byte needs, when known
         token_bytes = np.load(dataset_dir(data_name) / meta["token_bytes"])
 
     backend = kernels.resolve(args.kernels, device.type)
@@ -379,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result, code = run(args)
-    except (UsageError, DataMissingError) as e:
+    except (UsageError, DataMissingError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     line = json.dumps(result)

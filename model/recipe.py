@@ -9,7 +9,6 @@ and the evaluation; it calls only what `model/__init__.py` lists.
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
 
 from model.gpt import GPT, GPTConfig
 from model.optim import Muon
@@ -19,7 +18,7 @@ from model.optim import Muon
 class Hyperparameters:
     model: GPTConfig
     batch_size: int  # sequences per optimizer step
-    micro_batch_size: int  # sequences per forward/backward (gradient accumulation makes up the rest)
+    micro_batch_size: int  # sequences per forward/backward; accumulation makes up the rest
     seq_len: int  # training sequence length
     embed_lr: float = 0.3  # AdamW, token embedding
     head_lr: float = 0.008  # AdamW, lm_head: small, the head sees every token's gradient

@@ -19,7 +19,9 @@ def uniform_logits(x):
 
 def test_uniform_logits_give_ln_vocab():
     tokens = np.random.randint(0, V, size=1001)
-    ev = evaluate(uniform_logits, tokens, seq_len=10, batch_size=7, vocab_size=V, device=torch.device("cpu"))
+    ev = evaluate(
+        uniform_logits, tokens, seq_len=10, batch_size=7, vocab_size=V, device=torch.device("cpu")
+    )
     assert ev.tokens == 1000
     assert ev.loss == pytest.approx(math.log(V), rel=1e-6)
 
@@ -45,7 +47,9 @@ def test_loss_of_a_known_predictor_and_bits_per_byte():
 
 def test_padded_vocabulary_is_cut_and_bad_shapes_are_refused():
     tokens = np.random.randint(0, V, size=101)
-    padded = evaluate(lambda x: torch.zeros(*x.shape, V + 14), tokens, 10, 4, V, torch.device("cpu"))
+    padded = evaluate(
+        lambda x: torch.zeros(*x.shape, V + 14), tokens, 10, 4, V, torch.device("cpu")
+    )
     assert padded.loss == pytest.approx(math.log(V), rel=1e-6)
     with pytest.raises(ValueError, match="expected"):
         evaluate(lambda x: torch.zeros(x.size(0), V), tokens, 10, 4, V, torch.device("cpu"))
@@ -54,7 +58,9 @@ def test_padded_vocabulary_is_cut_and_bad_shapes_are_refused():
 def test_non_finite_loss_is_an_error():
     tokens = np.random.randint(0, V, size=101)
     with pytest.raises(FloatingPointError):
-        evaluate(lambda x: torch.full((*x.shape, V), float("nan")), tokens, 10, 4, V, torch.device("cpu"))
+        evaluate(
+            lambda x: torch.full((*x.shape, V), float("nan")), tokens, 10, 4, V, torch.device("cpu")
+        )
 
 
 class Bigram(torch.nn.Module):
@@ -76,7 +82,9 @@ class Bigram(torch.nn.Module):
 @pytest.mark.parametrize("peek", [1, 5])
 def test_probe_catches_a_model_that_looks_ahead(peek):
     caught = sum(
-        not causality_probe(Bigram(peek), V, 64, torch.device("cpu"), torch.Generator().manual_seed(s)).causal
+        not causality_probe(
+            Bigram(peek), V, 64, torch.device("cpu"), torch.Generator().manual_seed(s)
+        ).causal
         for s in range(10)
     )
     # Look-ahead by `peek` escapes only when the changed tail starts too late to be seen.
@@ -86,7 +94,8 @@ def test_probe_catches_a_model_that_looks_ahead(peek):
 def test_probe_passes_a_causal_model_and_draws_fresh_positions():
     model = Bigram(0)
     results = [
-        causality_probe(model, V, 64, torch.device("cpu"), torch.Generator().manual_seed(s)) for s in range(5)
+        causality_probe(model, V, 64, torch.device("cpu"), torch.Generator().manual_seed(s))
+        for s in range(5)
     ]
     assert all(r.causal and r.max_change == 0.0 for r in results)
     assert len({r.position for r in results}) > 1

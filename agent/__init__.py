@@ -1,0 +1,1 @@
+"""speedloop's experiment engine: workspace, runner, judge, ledger and command line."""
