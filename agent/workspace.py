@@ -57,6 +57,14 @@ def git(cwd: Path, *args: str, input: str | None = None) -> str:
     return proc.stdout
 
 
+def apply_patch(worktree: Path, patch: str) -> None:
+    """Apply a unified diff to a worktree (not committed); PatchError if it does not fit."""
+    try:
+        git(worktree, "apply", "--whitespace=nowarn", "-", input=patch)
+    except GitError as e:
+        raise PatchError(str(e)) from None
+
+
 class Workspace:
     """The worktree at `path` of the repository `repo`, for session `session`."""
 
@@ -98,13 +106,6 @@ class Workspace:
 
     def reset(self) -> None:
         self.checkout(self.champion)
-
-    def apply_patch(self, patch: str) -> None:
-        """Apply a unified diff to the worktree (not committed); PatchError if it does not fit."""
-        try:
-            self.git("apply", "--whitespace=nowarn", "-", input=patch)
-        except GitError as e:
-            raise PatchError(str(e)) from None
 
     def pending_paths(self) -> list[str]:
         self.git("add", "-A")

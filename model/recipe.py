@@ -30,6 +30,17 @@ class Hyperparameters:
     weight_decay: float = 0.0  # Muon's decoupled weight decay
 
 
+# Knobs the sweep proposer may turn: a field of Hyperparameters, its range, and whether it
+# moves on a log scale (learning rates) or a linear one (fractions of the run). The sweep
+# edits the field's default in this file, which every preset uses unless it overrides it.
+KNOBS = {
+    "embed_lr": (0.03, 3.0, "log"),
+    "head_lr": (0.001, 0.1, "log"),
+    "matrix_lr": (0.005, 0.3, "log"),
+    "warmdown": (0.0, 0.9, "linear"),
+    "momentum_warmup": (0.0, 0.5, "linear"),
+}
+
 PRESETS = {
     # ~1.8M parameters; trains in ~15 s on two CPU cores.
     "cpu-tiny": Hyperparameters(

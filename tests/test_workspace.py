@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from agent.surface import in_surface, outside_surface
-from agent.workspace import EmptyChange, GitError, PatchError, RefusedChange, Workspace, git
+from agent.workspace import (
+    EmptyChange,
+    GitError,
+    PatchError,
+    RefusedChange,
+    Workspace,
+    apply_patch,
+    git,
+)
 
 
 @pytest.fixture
@@ -72,11 +80,11 @@ def test_empty_change_and_patches(repo):
     with pytest.raises(EmptyChange):
         ws.capture(1, "nothing")
     patch = "--- a/model/recipe.py\n+++ b/model/recipe.py\n@@ -1 +1 @@\n-lr = 0.1\n+lr = 0.5\n"
-    ws.apply_patch(patch)
+    apply_patch(ws.path, patch)
     cand = ws.capture(2, "patch")
     assert "+lr = 0.5" in cand.diff
     with pytest.raises(PatchError, match="recipe.py"):
-        ws.apply_patch(patch.replace("0.1", "0.9"))
+        apply_patch(ws.path, patch.replace("0.1", "0.9"))
 
 
 def test_open_for_resume(repo):

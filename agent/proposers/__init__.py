@@ -1,0 +1,32 @@
+"""Proposers turn (champion worktree, history, context) into a candidate edit.
+
+A proposer edits the files of a worktree that holds the champion and returns a
+Proposal describing the edit, or None when it has nothing more to propose. The engine
+then takes the edit as a commit and checks it like any other: a proposer never commits,
+never runs the benchmark, and is never trusted to stay inside the research surface.
+"""
+
+from agent.proposers.base import Proposal, ProposalFailed, Proposer
+from agent.proposers.patches import PatchesProposer
+from agent.proposers.sweep import SweepProposer
+
+
+def make_proposer(name: str, arg: str | None = None) -> Proposer:
+    """The proposer called `name` on the command line; `arg` is its argument, if any."""
+    if name == "sweep":
+        return SweepProposer()
+    if name == "patches":
+        if not arg:
+            raise ValueError("--proposer patches needs a directory: --proposer-arg DIR")
+        return PatchesProposer(arg)
+    raise ValueError(f"unknown proposer '{name}': use sweep or patches")
+
+
+__all__ = [
+    "PatchesProposer",
+    "Proposal",
+    "ProposalFailed",
+    "Proposer",
+    "SweepProposer",
+    "make_proposer",
+]

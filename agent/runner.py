@@ -1,0 +1,480 @@
+"""The runner: executes one benchmark run of `train.py` in a child process and classifies it.
+
+`run(spec)` starts `python train.py --preset P --seed S --out OUT ...` in the candidate's
+worktree, in a new process group, holding a per-device lock so that no two benchmarks on one
+machine share a CPU or a GPU and corrupt each other's timings. Stdout and stderr stream into
+a log file line by line; eval lines are parsed as they arrive so that a candidate falling
+clearly behind the champion can be stopped early. The outcome is one of `STATUSES`, with
+the parsed result JSON when there is one.
+
+What the runner must never do: run candidate code in its own process, leave any process of
+a run alive after `run` returns (not even on Ctrl-C), judge a candidate (that is the judge's
+job; early stopping only saves time on clear losers), or accept a result it has not
+validated against the harness's contract.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Status = Literal[
+    "ok",
+    "crash",
+    "timeout",
+    "oom",
+    "diverged",
+    "invalid-result",
+    "integrity-violation",
+    "early-stopped",
+]
+STATUSES: tuple[Status, ...] = Status.__args__
+
+# (tokens, training seconds, val loss) -> True to stop the run now
+EarlyStop = Callable[[int, float, float], bool]
+
+SCHEMA_VERSION = 1  # the result schema of train.py this runner understands
+EXIT_OK, EXIT_DIVERGED, EXIT_INTEGRITY = 0, 3, 4  # train.py's exit codes
+REQUIRED_FIELDS = {
+    "schema_version": int,
+    "status": str,
+    "tokens_per_sec": (int, float),
+    "train_seconds": (int, float),
+    "val_loss": (int, float),
+    "curve": list,
+}
+CURVE_FIELDS = ("tokens", "seconds", "val_loss")
+# Substrings of stderr that mean the run ran out of memory (torch on CUDA, Python on CPU).
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory", "MemoryError")
+EVAL_LINE = re.compile(
+    r"^eval\s+step\s+\d+\s*\|\s*tokens\s+(?P<tokens>[\d,]+)\s*\|\s*val loss\s+(?P<loss>\S+)"
+    r"\s*\|\s*train time\s+(?P<seconds>[\d.]+)s"
+)
+STDERR_TAIL_LINES = 20
+MAX_LINE_BYTES = 1 << 20  # a longer run of bytes without a newline is logged as its own line
+LOCKS_ENV = "SPEEDLOOP_LOCKS"
+
+
+@dataclass
+class RunSpec:
+    worktree: Path  # the checkout whose train.py, model/ and kernels/ run
+    preset: str
+    seed: int
+    out_path: Path  # where train.py writes the result JSON (--out)
+    log_path: Path  # stdout and stderr of the run, plus the runner's own "[runner]" lines
+    timeout_s: float  # hard limit on the child's wall time: a multiple of the expected time
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--budget-tokens", "4096"]
+    device: Literal["cpu", "cuda"] = "cpu"  # which lock to hold
+    gpu_index: int | None = None  # physical GPU; sets CUDA_VISIBLE_DEVICES (None on cuda: 0)
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)  # overrides of the inherited environment
+    early_stop: EarlyStop | None = None  # called at every eval line, see behind_champion
+    kill_grace_s: float = 5.0  # between SIGTERM and SIGKILL, for the run to release its GPU
+
+
+@dataclass
+class RunOutcome:
+    status: Status
+    result: dict | None  # the result JSON; for early-stopped only {"curve": [...]} so far
+    error: str | None  # short and human: why it is not "ok"
+    wall_seconds: float  # the child's wall time, start to exit (or to our kill)
+    log_path: str  # str, not Path, so that dataclasses.asdict gives plain JSON
+    returncode: int | None  # negative: killed by that signal
+
+
+def run(spec: RunSpec) -> RunOutcome:
+    """Run train.py once as `spec` says and classify the outcome; never raises for the run's
+    own failures (only for the runner's, such as a missing worktree)."""
+    worktree = Path(spec.worktree).resolve()
+    if not (worktree / "train.py").is_file():
+        raise FileNotFoundError(f"no train.py in the worktree {worktree}: is it a checkout?")
+    out_path = Path(spec.out_path).resolve()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.unlink(missing_ok=True)  # a stale result must never pass for this run's
+    log_path = Path(spec.log_path).resolve()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [spec.python, "train.py", "--preset", spec.preset, "--seed", str(spec.seed)]
+    cmd += ["--out", str(out_path), *spec.extra_args]
+
+    with open(log_path, "wb") as log, device_lock(spec.device, spec.gpu_index) as lock:
+        _log_note(log, f"$ {' '.join(cmd)}  (in {worktree})")
+        if lock.waited_s > 0:
+            _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")
+        watch = _Watch(log, spec.early_stop)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=worktree,
+            env=_child_env(spec),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, so that one killpg ends it all
+        )
+        try:
+            killed_for = _supervise(proc, watch, started + spec.timeout_s)
+            wall_seconds = time.monotonic() - started
+        finally:
+            # Also on exceptions and Ctrl-C: no process of the run may outlive it.
+            _end_group(proc, spec.kill_grace_s)
+            watch.drain(proc)
+        if killed_for == "timeout":
+            _log_note(log, f"killed: over the {spec.timeout_s:g} s timeout")
+        elif killed_for == "early-stop":
+            _log_note(log, f"stopped early at {watch.curve[-1]}")
+    return _classify(proc.returncode, killed_for, watch, out_path, spec, wall_seconds, log_path)
+
+
+def behind_champion(
+    champion_curve: Sequence[dict], margin: float, min_fraction: float = 0.3
+) -> EarlyStop:
+    """An early-stop rule: stop when the candidate's val loss is worse than the champion's at
+    the same training time by more than `margin` nats.
+
+    The champion's curve (rows of seconds and val_loss) is interpolated linearly, and held
+    at its ends. Nothing is stopped before `min_fraction` of the champion's total training
+    time: early evaluations are noisy, and a different schedule can start slower.
+    """
+    points = sorted((float(row["seconds"]), float(row["val_loss"])) for row in champion_curve)
+    if not points:
+        raise ValueError("behind_champion needs a champion curve with at least one evaluation")
+    times = [t for t, _ in points]
+    losses = [loss for _, loss in points]
+    earliest = min_fraction * times[-1]
+
+    def champion_loss(seconds: float) -> float:
+        i = bisect.bisect_left(times, seconds)
+        if i == 0:
+            return losses[0]
+        if i == len(times):
+            return losses[-1]
+        t0, t1 = times[i - 1], times[i]
+        return losses[i - 1] + (losses[i] - losses[i - 1]) * (seconds - t0) / (t1 - t0)
+
+    def should_stop(tokens: int, seconds: float, val_loss: float) -> bool:
+        if seconds < earliest:
+            return False
+        if not math.isfinite(val_loss):
+            return True  # a NaN loss is as far behind as a run can be
+        return val_loss > champion_loss(seconds) + margin
+
+    return should_stop
+
+
+@dataclass
+class DeviceLock:
+    path: Path
+    waited_s: float  # 0.0 when the lock was free
+    holder: str  # what the lock file said about the previous holder, when we had to wait
+
+
+@contextlib.contextmanager
+def device_lock(device: str, gpu_index: int | None = None) -> Iterator[DeviceLock]:
+    """Hold the machine-wide lock of one device (blocking until it is free).
+
+    An flock on a file under ~/.cache/speedloop/locks ($SPEEDLOOP_LOCKS overrides): the
+    kernel releases it when its holder dies, even by kill -9, so a crashed session never
+    leaves a device locked. Sessions of different users share it only through a common
+    $SPEEDLOOP_LOCKS.
+    """
+    if device == "cpu":
+        name = "cpu.lock"
+    elif device == "cuda":
+        name = f"gpu{0 if gpu_index is None else gpu_index}.lock"
+    else:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    root = Path(os.environ.get(LOCKS_ENV) or "~/.cache/speedloop/locks").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / name
+    with open(path, "a+") as f:
+        waited_s, holder = 0.0, ""
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "holder unknown"
+            t = time.monotonic()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited_s = time.monotonic() - t
+        try:
+            # Say who holds it, for the log line of whoever waits next.
+            f.truncate(0)
+            f.write(f"held by pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            yield DeviceLock(path, waited_s, holder)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Watch:
+    """Splits the child's output into lines, logs them, and keeps what classification needs."""
+
+    def __init__(self, log, early_stop: EarlyStop | None):
+        self.log = log
+        self.early_stop = early_stop
+        self.partial = {"stdout": b"", "stderr": b""}
+        self.last_stdout_line = ""
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.oom_line: str | None = None
+        self.curve: list[dict] = []  # parsed from eval lines, for early stopping
+        self.stop_requested = False
+
+    def feed(self, stream: str, data: bytes) -> None:
+        buf = self.partial[stream] + data
+        *lines, rest = buf.split(b"\n")
+        if len(rest) > MAX_LINE_BYTES:
+            lines, rest = [*lines, rest], b""
+        self.partial[stream] = rest
+        for line in lines:
+            self._line(stream, line)
+
+    def flush(self) -> None:
+        """Hand on the unterminated last line of each stream (a run killed mid-line)."""
+        for stream, rest in self.partial.items():
+            if rest:
+                self.partial[stream] = b""
+                self._line(stream, rest)
+
+    def drain(self, proc: subprocess.Popen) -> None:
+        """Read what is left in the pipes after the group is gone, then close them."""
+        sel = selectors.DefaultSelector()
+        for stream in ("stdout", "stderr"):
+            sel.register(getattr(proc, stream), selectors.EVENT_READ, stream)
+        deadline = time.monotonic() + 2.0  # every writer is dead: EOF comes at once
+        while sel.get_map() and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.1):
+                self._read(sel, key)
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        self.flush()
+
+    def _read(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        data = os.read(key.fd, 65536)
+        if data:
+            self.feed(key.data, data)
+        else:
+            sel.unregister(key.fileobj)
+
+    def _line(self, stream: str, raw: bytes) -> None:
+        self.log.write(raw + b"\n")
+        self.log.flush()  # so the log is complete up to here even if we are killed next
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if stream == "stderr":
+            self.stderr_tail.append(line)
+            if self.oom_line is None and any(m in line for m in OOM_MARKERS):
+                self.oom_line = line.strip()
+            return
+        if line.strip():
+            self.last_stdout_line = line
+        match = EVAL_LINE.match(line)
+        if match:
+            point = {
+                "tokens": int(match["tokens"].replace(",", "")),
+                "seconds": float(match["seconds"]),
+                "val_loss": float(match["loss"]),
+            }
+            self.curve.append(point)
+            if self.early_stop is not None and not self.stop_requested:
+                self.stop_requested = bool(self.early_stop(*point.values()))
+
+
+def _supervise(proc: subprocess.Popen, watch: _Watch, deadline: float) -> str | None:
+    """Stream output until the child exits (None), or say why we must kill it."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    try:
+        while not _has_exited(proc.pid):
+            if watch.stop_requested:
+                return "early-stop"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            if not sel.get_map():  # both pipes closed, the child still running
+                time.sleep(min(0.05, remaining))
+            for key, _ in sel.select(timeout=min(0.05, remaining)):
+                watch._read(sel, key)
+        return "early-stop" if watch.stop_requested else None
+    finally:
+        sel.close()
+
+
+def _has_exited(pid: int) -> bool:
+    # WNOWAIT leaves the child a zombie: its pid, and so its process group id, cannot be
+    # reused by another process before _end_group has signalled the group.
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return info is not None
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """Terminate the run's process group, then SIGKILL whatever is left, then reap."""
+    if not _has_exited(proc.pid):
+        _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while not _has_exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    # Stragglers (compile workers, children the candidate spawned) may hold the GPU even
+    # after the leader has exited; the leader is not reaped yet, so the group id is ours.
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _child_env(spec: RunSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they happen
+    if spec.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(0 if spec.gpu_index is None else spec.gpu_index)
+    env.update(spec.env)
+    return env
+
+
+def _log_note(log, text: str) -> None:
+    log.write(f"[runner] {text}\n".encode())
+    log.flush()
+
+
+def _classify(
+    returncode: int,
+    killed_for: str | None,
+    watch: _Watch,
+    out_path: Path,
+    spec: RunSpec,
+    wall_seconds: float,
+    log_path: Path,
+) -> RunOutcome:
+    def outcome(status: Status, result: dict | None, error: str | None) -> RunOutcome:
+        return RunOutcome(status, result, error, wall_seconds, str(log_path), returncode)
+
+    if killed_for == "early-stop":
+        last = watch.curve[-1]
+        error = (
+            f"stopped early: val loss {last['val_loss']:.4f} at {last['seconds']:.1f} s "
+            "of training is behind the champion"
+        )
+        return outcome("early-stopped", {"curve": watch.curve}, error)
+    if killed_for == "timeout":
+        return outcome("timeout", None, f"no result within the {spec.timeout_s:g} s timeout")
+
+    result, problem = _read_result(watch.last_stdout_line, out_path)
+    if returncode == EXIT_OK:
+        if problem is None:
+            problem = _contract_problem(result)
+        if problem is not None:
+            return outcome("invalid-result", result, problem)
+        return outcome("ok", result, None)
+    if returncode == EXIT_DIVERGED:
+        if result is not None and result.get("status") == "diverged":
+            return outcome("diverged", result, _diverged_message(watch, result))
+        return outcome(
+            "invalid-result", result, f"exit 3 (diverged) without a diverged result: {problem}"
+        )
+    if returncode == EXIT_INTEGRITY:
+        causality = (result or {}).get("causality")
+        return outcome("integrity-violation", result, f"exit 4: causality probe {causality}")
+    if watch.oom_line is not None:
+        return outcome("oom", result, watch.oom_line[:300])
+    if returncode == -signal.SIGKILL:
+        # We did not send it (no timeout, no early stop): the kernel's OOM killer, usually.
+        return outcome("oom", result, "killed by SIGKILL from outside (the kernel's OOM killer?)")
+    return outcome("crash", result, _crash_message(returncode, watch))
+
+
+def _read_result(last_line: str, out_path: Path) -> tuple[dict | None, str | None]:
+    """The result JSON from the last stdout line, checked against the --out file."""
+    try:
+        result = json.loads(last_line)
+    except ValueError:
+        return None, f"the last line of stdout is not JSON: {last_line[:200]!r}"
+    if not isinstance(result, dict):
+        return None, f"the last line of stdout is JSON but not an object: {last_line[:200]!r}"
+    try:
+        written = json.loads(out_path.read_text())
+    except FileNotFoundError:
+        return result, f"train.py printed a result but wrote none to {out_path}"
+    except ValueError as e:
+        return result, f"{out_path} is not valid JSON: {e}"
+    if written != result:
+        return result, f"{out_path} differs from the result printed on stdout"
+    return result, None
+
+
+def _contract_problem(result: dict) -> str | None:
+    """What is wrong with an exit-0 result, or None if it honours train.py's contract."""
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in result:
+            return f"the result has no '{name}' field"
+        value = result[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"the result's '{name}' is {value!r}, not of type {_type_name(kind)}"
+    if result["schema_version"] != SCHEMA_VERSION:
+        return (
+            f"result schema_version {result['schema_version']} but this runner reads "
+            f"version {SCHEMA_VERSION}: update agent/runner.py along with train.py"
+        )
+    if result["status"] != "ok":
+        return f"exit code 0 but the result's status is {result['status']!r}"
+    if not result["curve"]:
+        return "the result's curve is empty"
+    for i, row in enumerate(result["curve"]):
+        if not isinstance(row, dict) or any(
+            isinstance(row.get(k), bool) or not isinstance(row.get(k), (int, float))
+            for k in CURVE_FIELDS
+        ):
+            return f"curve row {i} is {row!r}: it needs numbers {', '.join(CURVE_FIELDS)}"
+    bad = _non_finite(result)
+    if bad is not None:
+        return f"the result's {bad} is not a finite number"
+    return None
+
+
+def _non_finite(value: object, where: str = "") -> str | None:
+    """The path of the first NaN or infinity anywhere in a JSON value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, list
+    ) else ()
+    for key, item in items:
+        bad = _non_finite(item, f"{where}[{key!r}]" if where else repr(key))
+        if bad is not None:
+            return bad
+    return None
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _diverged_message(watch: _Watch, result: dict) -> str:
+    return f"diverged after {result.get('steps')} steps, {result.get('tokens')} tokens"
+
+
+def _crash_message(returncode: int, watch: _Watch) -> str:
+    if returncode < 0:
+        head = f"killed by {signal.Signals(-returncode).name}"
+    else:
+        head = f"exit code {returncode}"
+    tail = "\n".join(watch.stderr_tail).strip()
+    return f"{head}\n{tail}" if tail else f"{head}, nothing on stderr"
