@@ -243,18 +243,21 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def record_eval() -> dict:
+    def record_eval() -> dict | None:
         nonlocal eval_seconds
         was_running = clock.running
         clock.pause()
         t = time.perf_counter()
-        ev = run_eval()
+        try:
+            ev = run_eval()
+        except FloatingPointError:  # a NaN reached the evaluation before the loss check
+            return None
         eval_seconds += time.perf_counter() - t
         point = dict(tokens=tokens, seconds=clock.elapsed(), val_loss=ev.loss, val_bpb=ev.bpb)
         curve.append(point)
         print(
             f"eval   step {steps:5d} | tokens {tokens:>11,} | val loss {ev.loss:.4f} | "
-            f"train time {point['seconds']:.1f}s",
+            f"train time {point['seconds']:.2f}s",
             flush=True,
         )
         if was_running:
@@ -286,6 +289,9 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         progress = budget.progress(tokens, clock)
         if progress >= next_eval and progress < 1.0:
             point = record_eval()
+            if point is None:
+                status = "diverged"
+                break
             # Near the target, evaluate four times as often to time the crossing well.
             close = target is not None and point["val_loss"] < target + 0.1
             next_eval = progress + (0.25 if close else 1.0) / preset.n_evals
@@ -295,7 +301,8 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     train_seconds = clock.elapsed()
 
     if status == "ok" and (not curve or curve[-1]["tokens"] != tokens):
-        record_eval()
+        if record_eval() is None:
+            status = "diverged"
     final = curve[-1] if curve else None
     if target is not None:
         time_to_target = interpolate_target(curve, target)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 Status = Literal[
     "ok",
@@ -43,7 +43,7 @@ Status = Literal[
     "integrity-violation",
     "early-stopped",
 ]
-STATUSES: tuple[Status, ...] = Status.__args__
+STATUSES: tuple[Status, ...] = get_args(Status)
 
 # (tokens, training seconds, val loss) -> True to stop the run now
 EarlyStop = Callable[[int, float, float], bool]
@@ -125,6 +125,7 @@ def run(spec: RunSpec) -> RunOutcome:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group, so that one killpg ends it all
+            preexec_fn=_die_with_parent,
         )
         try:
             killed_for = _supervise(proc, watch, started + spec.timeout_s)
@@ -132,6 +133,7 @@ def run(spec: RunSpec) -> RunOutcome:
         finally:
             # Also on exceptions and Ctrl-C: no process of the run may outlive it.
             _end_group(proc, spec.kill_grace_s)
+            watch.early_stop = None  # the run is over; lines still in the pipes are only logged
             watch.drain(proc)
         if killed_for == "timeout":
             _log_note(log, f"killed: over the {spec.timeout_s:g} s timeout")
@@ -258,13 +260,13 @@ class _Watch:
         deadline = time.monotonic() + 2.0  # every writer is dead: EOF comes at once
         while sel.get_map() and time.monotonic() < deadline:
             for key, _ in sel.select(timeout=0.1):
-                self._read(sel, key)
+                self.read(sel, key)
         sel.close()
         proc.stdout.close()
         proc.stderr.close()
         self.flush()
 
-    def _read(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+    def read(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
         data = os.read(key.fd, 65536)
         if data:
             self.feed(key.data, data)
@@ -291,7 +293,8 @@ class _Watch:
             }
             self.curve.append(point)
             if self.early_stop is not None and not self.stop_requested:
-                self.stop_requested = bool(self.early_stop(*point.values()))
+                stop = self.early_stop(point["tokens"], point["seconds"], point["val_loss"])
+                self.stop_requested = bool(stop)
 
 
 def _supervise(proc: subprocess.Popen, watch: _Watch, deadline: float) -> str | None:
@@ -309,10 +312,20 @@ def _supervise(proc: subprocess.Popen, watch: _Watch, deadline: float) -> str | 
             if not sel.get_map():  # both pipes closed, the child still running
                 time.sleep(min(0.05, remaining))
             for key, _ in sel.select(timeout=min(0.05, remaining)):
-                watch._read(sel, key)
+                watch.read(sel, key)
         return "early-stop" if watch.stop_requested else None
     finally:
         sel.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the runner dies, even by
+    kill -9, so an orphaned benchmark never keeps the device busy under the next run."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _has_exited(pid: int) -> bool:
@@ -324,15 +337,17 @@ def _has_exited(pid: int) -> bool:
 
 def _end_group(proc: subprocess.Popen, grace_s: float) -> None:
     """Terminate the run's process group, then SIGKILL whatever is left, then reap."""
-    if not _has_exited(proc.pid):
-        _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while not _has_exited(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    # Stragglers (compile workers, children the candidate spawned) may hold the GPU even
-    # after the leader has exited; the leader is not reaped yet, so the group id is ours.
-    _signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        if not _has_exited(proc.pid):
+            _signal_group(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while not _has_exited(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:  # even when a second Ctrl-C cuts the grace period short
+        # Stragglers (compile workers, children the candidate spawned) may hold the GPU even
+        # after the leader has exited; the leader is not reaped yet, so the group id is ours.
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -385,7 +400,8 @@ def _classify(
         return outcome("ok", result, None)
     if returncode == EXIT_DIVERGED:
         if result is not None and result.get("status") == "diverged":
-            return outcome("diverged", result, _diverged_message(watch, result))
+            error = f"diverged after {result.get('steps')} steps, {result.get('tokens')} tokens"
+            return outcome("diverged", result, error)
         return outcome(
             "invalid-result", result, f"exit 3 (diverged) without a diverged result: {problem}"
         )
@@ -393,11 +409,11 @@ def _classify(
         causality = (result or {}).get("causality")
         return outcome("integrity-violation", result, f"exit 4: causality probe {causality}")
     if watch.oom_line is not None:
-        return outcome("oom", result, watch.oom_line[:300])
+        return outcome("oom", None, watch.oom_line[:300])
     if returncode == -signal.SIGKILL:
         # We did not send it (no timeout, no early stop): the kernel's OOM killer, usually.
-        return outcome("oom", result, "killed by SIGKILL from outside (the kernel's OOM killer?)")
-    return outcome("crash", result, _crash_message(returncode, watch))
+        return outcome("oom", None, "killed by SIGKILL from outside (the kernel's OOM killer?)")
+    return outcome("crash", None, _crash_message(returncode, watch))
 
 
 def _read_result(last_line: str, out_path: Path) -> tuple[dict | None, str | None]:
@@ -444,19 +460,22 @@ def _contract_problem(result: dict) -> str | None:
             return f"curve row {i} is {row!r}: it needs numbers {', '.join(CURVE_FIELDS)}"
     bad = _non_finite(result)
     if bad is not None:
-        return f"the result's {bad} is not a finite number"
+        return f"{bad} is not a finite number"
     return None
 
 
-def _non_finite(value: object, where: str = "") -> str | None:
-    """The path of the first NaN or infinity anywhere in a JSON value."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return where or "value"
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
-        value, list
-    ) else ()
-    for key, item in items:
-        bad = _non_finite(item, f"{where}[{key!r}]" if where else repr(key))
+def _non_finite(value: object, where: str = "result") -> str | None:
+    """Where the first NaN or infinity is in a JSON value, e.g. 'result.curve[2].val_loss'."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} = {value}"
+    if isinstance(value, dict):
+        children = ((f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        children = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for path, child in children:
+        bad = _non_finite(child, path)
         if bad is not None:
             return bad
     return None
@@ -467,13 +486,12 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def _diverged_message(watch: _Watch, result: dict) -> str:
-    return f"diverged after {result.get('steps')} steps, {result.get('tokens')} tokens"
-
-
 def _crash_message(returncode: int, watch: _Watch) -> str:
     if returncode < 0:
-        head = f"killed by {signal.Signals(-returncode).name}"
+        try:
+            head = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            head = f"killed by signal {-returncode}"
     else:
         head = f"exit code {returncode}"
     tail = "\n".join(watch.stderr_tail).strip()

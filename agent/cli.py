@@ -1,0 +1,132 @@
+"""Command line of the experiment engine.
+
+    python -m agent run [--preset P] [--objective O] [--proposer sweep|patches] ...
+    python -m agent run --resume D
+    python -m agent status D
+    python -m agent report D
+"""
+
+import argparse
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from agent.judge import OBJECTIVES
+from agent.ledger import LEDGER_FILE, Ledger, LedgerError
+from agent.loop import Session, SessionConfig, SessionStop
+from agent.proposers import make_proposer
+from agent.report import status_text, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agent", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start a session, or resume one with --resume D")
+    run.add_argument("--resume", type=Path, metavar="D", help="resume the session in D")
+    run.add_argument("--preset", default="cpu-tiny", help="benchmark preset (train.py --preset)")
+    run.add_argument(
+        "--objective", default="time-to-loss", choices=list(OBJECTIVES), help="what 'faster' means"
+    )
+    run.add_argument("--proposer", default="sweep", help="sweep | patches")
+    run.add_argument("--proposer-arg", help="the proposer's argument (patches: the directory)")
+    run.add_argument("--experiments", type=int, help="stop after N experiments")
+    run.add_argument("--hours", type=float, help="stop after H hours")
+    run.add_argument("--deadline", help="stop at this local time, e.g. 2026-11-28T07:00")
+    run.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
+    run.add_argument("--baseline-runs", type=int, default=3, help="baseline replicates (>= 2)")
+    run.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens for every run")
+    run.add_argument("--target-loss", type=float, help="time-to-loss target (default: calibrated)")
+    run.add_argument(
+        "--wandb", default="auto", choices=["auto", "offline", "disabled"], help="W&B tracking"
+    )
+
+    for name, text in (("status", "where a session stands"), ("report", "write the report")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("run_dir", type=Path, metavar="D", help="the session directory")
+    return p
+
+
+def session_config(args: argparse.Namespace) -> SessionConfig:
+    import train  # the fixed harness knows each preset's device
+
+    if args.preset not in train.PRESETS:
+        raise SessionStop(f"unknown preset '{args.preset}': choose one of {list(train.PRESETS)}")
+    if args.baseline_runs < 2:
+        raise SessionStop("--baseline-runs must be at least 2: the judge needs the noise")
+    extra = ["--budget-tokens", str(args.budget_tokens)] if args.budget_tokens else []
+    return SessionConfig(
+        preset=args.preset,
+        objective=args.objective,
+        proposer=args.proposer,
+        proposer_arg=args.proposer_arg,
+        experiments=args.experiments,
+        hours=args.hours,
+        deadline=datetime.fromisoformat(args.deadline).timestamp() if args.deadline else None,
+        baseline_runs=args.baseline_runs,
+        train_args=extra,
+        target_loss=args.target_loss,
+        device=train.PRESETS[args.preset].device,
+        wandb=args.wandb,
+        repo=str(ROOT),
+    )
+
+
+def command_run(args: argparse.Namespace, console: Console) -> int:
+    def say(text: str) -> None:
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}", highlight=False)
+
+    def waiting(text: str):
+        return console.status(text)
+
+    if args.resume:
+        run_dir = args.resume
+        if not (run_dir / LEDGER_FILE).exists():
+            raise SessionStop(f"{run_dir} holds no session ({LEDGER_FILE} missing)")
+        config = SessionConfig.from_dict(Ledger(run_dir / LEDGER_FILE).session()["config"])
+        proposer = make_proposer(config.proposer, config.proposer_arg)
+        session = Session(run_dir, proposer, say=say, waiting=waiting)
+        for name in ("experiments", "hours"):  # a resume may extend the budgets
+            if getattr(args, name) is not None:
+                setattr(session.config, name, getattr(args, name))
+    else:
+        config = session_config(args)
+        run_dir = args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        proposer = make_proposer(config.proposer, config.proposer_arg)
+        session = Session.create(run_dir, config, proposer, say=say, waiting=waiting)
+    say(f"session {session.id} in {run_dir}: {session.config.preset}, {session.config.objective}")
+    try:
+        session.run()
+    except KeyboardInterrupt:
+        say(
+            "interrupted: the run in flight was stopped; it will be discarded and re-run by "
+            f"`python -m agent run --resume {run_dir}`"
+        )
+        return 130
+    paths = write_report(run_dir)
+    say(f"report: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "run":
+            return command_run(args, console)
+        if not (args.run_dir / LEDGER_FILE).exists():
+            raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
+        if args.command == "status":
+            print(status_text(args.run_dir))
+        else:
+            for path in write_report(args.run_dir):
+                print(path)
+        return 0
+    except (SessionStop, LedgerError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,381 @@
+"""The experiment loop: baseline, then propose, run, judge, keep or discard, until a budget ends.
+
+Every step reads the ledger first and writes it before moving on, so the loop can be
+killed at any instant and resumed (`python -m agent run --resume D`): runs that were in
+flight are discarded and re-run, and nothing decided is decided again. The loop never
+runs candidate code in its own process (the runner does, in a child process group), never
+trusts a proposer's edit (the workspace checks it) and never decides on its own (the
+judge does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from agent import runner
+from agent.judge import OBJECTIVES, Decision, JudgeConfig, decide, primary_metric
+from agent.ledger import LEDGER_FILE, Ledger
+from agent.proposers import ProposalFailed, Proposer
+from agent.workspace import EmptyChange, RefusedChange, Workspace
+
+# Expected wall time of a first run, before any run was measured (runner timeouts scale it).
+FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
+
+
+@dataclass
+class SessionConfig:
+    preset: str = "cpu-tiny"
+    objective: str = "time-to-loss"  # time-to-loss | throughput | loss-at-time
+    proposer: str = "sweep"
+    proposer_arg: str | None = None  # e.g. the patch directory
+    experiments: int | None = None  # stop after this many decided candidates
+    hours: float | None = None  # stop after this many hours of session time
+    deadline: float | None = None  # stop at this unix time
+    baseline_runs: int = 3  # baseline replicates that measure the noise (>= 2)
+    remeasure_every: int = 3  # re-measure the champion after this many candidates
+    train_args: list[str] = field(default_factory=list)  # extra train.py flags, every run
+    target_loss: float | None = None  # time-to-loss target; None: from a calibration run
+    target_slack: float = 0.03  # nats above the calibration run's loss, so seeds reach it
+    seconds: float | None = None  # loss-at-time budget; None: the calibration run's time
+    early_stop_margin: float = 0.15  # nats behind the champion's curve that stop a screen
+    timeout_factor: float = 3.0  # a run's hard timeout, in expected run times
+    device: str = "cpu"
+    gpus: int = 1
+    judge: dict = field(default_factory=dict)  # JudgeConfig overrides
+    wandb: str = "auto"  # auto (online with a key, else offline) | offline | disabled
+    repo: str = "."
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SessionConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def judge_config(self) -> JudgeConfig:
+        return JudgeConfig(**{"objective": self.objective, **self.judge})
+
+
+class SessionStop(Exception):
+    """The session cannot go on (the baseline itself fails, say); the message says why."""
+
+
+class Session:
+    def __init__(
+        self, run_dir: Path, proposer: Proposer, say=print, waiting=None, tracker=None
+    ):
+        self.run_dir = Path(run_dir)
+        self.ledger = Ledger(self.run_dir / LEDGER_FILE)
+        self.proposer = proposer
+        self.say = say  # prints one line of progress
+        self.waiting = waiting or (lambda text: contextlib.nullcontext())  # a live spinner
+        self.tracker = tracker
+        session = self.ledger.session()
+        if session is None:
+            raise SessionStop(f"{self.run_dir} has no session: start one with `agent run`")
+        self.id = session["id"]
+        self.config = SessionConfig.from_dict(session["config"])
+        self.judge = self.config.judge_config()
+        self.started = time.time()
+
+    # -- setting up ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, run_dir: Path, config: SessionConfig, proposer: Proposer, **kw) -> Session:
+        run_dir = Path(run_dir)
+        if (run_dir / LEDGER_FILE).exists():
+            raise SessionStop(f"{run_dir} already holds a session: use --resume {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.judge_config()  # validate before anything is written
+        ledger = Ledger(run_dir / LEDGER_FILE)
+        session = ledger.set_session(asdict(config))
+        ledger.close()
+        Workspace.create(Path(config.repo), run_dir / "worktree", session["id"])
+        return cls(run_dir, proposer, **kw)
+
+    @property
+    def workspace(self) -> Workspace:
+        return Workspace.open(Path(self.config.repo), self.run_dir / "worktree", self.id)
+
+    def event(self, text: str) -> None:
+        self.ledger.log_event(text)
+        self.say(text)
+
+    # -- budgets -------------------------------------------------------------------------
+
+    def out_of_budget(self) -> str | None:
+        cfg = self.config
+        if cfg.experiments is not None and self.ledger.n_experiments() >= cfg.experiments:
+            return f"{cfg.experiments} experiments done"
+        if cfg.hours is not None and time.time() - self.started >= cfg.hours * 3600:
+            return f"{cfg.hours} hours spent"
+        if cfg.deadline is not None and time.time() >= cfg.deadline:
+            return "the deadline passed"
+        return None
+
+    # -- running one benchmark -----------------------------------------------------------
+
+    def objective_args(self) -> list[str]:
+        cfg = self.config
+        if cfg.objective == "time-to-loss" and cfg.target_loss is not None:
+            return ["--target-loss", f"{cfg.target_loss:.4f}"]
+        if cfg.objective == "loss-at-time" and cfg.seconds is not None:
+            return ["--budget-seconds", f"{cfg.seconds:g}"]
+        return []
+
+    def comparable(self, results: list[dict]) -> list[dict]:
+        """The results the judge may compare: failed runs, and ok runs measured under the
+        session's objective settings (a calibration run measured none)."""
+        cfg = self.config
+        if cfg.objective == "time-to-loss":
+            key, value = "target_loss", _round(cfg.target_loss)
+        elif cfg.objective == "loss-at-time":
+            key, value = "budget_seconds", cfg.seconds
+        else:
+            return results
+        return [r for r in results if r["status"] != "ok" or r.get(key) == value]
+
+    def expected_seconds(self) -> float:
+        walls = [
+            r["wall_seconds"]
+            for c in self.ledger.candidates()
+            for r in self.ledger.runs_of(c["id"], ok_only=True)
+            if r["wall_seconds"]
+        ]
+        return max(walls) if walls else FIRST_RUN_SECONDS.get(self.config.preset, 600.0)
+
+    def fresh_seed(self) -> int:
+        return max(self.ledger.used_seeds() | {0}) + 1
+
+    def benchmark(self, candidate: dict, role: str, early_stop=None, calibrate=False) -> dict:
+        """Run train.py once for `candidate` and record the run; returns its result dict."""
+        ws = self.workspace
+        ws.checkout(candidate["commit_sha"])
+        seed = self.fresh_seed()
+        name = f"c{candidate['id']:03d}-{role}-s{seed}"
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        run_id = self.ledger.start_run(candidate["id"], role, seed, log_path)
+        args = list(self.config.train_args) + ([] if calibrate else self.objective_args())
+        spec = runner.RunSpec(
+            worktree=ws.path,
+            preset=self.config.preset,
+            seed=seed,
+            out_path=self.run_dir / "results" / f"{name}.json",
+            log_path=log_path,
+            timeout_s=self.config.timeout_factor * self.expected_seconds(),
+            extra_args=args,
+            device=self.config.device,
+            early_stop=early_stop,
+        )
+        self.say(f"  run {name}: {candidate['description']}")
+        with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
+            outcome = runner.run(spec)
+        self.ledger.finish_run(
+            run_id, outcome.status, outcome.result, outcome.error, outcome.wall_seconds
+        )
+        if self.tracker is not None:
+            self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
+        result = {**(outcome.result or {}), "status": outcome.status, "seed": seed}
+        metric = primary_metric(result, self.judge.objective) if result["status"] == "ok" else None
+        shown = "-" if metric is None else f"{metric:.4g}"
+        self.say(f"  -> {outcome.status} ({OBJECTIVES[self.judge.objective][0]} {shown})")
+        return result
+
+    # -- the baseline ----------------------------------------------------------------------
+
+    def ensure_baseline(self) -> dict:
+        ledger, cfg = self.ledger, self.config
+        baseline = ledger.baseline()
+        if baseline is None:
+            start = self.workspace.champion
+            bid = ledger.add_candidate(
+                "baseline", parent_id=None, commit_sha=start, proposer="baseline"
+            )
+            baseline = ledger.candidate(bid)
+        if baseline["state"] == "decided":
+            return baseline
+        if self.needs_calibration():
+            self.calibrate(baseline)
+        attempts = 0
+        while len(self.ok(baseline)) < cfg.baseline_runs:
+            attempts += 1
+            if attempts > 2 * cfg.baseline_runs:
+                raise SessionStop(
+                    f"the baseline failed {attempts - 1} of its runs; see {self.run_dir}/logs"
+                )
+            self.event(f"baseline replicate {len(self.ok(baseline)) + 1}/{cfg.baseline_runs}")
+            self.benchmark(baseline, "baseline")
+        runs = self.ok(baseline)
+        decision = Decision(
+            verdict="accept",
+            reason=f"the baseline, measured {len(runs)} times",
+            effect=1.0,
+            ci_low=None,
+            ci_high=None,
+            p_value=None,
+            p_value_loss=None,
+            n_champion=0,
+            n_candidate=len(runs),
+            loss_delta=None,
+        )
+        ledger.decide(baseline["id"], "accept", decision, speedup=1.0)
+        self.event(f"baseline measured {len(runs)} times; it is the first champion")
+        return ledger.candidate(baseline["id"])
+
+    def ok(self, candidate: dict) -> list[dict]:
+        results = self.comparable(self.ledger.results_of(candidate["id"]))
+        return [r for r in results if r["status"] == "ok"]
+
+    def needs_calibration(self) -> bool:
+        cfg = self.config
+        return (cfg.objective == "time-to-loss" and cfg.target_loss is None) or (
+            cfg.objective == "loss-at-time" and cfg.seconds is None
+        )
+
+    def calibrate(self, baseline: dict) -> None:
+        """One baseline run at the preset's budget fixes the target loss (or time budget)."""
+        self.event("calibration run of the baseline (sets the target)")
+        result = self.benchmark(baseline, "baseline", calibrate=True)
+        if result["status"] != "ok":
+            raise SessionStop(f"the baseline's calibration run failed: {result['status']}")
+        cfg = self.config
+        if cfg.objective == "time-to-loss":
+            cfg.target_loss = _round(result["val_loss"] + cfg.target_slack)
+            self.event(f"target loss {cfg.target_loss:.4f} (baseline {result['val_loss']:.4f})")
+        else:
+            cfg.seconds = round(result["train_seconds"], 1)
+            self.event(f"time budget {cfg.seconds:g} s per run")
+        self.ledger.set_session(asdict(cfg))
+
+    # -- candidates ------------------------------------------------------------------------
+
+    def champion(self) -> dict:
+        return self.ledger.champion()
+
+    def champion_results(self) -> list[dict]:
+        return self.comparable(self.ledger.results_of(self.champion()["id"]))
+
+    def judge_candidate(self, candidate: dict) -> Decision:
+        while True:
+            results = self.comparable(self.ledger.results_of(candidate["id"]))
+            champion = self.champion_results()
+            if results:
+                decision = decide(champion, results, self.judge)
+                if decision.verdict != "more":
+                    return decision
+            early = None
+            if not results:  # only the screen stops early: replicates are for the judge
+                curves = [r["curve"] for r in champion if r.get("curve")]
+                if curves:
+                    early = runner.behind_champion(curves[0], self.config.early_stop_margin)
+            self.benchmark(candidate, "confirm" if results else "screen", early_stop=early)
+
+    def record(self, candidate: dict, decision: Decision) -> None:
+        if decision.verdict == "accept":
+            speedup = self.champion()["speedup"] * decision.effect
+            self.ledger.decide(candidate["id"], "accept", decision, speedup=speedup)
+            self.workspace.promote(candidate["commit_sha"])
+            self.event(
+                f"ACCEPT #{candidate['experiment']} {candidate['description']}: "
+                f"x{decision.effect:.3f} ({decision.reason}); total x{speedup:.3f}"
+            )
+        else:
+            self.ledger.decide(candidate["id"], "reject", decision)
+            self.event(
+                f"reject #{candidate['experiment']} {candidate['description']}: {decision.reason}"
+            )
+
+    def propose(self) -> dict | None:
+        """Ask the proposer for the next candidate; record refusals. None when it is done."""
+        ws = self.workspace
+        champion = self.champion()
+        ws.reset()
+        history = self.ledger.candidates()
+        context = {
+            "preset": self.config.preset,
+            "objective": self.config.objective,
+            "champion": champion,
+            "champion_results": self.champion_results(),
+        }
+        number = len(history)
+        try:
+            proposal = self.proposer.propose(ws.path, history, context)
+        except ProposalFailed as e:
+            ws.reset()
+            self.refuse(champion, e.description, e.reason)
+            return self.ledger.candidates()[-1]
+        if proposal is None:
+            ws.reset()
+            return None
+        try:
+            made = ws.capture(number, f"{proposal.description}\n\n{proposal.hypothesis}")
+        except (RefusedChange, EmptyChange) as e:
+            diff = getattr(e, "diff", "")
+            self.refuse(champion, proposal.description, str(e), diff)
+            return self.ledger.candidates()[-1]
+        cid = self.ledger.add_candidate(
+            proposal.description,
+            parent_id=champion["id"],
+            diff=made.diff,
+            commit_sha=made.commit,
+            ref=made.ref,
+            hypothesis=proposal.hypothesis,
+            category=proposal.category,
+            proposer=self.proposer.name,
+        )
+        return self.ledger.candidate(cid)
+
+    def refuse(self, champion: dict, description: str, reason: str, diff: str = "") -> None:
+        cid = self.ledger.add_candidate(
+            description, parent_id=champion["id"], diff=diff, proposer=self.proposer.name
+        )
+        self.ledger.refuse(cid, reason)
+        self.event(f"refused {description}: {reason}")
+
+    def remeasure_due(self) -> bool:
+        champion = self.champion()
+        since = [
+            c for c in self.ledger.candidates(["decided", "refused"])
+            if c["decided_at"] and c["decided_at"] > champion["champion_since"]
+        ]
+        champion_runs = self.ledger.runs_of(champion["id"], roles=["champion"])
+        recent = [r for r in champion_runs if r["started_at"] > champion["champion_since"]]
+        return len(since) >= self.config.remeasure_every * (len(recent) + 1)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Run until a budget ends or the proposer has nothing left; returns why it stopped."""
+        discarded = self.ledger.discard_unfinished_runs()
+        if discarded:
+            self.event(f"resumed: discarded unfinished run(s) {discarded}; they will be re-run")
+        self.workspace.reset()
+        self.ensure_baseline()
+        while True:
+            pending = self.ledger.candidates(["proposed", "running"])
+            candidate = pending[0] if pending else None
+            if candidate is None:
+                why = self.out_of_budget()
+                if why:
+                    break
+                if self.remeasure_due():
+                    self.event("re-measuring the champion")
+                    self.benchmark(self.champion(), "champion")
+                    continue
+                candidate = self.propose()
+                if candidate is None:
+                    why = "the proposer has nothing more to propose"
+                    break
+                if candidate["state"] == "refused":
+                    continue
+            self.event(f"experiment #{candidate['experiment']}: {candidate['description']}")
+            self.record(candidate, self.judge_candidate(candidate))
+        self.workspace.reset()
+        self.event(f"session stopped: {why}")
+        return why
+
+
+def _round(value: float | None) -> float | None:
+    """Targets go through argv as 4 decimals; compare them at that precision."""
+    return None if value is None else round(float(value), 4)

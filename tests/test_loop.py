@@ -1,0 +1,142 @@
+"""The experiment loop end to end on cpu-tiny: a real session through the CLI, its report,
+and resume after a real kill -9 with nothing lost and nothing counted twice."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.ledger import Ledger
+from data.prepare import prepare_embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["--preset", "cpu-tiny", "--budget-tokens", "8192", "--baseline-runs", "2"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPEEDLOOP_DATA", str(cache))
+        prepare_embedded()
+    locks = tmp_path_factory.mktemp("locks")
+    return {
+        **os.environ,
+        "SPEEDLOOP_DATA": str(cache),
+        "SPEEDLOOP_LOCKS": str(locks),
+        "WANDB_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A copy of this working tree as a fresh git repository, so sessions never touch ours."""
+    copy = tmp_path / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=copy, check=True
+        )
+    return copy
+
+
+def agent(repo: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=900, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_session_runs_and_reports(repo, env, tmp_path):
+    run_dir = tmp_path / "session"
+    args = ["run", *SHORT, "--objective", "throughput", "--experiments", "2"]
+    proc = agent(repo, env, *args, "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    decided = [c for c in ledger.candidates() if c["experiment"]]
+    assert len(decided) == 2 and all(c["state"] == "decided" for c in decided)
+    assert all(c["description"].startswith("sweep: ") for c in decided)
+    assert len(ledger.runs_of(ledger.baseline()["id"], ok_only=True)) == 2
+    for name in ("report.md", "progress.png", "results.tsv"):
+        assert (run_dir / name).stat().st_size > 0
+    status = agent(repo, env, "status", str(run_dir))
+    assert status.returncode == 0 and "champion" in status.stdout.lower()
+    # The user's checkout did not move; the session's work is on its own branch and refs.
+    head = subprocess.run(["git", "branch", "--show-current"], cwd=repo, capture_output=True)
+    assert head.stdout.decode().strip() == "main"
+    refs = subprocess.run(["git", "for-each-ref", "refs/speedloop"], cwd=repo, capture_output=True)
+    assert len(refs.stdout.decode().splitlines()) == 2
+
+
+def _count(db: Path, sql: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9(repo, env, tmp_path):
+    run_dir = tmp_path / "session"
+    args = ["run", *SHORT, "--objective", "throughput", "--experiments", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *args, "--run-dir", str(run_dir)],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    db = run_dir / "ledger.sqlite"
+    # Kill in the middle of a run, after at least one candidate run has finished.
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if not db.exists():
+            continue
+        sql_done = "SELECT COUNT(*) FROM runs r JOIN candidates c ON r.candidate_id = c.id "
+        sql_done += "WHERE c.parent_id IS NOT NULL AND r.state = 'finished'"
+        running = "SELECT COUNT(*) FROM runs WHERE state = 'running'"
+        if _count(db, sql_done) >= 1 and _count(db, running) == 1:
+            time.sleep(1.0)
+            break
+    else:
+        pytest.fail("the session never reached a candidate run")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    # The benchmark child died with its parent: nothing keeps running on the machine.
+    orphans = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+    assert orphans.stdout.strip() == ""
+    before = Ledger(db)
+    finished_before = {r["id"]: r for c in before.candidates() for r in before.runs_of(c["id"])}
+    decided_before = {c["id"]: c["verdict"] for c in before.candidates() if c["verdict"]}
+    before.close()
+
+    resumed = agent(repo, env, "run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "discarded unfinished run" in resumed.stdout
+    after = Ledger(db)
+    experiments = [c for c in after.candidates() if c["experiment"]]
+    assert len(experiments) == 2 and all(c["verdict"] for c in experiments)
+    # Nothing finished or decided before the kill was lost or changed.
+    finished_after = {r["id"]: r for c in after.candidates() for r in after.runs_of(c["id"])}
+    for run_id, row in finished_before.items():
+        assert finished_after[run_id]["result"] == row["result"]
+    for cid, verdict in decided_before.items():
+        assert after.candidate(cid)["verdict"] == verdict
+    assert _count(db, "SELECT COUNT(*) FROM runs WHERE state = 'discarded'") == 1
+    assert _count(db, "SELECT COUNT(*) FROM runs WHERE state = 'running'") == 0
+    seeds = [r["seed"] for c in after.candidates() for r in after.runs_of(c["id"])]
+    assert len(seeds) == len(set(seeds))  # every counted run had its own seed
+    assert json.loads(json.dumps(after.session()))["config"]["experiments"] == 2
