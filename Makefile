@@ -20,9 +20,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
 	touch $(STAMP)
 
+# A short session on the embedded corpus: baseline replicates, then six experiments of the
+# knob sweep, judged, with the report at the end. Uses the GPU when there is one.
+DEMO := $(shell nvidia-smi -L >/dev/null 2>&1 \
+	&& echo "--preset gpu-small --data embedded --budget-tokens 10000000" \
+	|| echo "--preset cpu-tiny --budget-tokens 65536")
+
 demo: $(STAMP)
 	$(PY) -m data prepare embedded
-	$(PY) train.py --preset cpu-tiny --out runs/demo/result.json
+	$(PY) -m agent run $(DEMO) --proposer sweep --experiments 6 \
+	    --run-dir runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
     run.add_argument("--baseline-runs", type=int, default=3, help="baseline replicates (>= 2)")
     run.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens for every run")
+    run.add_argument("--data", help="train.py --data for every run (default: the preset's)")
     run.add_argument("--target-loss", type=float, help="time-to-loss target (default: calibrated)")
     run.add_argument(
         "--wandb", default="auto", choices=["auto", "offline", "disabled"], help="W&B tracking"
@@ -60,6 +61,7 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
     if args.baseline_runs < 2:
         raise SessionStop("--baseline-runs must be at least 2: the judge needs the noise")
     extra = ["--budget-tokens", str(args.budget_tokens)] if args.budget_tokens else []
+    extra += ["--data", args.data] if args.data else []
     return SessionConfig(
         preset=args.preset,
         objective=args.objective,

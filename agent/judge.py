@@ -127,6 +127,21 @@ def _champion_samples(runs: Sequence[Run], objective: str) -> tuple[np.ndarray, 
     return sign * np.log(values), np.array([_number(r, "val_loss") for r in ok])
 
 
+def comparable(results: Sequence[dict], config: dict) -> list[dict]:
+    """The results the judge compares, under the session's config: failed runs, and ok runs
+    measured with the session's objective setting (so not the calibration run that fixed the
+    target loss or time budget). `config` is the session's config (a SessionConfig dict)."""
+    objective = config.get("objective", "time-to-loss")
+    if objective == "time-to-loss":
+        target = config.get("target_loss")
+        key, value = "target_loss", None if target is None else round(float(target), 4)
+    elif objective == "loss-at-time":
+        key, value = "budget_seconds", config.get("seconds")
+    else:
+        return list(results)
+    return [r for r in results if r.get("status") != "ok" or r.get(key) == value]
+
+
 def measure_noise(runs: Sequence[Run], objective: str = "time-to-loss") -> Noise:
     """Noise of the benchmark from replicates of one recipe (baseline, then the champion).
 

@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from agent import runner
-from agent.judge import OBJECTIVES, Decision, JudgeConfig, decide, primary_metric
+from agent.judge import OBJECTIVES, Decision, JudgeConfig, comparable, decide, primary_metric
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.proposers import ProposalFailed, Proposer
+from agent.tracking import Tracker
 from agent.workspace import EmptyChange, RefusedChange, Workspace
 
 # Expected wall time of a first run, before any run was measured (runner timeouts scale it).
@@ -62,21 +63,19 @@ class SessionStop(Exception):
 
 
 class Session:
-    def __init__(
-        self, run_dir: Path, proposer: Proposer, say=print, waiting=None, tracker=None
-    ):
+    def __init__(self, run_dir: Path, proposer: Proposer, say=print, waiting=None):
         self.run_dir = Path(run_dir)
         self.ledger = Ledger(self.run_dir / LEDGER_FILE)
         self.proposer = proposer
         self.say = say  # prints one line of progress
         self.waiting = waiting or (lambda text: contextlib.nullcontext())  # a live spinner
-        self.tracker = tracker
         session = self.ledger.session()
         if session is None:
             raise SessionStop(f"{self.run_dir} has no session: start one with `agent run`")
         self.id = session["id"]
         self.config = SessionConfig.from_dict(session["config"])
         self.judge = self.config.judge_config()
+        self.tracker = Tracker(self.ledger, mode=self.config.wandb)
         self.started = time.time()
 
     # -- setting up ----------------------------------------------------------------------
@@ -125,16 +124,7 @@ class Session:
         return []
 
     def comparable(self, results: list[dict]) -> list[dict]:
-        """The results the judge may compare: failed runs, and ok runs measured under the
-        session's objective settings (a calibration run measured none)."""
-        cfg = self.config
-        if cfg.objective == "time-to-loss":
-            key, value = "target_loss", _round(cfg.target_loss)
-        elif cfg.objective == "loss-at-time":
-            key, value = "budget_seconds", cfg.seconds
-        else:
-            return results
-        return [r for r in results if r["status"] != "ok" or r.get(key) == value]
+        return comparable(results, asdict(self.config))
 
     def expected_seconds(self) -> float:
         walls = [
@@ -174,12 +164,9 @@ class Session:
         self.ledger.finish_run(
             run_id, outcome.status, outcome.result, outcome.error, outcome.wall_seconds
         )
-        if self.tracker is not None:
-            self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
+        self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
         result = {**(outcome.result or {}), "status": outcome.status, "seed": seed}
-        metric = primary_metric(result, self.judge.objective) if result["status"] == "ok" else None
-        shown = "-" if metric is None else f"{metric:.4g}"
-        self.say(f"  -> {outcome.status} ({OBJECTIVES[self.judge.objective][0]} {shown})")
+        self.say(f"  -> {outcome.status}{_summary(result, self.judge.objective)}")
         return result
 
     # -- the baseline ----------------------------------------------------------------------
@@ -276,12 +263,14 @@ class Session:
             speedup = self.champion()["speedup"] * decision.effect
             self.ledger.decide(candidate["id"], "accept", decision, speedup=speedup)
             self.workspace.promote(candidate["commit_sha"])
+            self.tracker.log_decision(self.ledger.candidate(candidate["id"]))
             self.event(
                 f"ACCEPT #{candidate['experiment']} {candidate['description']}: "
                 f"x{decision.effect:.3f} ({decision.reason}); total x{speedup:.3f}"
             )
         else:
             self.ledger.decide(candidate["id"], "reject", decision)
+            self.tracker.log_decision(self.ledger.candidate(candidate["id"]))
             self.event(
                 f"reject #{candidate['experiment']} {candidate['description']}: {decision.reason}"
             )
@@ -331,6 +320,7 @@ class Session:
             description, parent_id=champion["id"], diff=diff, proposer=self.proposer.name
         )
         self.ledger.refuse(cid, reason)
+        self.tracker.log_decision(self.ledger.candidate(cid))
         self.event(f"refused {description}: {reason}")
 
     def remeasure_due(self) -> bool:
@@ -347,6 +337,13 @@ class Session:
 
     def run(self) -> str:
         """Run until a budget ends or the proposer has nothing left; returns why it stopped."""
+        self.tracker.start_session(asdict(self.config))
+        try:
+            return self._run()
+        finally:
+            self.tracker.finish()
+
+    def _run(self) -> str:
         discarded = self.ledger.discard_unfinished_runs()
         if discarded:
             self.event(f"resumed: discarded unfinished run(s) {discarded}; they will be re-run")
@@ -379,3 +376,16 @@ class Session:
 def _round(value: float | None) -> float | None:
     """Targets go through argv as 4 decimals; compare them at that precision."""
     return None if value is None else round(float(value), 4)
+
+
+def _summary(result: dict, objective: str) -> str:
+    """`: time_to_target 12.3, 9,876 tok/s, val loss 5.432` for a progress line."""
+    if result["status"] != "ok":
+        return ""
+    metric = primary_metric(result, objective)
+    name = OBJECTIVES[objective][0]
+    shown = "not reached" if metric is None else f"{metric:.4g}"
+    return (
+        f": {name} {shown}, {result['tokens_per_sec']:,.0f} tok/s, "
+        f"val loss {result['val_loss']:.4f}"
+    )

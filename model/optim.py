@@ -22,18 +22,22 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def newton_schulz(
     G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
-    """Approximately orthogonalise a matrix G (rows, cols): returns ~U S' Vᵀ, S' near 1."""
+    """Approximately orthogonalise G (..., rows, cols): returns ~U S' Vᵀ with S' near 1.
+
+    Leading dimensions are a batch: same-shaped matrices are orthogonalised together.
+    """
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype)
-    transposed = X.size(0) > X.size(1)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide side: X Xᵀ is then the smaller Gram matrix
-        X = X.T
-    X = X / X.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+        X = X.mT
+    # Spectral norm <= Frobenius norm: dividing by it puts every singular value in [0, 1].
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        A = kernels.xxt(X)  # (rows, rows), symmetric
+        A = kernels.xxt(X)  # (..., rows, rows), symmetric
         B = b * A + c * kernels.xxt(A)  # A @ A == A Aᵀ because A is symmetric
         X = a * X + B @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
@@ -71,17 +75,26 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"], dtype=group["ns_dtype"])
+                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            # Same-shaped matrices (every layer's qkv, say) share one batched iteration:
+            # fewer, larger matmuls.
+            by_shape: dict[torch.Size, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(p.shape, []).append(i)
+            for shape, indices in by_shape.items():
+                stacked = torch.stack([updates[i] for i in indices])
+                ortho = newton_schulz(stacked, group["ns_steps"], dtype=group["ns_dtype"])
                 # Tall matrices get a larger step so every shape moves at a similar RMS.
-                scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+                for i, update in zip(indices, ortho):
+                    p = params[i]
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-lr * scale)

@@ -7,6 +7,7 @@ and the evaluation; it calls only what `model/__init__.py` lists.
 """
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,9 @@ class Recipe:
     def __init__(self, hp: Hyperparameters, device: torch.device, compile: bool):
         self.hp = hp
         self.device = device
+        # bf16 matmuls on CUDA, and on CPUs with native bf16 (AVX512-BF16, AMX), where they
+        # run about twice as fast as fp32; fp32 on other CPUs, where bf16 is emulated.
+        self.use_bf16 = device.type == "cuda" or cpu_has_bf16()
         self.model = GPT(hp.model).to(device)
         self.optimizers = self._build_optimizers()
         self._initial_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
@@ -92,16 +96,12 @@ class Recipe:
             weight_decay=0.0,
             fused=self.device.type == "cuda",
         )
-        # Newton-Schulz in bf16 where it is fast (CUDA), fp32 on CPU.
-        ns_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        ns_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
         muon = Muon(matrices, lr=hp.matrix_lr, weight_decay=hp.weight_decay, ns_dtype=ns_dtype)
         return [adam, muon]
 
     def _autocast(self):
-        # bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are slower.
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-        )
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
     def batch_shape(self, progress: float) -> tuple[int, int]:
         return self.hp.batch_size, self.hp.seq_len
@@ -139,6 +139,15 @@ class Recipe:
 
     def flops_per_token(self) -> float:
         return self.model.flops_per_token(self.hp.seq_len)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (Linux reports it in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build_recipe(preset: str, device: torch.device, vocab_size: int, compile: bool) -> Recipe:

@@ -1,0 +1,466 @@
+"""The ledger: a session's single source of truth, one SQLite file in the run directory.
+
+Everything a session learns goes here first: its config, every candidate (parent, diff,
+hypothesis, proposer, the judge's decision), every benchmark run (seed, outcome, result JSON,
+log path), the champion history and a free-form event log. Status, report and W&B are
+derived from it and nothing else, so a session killed at any instant (`kill -9`) can be
+resumed from it.
+
+Each public write is one transaction (BEGIN IMMEDIATE ... COMMIT): after a kill it is
+either wholly in the file or not at all. A run that was in flight when the session died is
+left in state 'running'; `discard_unfinished_runs` marks such runs 'discarded' with the
+reason on resume, and discarded runs are never counted (not in `runs_of`, `results_of`,
+`used_seeds`). A candidate moves proposed -> running -> decided, or proposed -> refused,
+never back: it cannot be decided (or counted) twice.
+
+What the ledger must never do: hold state outside the file, delete or rewrite a finished
+run or a decision, or let a reader see half of a write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+LEDGER_FILE = "ledger.sqlite"
+SCHEMA_VERSION = 1
+
+ROLES = ("baseline", "screen", "confirm", "champion")
+# How the runner classifies one benchmark run; every outcome but "ok" is a failed run.
+OUTCOMES = ("ok", "crash", "timeout", "oom", "diverged", "invalid-result",
+            "integrity-violation", "early-stopped")
+VERDICTS = ("accept", "reject")  # what `decide` records; "refused" comes from `refuse`
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE session (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),  -- one session per ledger
+    id TEXT NOT NULL,           -- e.g. 20260101-221500-3fa2: W&B group, report title
+    created REAL NOT NULL,      -- unix seconds, like every time in this file
+    config TEXT NOT NULL        -- JSON: preset, objective, proposer, budgets, judge, commit
+);
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY,
+    parent_id INTEGER REFERENCES candidates(id),  -- champion it was made from; NULL: baseline
+    commit_sha TEXT,
+    ref TEXT,                   -- the git ref that keeps the commit, accepted or not
+    diff TEXT NOT NULL,
+    description TEXT NOT NULL,
+    hypothesis TEXT NOT NULL,
+    category TEXT NOT NULL,
+    proposer TEXT NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('proposed', 'running', 'decided', 'refused')),
+    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused')),
+    decision TEXT,              -- JSON: the judge's Decision, or the refusal's reason
+    decided_at REAL,
+    CHECK ((state IN ('decided', 'refused')) = (verdict IS NOT NULL)),
+    CHECK ((state = 'refused') = (verdict IS 'refused'))
+);
+CREATE UNIQUE INDEX one_baseline ON candidates((parent_id IS NULL)) WHERE parent_id IS NULL;
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    role TEXT NOT NULL CHECK (role IN ('baseline', 'screen', 'confirm', 'champion')),
+    seed INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'discarded')),
+    outcome TEXT,               -- the runner's class (OUTCOMES); NULL unless finished
+    result TEXT,                -- JSON: train.py's result, when it wrote one
+    error TEXT,                 -- failure tail, or why the run was discarded
+    log_path TEXT,
+    wall_seconds REAL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    CHECK ((state = 'finished') = (outcome IS NOT NULL))
+);
+CREATE INDEX runs_of_candidate ON runs(candidate_id);
+CREATE TABLE champions (
+    id INTEGER PRIMARY KEY,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    since REAL NOT NULL,
+    speedup REAL NOT NULL       -- vs the baseline, as the loop measured it then
+);
+CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, text TEXT NOT NULL);
+"""
+
+# Candidates with their experiment number: 1, 2, ... in order of creation, baseline excluded.
+_CANDIDATES = """
+SELECT * FROM (
+    SELECT *, CASE WHEN parent_id IS NULL THEN NULL
+                   ELSE ROW_NUMBER() OVER (PARTITION BY parent_id IS NULL ORDER BY id) END
+              AS experiment
+    FROM candidates)
+"""
+
+
+class LedgerError(RuntimeError):
+    """A ledger file or a call that breaks the ledger's rules; the message says which."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _speedup(candidate_id: int, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise LedgerError(f"candidate {candidate_id}: speedup {value!r} is not a positive "
+                          "finite ratio vs the baseline")
+    return float(value)
+
+
+def _candidate(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    out["decision"] = json.loads(out["decision"]) if out["decision"] else None
+    return out
+
+
+def _run(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    out["result"] = json.loads(out["result"]) if out["result"] else None
+    return out
+
+
+class Ledger:
+    """One session's ledger: the file `D/ledger.sqlite` (LEDGER_FILE) of its run directory D.
+
+    `Ledger(D / LEDGER_FILE)` opens it, creating it (and D) if needed; `create=False` (for
+    `status` and `report`) refuses to make a new one. Use one Ledger per process and thread;
+    other processes may read while the loop writes (WAL), e.g. `python -m agent status D`.
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = True):
+        self.path = Path(path)
+        self.run_dir = self.path.parent
+        if not self.path.exists():
+            if not create:
+                raise FileNotFoundError(f"no ledger at {self.path}: is {self.run_dir} the "
+                                        "--run-dir of a `python -m agent run` session?")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions, every write says BEGIN itself.
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # FULL: fsync the WAL at every commit. WAL is atomic under kill -9 either way; FULL
+        # also keeps the last decisions through a power loss or kernel panic of the machine
+        # overnight. It costs a few ms per write, and the loop writes a few times a minute.
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._check_schema(create)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Ledger]:
+        """Read several things from one consistent state while the loop goes on writing."""
+        self._db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: Iterable = ()) -> sqlite3.Row | None:
+        return self._db.execute(sql, tuple(args)).fetchone()
+
+    def _check_schema(self, create: bool) -> None:
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")}
+        if not tables:
+            if not create:
+                raise LedgerError(f"{self.path} is empty: its session has not started yet")
+            with self._write() as db:
+                # Statement by statement: executescript would commit outside our transaction.
+                statement = ""
+                for line in _SCHEMA.splitlines(keepends=True):
+                    statement += line
+                    if sqlite3.complete_statement(statement):
+                        db.execute(statement)
+                        statement = ""
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            return
+        if "meta" not in tables:
+            raise LedgerError(f"{self.path} is an SQLite file but not a speedloop ledger "
+                              "(no meta table): point --run-dir at a session's directory")
+        row = self._one("SELECT value FROM meta WHERE key = 'schema_version'")
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"{self.path} has ledger schema {version}, newer than the "
+                              f"{SCHEMA_VERSION} this speedloop reads: update speedloop")
+        if version != SCHEMA_VERSION:
+            raise LedgerError(f"{self.path} has ledger schema {version} and this speedloop "
+                              f"reads only {SCHEMA_VERSION}: no migration exists; start a "
+                              "new run directory")
+
+    # -- session --------------------------------------------------------------------------
+
+    def set_session(self, config: Mapping[str, Any]) -> dict:
+        """Store the session's config (JSON-able). The first call also fixes the session's id
+        and creation time; a later call (a resume with new budgets) replaces the config."""
+        with self._write() as db:
+            if self._one("SELECT 1 FROM session") is None:
+                session_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+                db.execute("INSERT INTO session VALUES (1, ?, ?, ?)",
+                           (session_id, _now(), json.dumps(dict(config))))
+            else:
+                db.execute("UPDATE session SET config = ?", (json.dumps(dict(config)),))
+        return self.session()
+
+    def session(self) -> dict | None:
+        """{'id', 'created', 'config'}, or None before `set_session`."""
+        row = self._one("SELECT id, created, config FROM session")
+        if row is None:
+            return None
+        return {"id": row["id"], "created": row["created"], "config": json.loads(row["config"])}
+
+    # -- candidates -----------------------------------------------------------------------
+
+    def add_candidate(self, description: str, *, parent_id: int | None, diff: str = "",
+                      commit_sha: str | None = None, ref: str | None = None,
+                      hypothesis: str = "", category: str = "", proposer: str = "") -> int:
+        """A new candidate in state 'proposed'; parent_id=None makes it the session's one
+        baseline. Returns its id."""
+        if not description.strip():
+            raise LedgerError("a candidate needs a description (one line for the report)")
+        try:
+            with self._write() as db:
+                cur = db.execute(
+                    "INSERT INTO candidates (parent_id, commit_sha, ref, diff, description, "
+                    "hypothesis, category, proposer, created, state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'proposed')",
+                    (parent_id, commit_sha, ref, diff, description, hypothesis, category,
+                     proposer, _now()))
+        except sqlite3.IntegrityError as err:
+            what = "a baseline exists already" if parent_id is None else \
+                f"parent {parent_id} is not a candidate"
+            raise LedgerError(f"cannot add candidate {description!r}: {what} ({err})") from err
+        return int(cur.lastrowid)
+
+    def candidate(self, candidate_id: int) -> dict:
+        row = self._one(_CANDIDATES + " WHERE id = ?", (candidate_id,))
+        if row is None:
+            raise LedgerError(f"no candidate {candidate_id} in {self.path}")
+        return _candidate(row)
+
+    def candidates(self, states: Iterable[str] | None = None) -> list[dict]:
+        """All candidates in id order (optionally only those in `states`); each dict has the
+        table's columns, `decision` parsed, and `experiment` (None for the baseline)."""
+        rows = self._db.execute(_CANDIDATES + " ORDER BY id").fetchall()
+        wanted = None if states is None else set(states)
+        return [_candidate(r) for r in rows if wanted is None or r["state"] in wanted]
+
+    def baseline(self) -> dict | None:
+        row = self._one(_CANDIDATES + " WHERE parent_id IS NULL")
+        return None if row is None else _candidate(row)
+
+    def decide(self, candidate_id: int, verdict: str, decision: Any, *,
+               speedup: float | None = None) -> None:
+        """Record the verdict ('accept' or 'reject') and the judge's Decision (a dataclass or
+        a mapping). Accepting makes the candidate the champion in the same transaction, so
+        `speedup` (vs the baseline) is required then; the baseline becomes the first
+        champion this way too, with speedup 1.0, after its replicates."""
+        if verdict not in VERDICTS:
+            raise LedgerError(f"verdict {verdict!r}: choose one of {VERDICTS}")
+        if (verdict == "accept") != (speedup is not None):
+            raise LedgerError(f"candidate {candidate_id}: pass speedup= exactly when "
+                              f"accepting (verdict {verdict!r}, speedup {speedup!r})")
+        payload = dataclasses.asdict(decision) if dataclasses.is_dataclass(decision) \
+            else dict(decision)
+        with self._write() as db:
+            self._check_state(candidate_id, ("proposed", "running"), f"decide {verdict}")
+            busy = self._one("SELECT id FROM runs WHERE candidate_id = ? AND state = "
+                             "'running'", (candidate_id,))
+            if busy is not None:
+                raise LedgerError(f"cannot decide candidate {candidate_id}: run {busy[0]} is "
+                                  "still running; finish or discard it first")
+            db.execute("UPDATE candidates SET state = 'decided', verdict = ?, decision = ?, "
+                       "decided_at = ? WHERE id = ?",
+                       (verdict, json.dumps(payload), _now(), candidate_id))
+            if verdict == "accept":
+                db.execute("INSERT INTO champions (candidate_id, since, speedup) "
+                           "VALUES (?, ?, ?)", (candidate_id, _now(),
+                                                _speedup(candidate_id, speedup)))
+
+    def refuse(self, candidate_id: int, reason: str) -> None:
+        """Refuse a candidate before it runs (its diff leaves the research surface)."""
+        with self._write() as db:
+            self._check_state(candidate_id, ("proposed",), "refuse")
+            db.execute("UPDATE candidates SET state = 'refused', verdict = 'refused', "
+                       "decision = ?, decided_at = ? WHERE id = ?",
+                       (json.dumps({"verdict": "refused", "reason": reason}), _now(),
+                        candidate_id))
+
+    def _check_state(self, candidate_id: int, allowed: tuple[str, ...], action: str) -> None:
+        row = self._one("SELECT state FROM candidates WHERE id = ?", (candidate_id,))
+        if row is None:
+            raise LedgerError(f"cannot {action}: no candidate {candidate_id} in {self.path}")
+        if row["state"] not in allowed:
+            raise LedgerError(f"cannot {action} candidate {candidate_id}: it is "
+                              f"{row['state']} (needs {' or '.join(allowed)})")
+
+    # -- champion -------------------------------------------------------------------------
+
+    def set_champion(self, candidate_id: int, speedup: float) -> None:
+        """Record a new speedup estimate of an accepted candidate as champion, e.g. after it
+        was re-measured. (Accepting a candidate already makes it the champion: `decide`.)"""
+        with self._write() as db:
+            row = self._one("SELECT verdict FROM candidates WHERE id = ?", (candidate_id,))
+            if row is None or row["verdict"] != "accept":
+                raise LedgerError(f"candidate {candidate_id} cannot be champion: only an "
+                                  "accepted candidate can (decide it 'accept' first)")
+            db.execute("INSERT INTO champions (candidate_id, since, speedup) VALUES (?, ?, ?)",
+                       (candidate_id, _now(), _speedup(candidate_id, speedup)))
+
+    def champion(self) -> dict | None:
+        """The current champion's candidate dict plus `champion_since` and `speedup`."""
+        row = self._one("SELECT candidate_id, since, speedup FROM champions "
+                        "ORDER BY id DESC LIMIT 1")
+        if row is None:
+            return None
+        return {**self.candidate(row["candidate_id"]), "champion_since": row["since"],
+                "speedup": row["speedup"]}
+
+    def champions(self) -> list[dict]:
+        """The champion history, oldest first: {'candidate_id', 'since', 'speedup'}."""
+        return [dict(r) for r in self._db.execute(
+            "SELECT candidate_id, since, speedup FROM champions ORDER BY id")]
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def start_run(self, candidate_id: int, role: str, seed: int,
+                  log_path: str | Path | None = None) -> int:
+        """A benchmark run about to start (state 'running'); moves a proposed candidate to
+        'running'. Returns the run's id."""
+        if role not in ROLES:
+            raise LedgerError(f"role {role!r}: choose one of {ROLES}")
+        with self._write() as db:
+            row = self._one("SELECT parent_id, state, verdict FROM candidates WHERE id = ?",
+                            (candidate_id,))
+            if row is None:
+                raise LedgerError(f"cannot start a run: no candidate {candidate_id}")
+            is_baseline = row["parent_id"] is None
+            if (role == "baseline") != is_baseline and role != "champion":
+                raise LedgerError(f"role {role!r} for candidate {candidate_id}: 'baseline' is "
+                                  "for the baseline's runs only, screen/confirm for the others")
+            if role == "champion" and row["verdict"] != "accept":
+                raise LedgerError(f"candidate {candidate_id} is not an accepted champion: "
+                                  "it cannot have a 'champion' re-measurement")
+            if role != "champion" and row["state"] not in ("proposed", "running"):
+                raise LedgerError(f"candidate {candidate_id} is {row['state']}: no more "
+                                  f"{role} runs")
+            cur = db.execute("INSERT INTO runs (candidate_id, role, seed, state, log_path, "
+                             "started_at) VALUES (?, ?, ?, 'running', ?, ?)",
+                             (candidate_id, role, int(seed),
+                              None if log_path is None else str(log_path), _now()))
+            db.execute("UPDATE candidates SET state = 'running' WHERE id = ? AND "
+                       "state = 'proposed'", (candidate_id,))
+        return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, outcome: str, result: Mapping | None = None,
+                   error: str | None = None, wall_seconds: float | None = None) -> None:
+        """Record a run's outcome (one of OUTCOMES), its result JSON if any, the error tail
+        of a failure and its wall-clock time."""
+        if outcome not in OUTCOMES:
+            raise LedgerError(f"run {run_id}: outcome {outcome!r} is not one of {OUTCOMES}")
+        with self._write() as db:
+            row = self._one("SELECT state FROM runs WHERE id = ?", (run_id,))
+            if row is None or row["state"] != "running":
+                state = "missing" if row is None else row["state"]
+                raise LedgerError(f"cannot finish run {run_id}: it is {state}, not running")
+            db.execute("UPDATE runs SET state = 'finished', outcome = ?, result = ?, error = ?, "
+                       "wall_seconds = ?, finished_at = ? WHERE id = ?",
+                       (outcome, None if result is None else json.dumps(dict(result)), error,
+                        wall_seconds, _now(), run_id))
+
+    def discard_unfinished_runs(self, reason: str = "the session stopped while it ran "
+                                "(discarded on resume, never counted)") -> list[int]:
+        """On resume: mark every run still 'running' as discarded with `reason`, in one
+        transaction. Returns their ids; their candidates stay as they were, to be re-run."""
+        with self._write() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM runs WHERE state = 'running' "
+                                            "ORDER BY id")]
+            db.execute("UPDATE runs SET state = 'discarded', error = ?, finished_at = ? "
+                       "WHERE state = 'running'", (reason, _now()))
+        return ids
+
+    def runs_of(self, candidate_id: int, roles: Iterable[str] | None = None,
+                ok_only: bool = False) -> list[dict]:
+        """The candidate's finished runs in order (never running or discarded ones), as
+        dicts with `result` parsed; optionally only some roles or only outcome 'ok'."""
+        sql, args = "SELECT * FROM runs WHERE candidate_id = ? AND state = 'finished'", \
+            [candidate_id]
+        if roles is not None:
+            roles = list(roles)
+            sql += f" AND role IN ({', '.join('?' * len(roles))})"
+            args += roles
+        if ok_only:
+            sql += " AND outcome = 'ok'"
+        return [_run(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+
+    def results_of(self, candidate_id: int, roles: Iterable[str] | None = None) -> list[dict]:
+        """The judge's input: one result dict per finished run, with `status` set to the
+        runner's outcome and `seed` to the run's seed (a crash without a result JSON becomes
+        {'status': 'crash', 'seed': s}; an early-stopped run is not 'ok' whatever its JSON
+        says)."""
+        return [{**(r["result"] or {}), "status": r["outcome"], "seed": r["seed"]}
+                for r in self.runs_of(candidate_id, roles)]
+
+    def running_runs(self) -> list[dict]:
+        """Runs in state 'running': what runs now (or what a killed session left behind)."""
+        return [_run(r) for r in self._db.execute(
+            "SELECT * FROM runs WHERE state = 'running' ORDER BY id")]
+
+    def run(self, run_id: int) -> dict:
+        row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise LedgerError(f"no run {run_id} in {self.path}")
+        return _run(row)
+
+    def used_seeds(self, candidate_id: int | None = None) -> set[int]:
+        """Seeds of all runs not discarded (of one candidate, if given): the judge needs a
+        fresh seed for every replicate."""
+        sql = "SELECT DISTINCT seed FROM runs WHERE state != 'discarded'"
+        rows = self._db.execute(sql, ()) if candidate_id is None else \
+            self._db.execute(sql + " AND candidate_id = ?", (candidate_id,))
+        return {r[0] for r in rows}
+
+    # -- budgets and events ---------------------------------------------------------------
+
+    def n_experiments(self) -> int:
+        """Candidates decided or refused, the baseline excluded: the experiments budget."""
+        return self._one("SELECT COUNT(*) FROM candidates WHERE parent_id IS NOT NULL AND "
+                         "state IN ('decided', 'refused')")[0]
+
+    def log_event(self, text: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO events (time, text) VALUES (?, ?)", (_now(), text))
+
+    def events(self, limit: int = 20) -> list[dict]:
+        """The last `limit` events, oldest first: {'id', 'time', 'text'}."""
+        rows = self._db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [dict(r) for r in reversed(rows.fetchall())]

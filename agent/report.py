@@ -1,0 +1,435 @@
+"""What a session found, derived from its ledger alone: report.md, progress.png, results.tsv
+and the text of `python -m agent status D`.
+
+Two kinds of numbers appear side by side, and the names keep them apart:
+- `speedup`: a candidate against the baseline, measured here from the ledger's runs (ratio
+  of geometric means of the objective's primary metric over ok runs, > 1 is better, with a
+  95% Welch interval on the log scale when both sides have two runs or more);
+- `effect`, `ci_low`, `ci_high`, `p_value`, `loss_delta`: the judge's Decision, against the
+  champion of its time, as stored when the candidate was decided.
+
+results.tsv keeps autoresearch's first five columns (commit, the primary metric named by its
+result field as autoresearch names val_bpb, memory_gb, status keep/discard/crash,
+description; 0 for what a crash did not measure), then adds speedloop's.
+
+What this module must never do: write to the ledger, or show a number it did not get from
+the ledger.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from agent.judge import OBJECTIVES, comparable, measure_noise, primary_metric
+from agent.ledger import LEDGER_FILE, Ledger
+
+# Candidate classes: the colours of progress.png and the status column of results.tsv.
+CLASSES = {  # class -> (colour, marker, autoresearch status)
+    "accepted": ("tab:green", "o", "keep"),
+    "rejected": ("tab:gray", "o", "discard"),
+    "failed": ("tab:red", "X", "crash"),
+    "refused": ("tab:purple", "X", "discard"),
+}
+TSV_EXTRA = ("speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low", "ci_high",
+             "p_value", "runs", "val_loss", "outcome", "proposer", "candidate")
+
+
+@dataclass(frozen=True)
+class Speedup:
+    ratio: float  # geometric-mean ratio vs the baseline, > 1 is better
+    ci_low: float | None  # 95% Welch interval on the log scale; None with fewer than 2 runs
+    ci_high: float | None
+    n: int  # runs of the candidate that measured it
+
+
+class ReportPaths(NamedTuple):
+    report: Path  # report.md
+    progress: Path  # progress.png
+    results: Path  # results.tsv
+
+
+def speedup_vs_baseline(baseline: Sequence[dict], results: Sequence[dict],
+                        objective: str) -> Speedup | None:
+    """How much better `results` are than `baseline` (judge-input dicts, `results_of`).
+
+    A baseline run that missed a time-to-loss target counts with its training time, as the
+    judge counts the champion's (a lower bound: conservative); a candidate run that missed
+    it measured no speed and is left out. None when either side has no usable run.
+    """
+    from scipy import stats  # lazily: a second of import that `status` rarely needs
+
+    sign = OBJECTIVES[objective][1]
+    base = sign * np.log(_metric_values(baseline, objective, censored=True))
+    cand = sign * np.log(_metric_values(results, objective))
+    if len(base) == 0 or len(cand) == 0:
+        return None
+    ratio = math.exp(cand.mean() - base.mean())
+    if len(base) < 2 or len(cand) < 2:
+        return Speedup(ratio, None, None, len(cand))
+    if cand.std() == 0.0 and base.std() == 0.0:  # a deterministic benchmark: no spread
+        low = high = cand.mean() - base.mean()
+    else:
+        low, high = stats.ttest_ind(cand, base, equal_var=False).confidence_interval(0.95)
+    return Speedup(ratio, math.exp(low), math.exp(high), len(cand))
+
+
+def _metric_values(results: Sequence[dict], objective: str, censored: bool = False) -> list:
+    """The primary metric of each ok run that measured one. `censored`: a run that missed a
+    time-to-loss target counts with its training time instead (a lower bound)."""
+    values = []
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        try:
+            v = primary_metric(r, objective)
+        except ValueError:  # a malformed number: the runner should have said invalid-result
+            continue
+        v = r.get("train_seconds") if v is None and censored else v
+        if isinstance(v, (int, float)) and math.isfinite(v) and v > 0:
+            values.append(float(v))
+    return values
+
+
+@dataclass
+class _Experiment:
+    candidate: dict
+    runs: list[dict]  # finished runs, all roles
+    results: list[dict]  # the judge's input: comparable results of the runs
+    outcome: str  # ok, a failure outcome, refused or running
+    kind: str  # a CLASSES key, or "pending" while undecided
+    speedup: Speedup | None
+
+    def ok_values(self, key: str) -> list[float]:
+        return [r[key] for r in self.results
+                if r["status"] == "ok" and isinstance(r.get(key), (int, float))]
+
+
+def _experiment(ledger: Ledger, cand: dict, baseline: list[dict],
+                config: dict) -> _Experiment:
+    runs = ledger.runs_of(cand["id"])
+    failed = [r["outcome"] for r in runs if r["outcome"] != "ok"]
+    if cand["state"] == "refused":
+        outcome, kind = "refused", "refused"
+    else:
+        outcome = failed[0] if failed else ("ok" if cand["state"] == "decided" else "running")
+        kind = {"accept": "accepted", "reject": "rejected"}.get(cand["verdict"], "pending")
+        if kind == "rejected" and outcome not in ("ok", "early-stopped"):
+            kind = "failed"
+    results = comparable(ledger.results_of(cand["id"]), config)
+    return _Experiment(cand, runs, results, outcome, kind, speedup_vs_baseline(
+        baseline, results, config.get("objective", "time-to-loss")))
+
+
+@dataclass
+class _Session:
+    """Everything the report and status show, read from one snapshot of the ledger."""
+
+    session: dict
+    objective: str
+    base: _Experiment | None
+    rows: list[_Experiment]  # the experiments, baseline excluded, in order
+    champion: dict | None
+    champions: list[dict]
+    running: list[dict]
+    events: list[dict]
+    n_experiments: int  # decided or refused, as the budget counts them
+
+    def candidate(self, candidate_id: int) -> dict:
+        return next(e.candidate for e in [self.base, *self.rows]
+                    if e and e.candidate["id"] == candidate_id)
+
+
+def _collect(run_dir: str | Path) -> _Session:
+    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger, ledger.snapshot():
+        session = ledger.session() or {"id": "(not started)", "created": time.time(),
+                                       "config": {}}
+        config = session["config"]
+        base = ledger.baseline()
+        base_results = comparable(ledger.results_of(base["id"]), config) if base else []
+        rows = [_experiment(ledger, c, base_results, config) for c in ledger.candidates()]
+        return _Session(session, config.get("objective", "time-to-loss"),
+                        next((e for e in rows if e.candidate["experiment"] is None), None),
+                        [e for e in rows if e.candidate["experiment"] is not None],
+                        ledger.champion(), ledger.champions(), ledger.running_runs(),
+                        ledger.events(10), ledger.n_experiments())
+
+
+def _f(value, spec: str = ".3f", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _ci(low, high, spec: str = ".3f") -> str:
+    return "" if low is None or high is None else f" [{low:{spec}}, {high:{spec}}]"
+
+
+def _speedup(s: Speedup | None, spec: str = ".3f") -> str:
+    return "–" if s is None else f"×{s.ratio:{spec}}{_ci(s.ci_low, s.ci_high, spec)}"
+
+
+def _short(text: str, limit: int = 0) -> str:
+    """One line, at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text[:limit - 1] + "…" if limit and len(text) > limit else text
+
+
+def _cell(text: str, limit: int = 0) -> str:
+    """A markdown table cell."""
+    return _short(text, limit).replace("|", "\\|")
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else \
+        f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _fence(diff: str) -> str:
+    longest = max((len(run) for run in diff.split("\n") if set(run) == {"`"}), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}diff\n{diff.rstrip()}\n{ticks}"
+
+
+def _noise(s: _Session) -> str:
+    """The baseline's noise, measured as the judge measures it."""
+    ok = [r for r in (s.base.results if s.base else []) if r["status"] == "ok"]
+    try:
+        noise = measure_noise(ok, s.objective)
+    except ValueError as err:
+        return f"{len(ok)} ok baseline run(s): noise not measured ({err})."
+    values = _metric_values(ok, s.objective, censored=True)
+    return (f"{noise.n} ok baseline runs: `{OBJECTIVES[s.objective][0]}` mean "
+            f"{np.mean(values):.4g} (sd {np.std(values, ddof=1):.3g}); noise of a ratio "
+            f"{noise.log_metric_sd:.2%} (sd of the log metric); val loss sd "
+            f"{noise.loss_sd:.4f} nats.")
+
+
+def _markdown(s: _Session) -> str:
+    metric = OBJECTIVES[s.objective][0]
+    lines = [f"# speedloop session {s.session['id']}", "",
+             f"Started {_when(s.session['created'])}; objective `{s.objective}` (primary "
+             f"metric `{metric}`). Speedups are against the baseline, measured from the "
+             "ledger's runs (95% CI); effects, intervals and p-values are the judge's, against "
+             "the champion of their time.", "",
+             "## Session", "", "| setting | value |", "| --- | --- |"]
+    for key, value in s.session["config"].items():
+        shown = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        lines.append(f"| {key} | {_cell(shown)} |")
+    lines += ["", "## Baseline noise", "", _noise(s), "", "## Champion", ""]
+    champ = s.champion
+    if champ is None:
+        lines.append("No champion yet: the baseline is still being measured.")
+    else:
+        mine = next(e for e in [s.base, *s.rows] if e and e.candidate["id"] == champ["id"])
+        lines.append(f"Candidate {champ['id']} ({_cell(champ['description'])}), commit "
+                     f"`{(champ['commit_sha'] or '-')[:10]}`: speedup "
+                     f"**{_speedup(mine.speedup)}** vs the baseline over "
+                     f"{mine.speedup.n if mine.speedup else 0} runs; "
+                     f"×{champ['speedup']:.3f} recorded when it became champion.")
+    counts = {k: sum(e.kind == k for e in s.rows) for k in (*CLASSES, "pending")}
+    lines += ["", f"Experiments: {len(s.rows)} ("
+              + ", ".join(f"{n} {k}" for k, n in counts.items()) + ").", "",
+              "## Experiments", "",
+              "| # | id | description | proposer | outcome | verdict | speedup vs baseline "
+              "| effect vs champion [CI] | p | runs | Δ val loss | reason |",
+              "| ---: | ---: | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for e in s.rows:
+        c, d = e.candidate, e.candidate["decision"] or {}
+        lines.append(
+            f"| {c['experiment']} | {c['id']} | {_cell(c['description'], 60)} | "
+            f"{_cell(c['proposer'])} | {e.outcome} | {c['verdict'] or 'pending'} | "
+            f"{_speedup(e.speedup)} | {_f(d.get('effect'))}"
+            f"{_ci(d.get('ci_low'), d.get('ci_high'))} | {_f(d.get('p_value'), '.2g')} | "
+            f"{len(e.runs)} | {_f(d.get('loss_delta'), '+.4f')} | "
+            f"{_cell(d.get('reason', ''), 120)} |")
+    lines += ["", "## Accepted changes", ""]
+    accepted = [e for e in s.rows if e.kind == "accepted"]
+    if not accepted:
+        lines.append("None yet.")
+    for e in accepted:
+        c = e.candidate
+        lines += [f"### #{c['experiment']}: {_cell(c['description'])}", "",
+                  f"Commit `{c['commit_sha'] or '-'}` (ref `{c['ref'] or '-'}`), proposer "
+                  f"{c['proposer'] or '-'}, category {c['category'] or '-'}.", ""]
+        if c["hypothesis"]:
+            lines += [f"Hypothesis: {c['hypothesis']}", ""]
+        lines += [f"Decision: {(c['decision'] or {}).get('reason', '-')}", "",
+                  "<details><summary>diff</summary>", "", _fence(c["diff"] or "(empty)"), "",
+                  "</details>", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _results(s: _Session) -> tuple[list[str], list[list]]:
+    """The rows of results.tsv with typed values (None: not measured), baseline first."""
+    columns = ["commit", OBJECTIVES[s.objective][0], "memory_gb", "status", "description",
+               *TSV_EXTRA]
+    rows = []
+    for e in [s.base, *s.rows] if s.base else s.rows:
+        if e.kind == "pending" and e is not s.base:
+            continue
+        c, d, sp = e.candidate, e.candidate["decision"] or {}, e.speedup
+        values = _metric_values(e.results, s.objective)
+        memory, losses = e.ok_values("peak_memory_bytes"), e.ok_values("val_loss")
+        rows.append([
+            (c["commit_sha"] or "-")[:7], float(np.mean(values)) if values else None,
+            max(memory) / 2**30 if memory else None,
+            "keep" if e is s.base else CLASSES[e.kind][2],
+            ("baseline: " if e is s.base else "") + " ".join(c["description"].split()),
+            *((sp.ratio, sp.ci_low, sp.ci_high) if sp else (None, None, None)),
+            d.get("effect"), d.get("ci_low"), d.get("ci_high"), d.get("p_value"), len(e.runs),
+            float(np.mean(losses)) if losses else None, e.outcome, c["proposer"], c["id"]])
+    return columns, rows
+
+
+def results_table(run_dir: str | Path) -> tuple[list[str], list[list]]:
+    """results.tsv's columns and rows as values (None where nothing was measured)."""
+    return _results(_collect(run_dir))
+
+
+def _tsv(s: _Session) -> str:
+    columns, rows = _results(s)
+    # autoresearch writes 0 for what a crash did not measure; the new columns stay empty.
+    specs = [None, ".6f", ".1f", None, None, *[".4f"] * 6, ".4g", None, ".4f"]
+    lines = ["\t".join(columns)]
+    for row in rows:
+        cells = []
+        for i, value in enumerate(row):
+            spec = specs[i] if i < len(specs) else None
+            if value is None:
+                cells.append(format(0.0, spec) if i in (1, 2) else "")
+            else:
+                cells.append(format(value, spec) if spec else str(value))
+        lines.append("\t".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, s: _Session) -> None:
+    # Lazily, and without pyplot: `status` needs no matplotlib, and a Figure with the Agg
+    # canvas touches no global backend state of the process that imports us.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [e for e in s.rows if e.kind != "pending"]
+    fig = Figure(figsize=(11, 6), dpi=110, layout="constrained")
+    # Top: measured speedups. Bottom strip: experiments that measured no speed.
+    ax, strip = fig.subplots(2, 1, sharex=True, height_ratios=[8, 1])
+    ax.axhline(1.0, color="0.75", lw=1, ls="--", zorder=0)
+    if s.base is not None:
+        ax.scatter([0], [1.0], c="black", marker="D", s=40, zorder=3, label="baseline")
+    for kind, (colour, marker, _) in CLASSES.items():
+        mine = [e for e in rows if e.kind == kind]
+        measured = [(e.candidate["experiment"], e.speedup.ratio) for e in mine if e.speedup]
+        unmeasured = [e.candidate["experiment"] for e in mine if not e.speedup]
+        style = {"c": colour, "marker": marker, "s": 40, "zorder": 3}
+        ax.scatter(*zip(*measured) if measured else ([], []), label=f"{kind} ({len(mine)})",
+                   **style)
+        strip.scatter(unmeasured, [0] * len(unmeasured), **style)
+    # Best so far: the champion's speedup as the ledger recorded it, a step per acceptance.
+    last_x = max((e.candidate["experiment"] for e in rows), default=0)
+    best = {s.candidate(row["candidate_id"])["experiment"] or 0: row["speedup"]
+            for row in s.champions}
+    if best:
+        xs = sorted(best)
+        ax.step([*xs, max(last_x, xs[-1])], [*(best[x] for x in xs), best[xs[-1]]],
+                where="post", color="tab:green", lw=2, alpha=0.6, label="best so far",
+                zorder=2)
+    kept = [e for e in rows if e.kind == "accepted" and e.speedup]
+    for k, e in enumerate(kept):  # labels alternate above and below, point inwards at the end
+        x = e.candidate["experiment"]
+        right = x > 0.6 * last_x
+        ax.annotate(_short(e.candidate["description"], 36), (x, e.speedup.ratio),
+                    xytext=(-6 if right else 6, 8 if k % 2 == 0 else -14),
+                    textcoords="offset points", ha="right" if right else "left", fontsize=8,
+                    color="darkgreen", in_layout=False,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                          "alpha": 0.7})
+    ax.margins(y=0.15)
+    ax.set_ylabel(f"speedup vs baseline (×, from {OBJECTIVES[s.objective][0]})")
+    ax.set_title(f"speedloop {s.session['id']}: {s.session['config'].get('preset', '')} "
+                 f"{s.objective}, {len(rows)} experiments")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    strip.set_xlim(-0.5, max(last_x, 1) + 0.5)
+    strip.xaxis.set_major_locator(MaxNLocator(integer=True))
+    strip.set_yticks([0], ["no speed\nmeasured"], fontsize=8)
+    strip.set_ylim(-1, 1)
+    strip.grid(axis="x", alpha=0.3)
+    strip.set_xlabel("experiment")
+    fig.savefig(path)
+
+
+def write_report(run_dir: str | Path) -> ReportPaths:
+    """Write report.md, progress.png and results.tsv in `run_dir` from its ledger."""
+    run_dir = Path(run_dir)
+    s = _collect(run_dir)
+    paths = ReportPaths(run_dir / "report.md", run_dir / "progress.png", run_dir / "results.tsv")
+    paths.report.write_text(_markdown(s))
+    paths.results.write_text(_tsv(s))
+    _plot(paths.progress, s)
+    return paths
+
+
+def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
+    """What `python -m agent status D` prints: champion, speedup so far, the last experiments,
+    what runs now and the latest events, as plain text."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    s = _collect(run_dir)
+    now, cfg = time.time(), s.session["config"]
+    console = Console(record=True, width=width, file=io.StringIO(), color_system=None,
+                      markup=False, highlight=False)  # descriptions may hold [brackets]
+    console.print(f"speedloop session {s.session['id']}, started {_when(s.session['created'])} "
+                  f"({_duration(now - s.session['created'])} ago)")
+    console.print(f"preset {cfg.get('preset', '?')}, objective {s.objective}, proposer "
+                  f"{cfg.get('proposer', '?')}")
+    budget = cfg.get("experiments")
+    console.print(f"experiments decided: {s.n_experiments}"
+                  + (f" of {budget}" if budget else ""))
+    if s.champion is None:
+        console.print("champion: none yet (the baseline is being measured)")
+    else:
+        c = s.champion
+        console.print(f"champion: candidate {c['id']} ({c['description']}), speedup "
+                      f"×{c['speedup']:.3f} vs baseline, since "
+                      f"{_duration(now - c['champion_since'])} ago")
+    if s.rows:
+        table = Table(title=f"last {min(last, len(s.rows))} experiments", title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in ("#", "id", "description", "proposer", "outcome", "verdict",
+                     "vs baseline", "runs"):  # the judge's reasons are in report.md
+            table.add_column(name, no_wrap=name != "description",
+                             min_width=20 if name == "description" else None)
+        for e in s.rows[-last:]:
+            c = e.candidate
+            table.add_row(str(c["experiment"]), str(c["id"]), _short(c["description"], 40),
+                          c["proposer"],
+                          e.outcome, c["verdict"] or "pending", _speedup(e.speedup, ".2f"),
+                          str(len(e.runs)))
+        console.print(table)
+    for r in s.running:
+        c = s.candidate(r["candidate_id"])
+        console.print(f"running now: candidate {c['id']} ({c['description']}), {r['role']} "
+                      f"run {r['id']}, seed {r['seed']}, for {_duration(now - r['started_at'])}"
+                      f"; log {r['log_path'] or '-'}")
+    if not s.running:
+        console.print("running now: nothing")
+    if s.events:
+        console.print("events:")
+        for ev in s.events:
+            console.print(f"  {time.strftime('%H:%M:%S', time.localtime(ev['time']))} "
+                          f"{ev['text']}")
+    return console.export_text()

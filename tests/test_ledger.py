@@ -1,0 +1,290 @@
+"""The ledger: schema, every call, transactions, kill -9 of a writer, resume semantics."""
+
+import dataclasses
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.judge import Decision
+from agent.ledger import LEDGER_FILE, SCHEMA_VERSION, Ledger, LedgerError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger(tmp_path / "run" / LEDGER_FILE) as opened:
+        yield opened
+
+
+def with_baseline(ledger: Ledger) -> int:
+    """A baseline with two ok runs, accepted as the first champion."""
+    base = ledger.add_candidate("baseline", parent_id=None, commit_sha="0" * 40)
+    for seed in (1, 2):
+        run = ledger.start_run(base, "baseline", seed)
+        ledger.finish_run(run, "ok", {"status": "ok", "seed": seed, "val_loss": 3.3})
+    ledger.decide(base, "accept", {"verdict": "accept", "reason": "baseline"}, speedup=1.0)
+    return base
+
+
+def test_schema_and_pragmas(tmp_path):
+    with Ledger(tmp_path / "run" / LEDGER_FILE) as ledger:
+        assert ledger.path == tmp_path / "run" / LEDGER_FILE and ledger.path.exists()
+        db = ledger._db
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"meta", "session", "candidates", "runs", "champions", "events"}
+    with Ledger(tmp_path / "run" / LEDGER_FILE, create=False) as again:  # reopening is fine
+        assert again._db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ledger at .*--run-dir"):
+        Ledger(tmp_path / "missing" / LEDGER_FILE, create=False)
+    assert not (tmp_path / "missing").exists()
+    Ledger(tmp_path / "newer" / LEDGER_FILE).close()
+    with sqlite3.connect(tmp_path / "newer" / LEDGER_FILE) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(LedgerError, match="schema 99, newer than the 1 .*update speedloop"):
+        Ledger(tmp_path / "newer" / LEDGER_FILE)
+    (tmp_path / "other").mkdir()
+    with sqlite3.connect(tmp_path / "other" / LEDGER_FILE) as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(LedgerError, match="not a speedloop ledger"):
+        Ledger(tmp_path / "other" / LEDGER_FILE)
+
+
+def test_session(ledger):
+    assert ledger.session() is None
+    first = ledger.set_session({"preset": "cpu-tiny", "budgets": {"experiments": 3}})
+    assert first["config"] == {"preset": "cpu-tiny", "budgets": {"experiments": 3}}
+    again = ledger.set_session({"preset": "cpu-tiny", "budgets": {"experiments": 9}})
+    assert (again["id"], again["created"]) == (first["id"], first["created"])
+    assert ledger.session()["config"]["budgets"]["experiments"] == 9
+
+
+def test_candidate_lifecycle(ledger):
+    base = with_baseline(ledger)
+    assert ledger.champion()["id"] == base and ledger.champion()["speedup"] == 1.0
+    with pytest.raises(LedgerError, match="a baseline exists already"):
+        ledger.add_candidate("second baseline", parent_id=None)
+    with pytest.raises(LedgerError, match="parent 99 is not a candidate"):
+        ledger.add_candidate("orphan", parent_id=99)
+    with pytest.raises(LedgerError, match="needs a description"):
+        ledger.add_candidate("  ", parent_id=base)
+
+    cid = ledger.add_candidate("lr 0.02", parent_id=base, diff="+lr", commit_sha="1" * 40,
+                               ref="refs/speedloop/c2", hypothesis="h", category="optimizer",
+                               proposer="sweep")
+    cand = ledger.candidate(cid)
+    assert (cand["state"], cand["verdict"], cand["experiment"]) == ("proposed", None, 1)
+    assert (cand["parent_id"], cand["diff"], cand["proposer"]) == (base, "+lr", "sweep")
+    run = ledger.start_run(cid, "screen", 11, "logs/r.log")
+    assert ledger.candidate(cid)["state"] == "running"
+    with pytest.raises(LedgerError, match="run .* is still running"):
+        ledger.decide(cid, "reject", {})
+    ledger.finish_run(run, "ok", {"status": "ok", "time_to_target": 9.0}, None, 12.5)
+    with pytest.raises(LedgerError, match="pass speedup= exactly when accepting"):
+        ledger.decide(cid, "accept", {})
+    judged = Decision("accept", "faster", 1.2, 1.1, 1.3, 0.01, 0.02, 2, 3, 0.001)
+    ledger.decide(cid, "accept", judged, speedup=1.2)
+    cand = ledger.candidate(cid)
+    assert cand["state"] == "decided" and cand["verdict"] == "accept"
+    assert cand["decision"] == dataclasses.asdict(judged) and cand["decided_at"] > 0
+    assert ledger.champion()["id"] == cid
+    with pytest.raises(LedgerError, match="it is decided"):
+        ledger.decide(cid, "reject", {})  # never decided (or counted) twice
+    with pytest.raises(LedgerError, match="no more screen runs"):
+        ledger.start_run(cid, "screen", 12)
+
+    refused = ledger.add_candidate("edit train.py", parent_id=cid)
+    ledger.refuse(refused, "train.py is outside the research surface")
+    row = ledger.candidate(refused)
+    assert (row["state"], row["verdict"], row["experiment"]) == ("refused", "refused", 2)
+    assert row["decision"]["reason"] == "train.py is outside the research surface"
+    late = ledger.add_candidate("x", parent_id=cid)
+    ledger.start_run(late, "screen", 99)
+    with pytest.raises(LedgerError, match="cannot refuse candidate .* it is running"):
+        ledger.refuse(late, "too late: it runs")
+    assert ledger.n_experiments() == 2  # the baseline is no experiment, a running one not yet
+    assert [c["experiment"] for c in ledger.candidates()] == [None, 1, 2, 3]
+    assert [c["id"] for c in ledger.candidates(states=["proposed", "running"])] == [4]
+
+
+def test_argument_checks(ledger):
+    base = with_baseline(ledger)
+    cid = ledger.add_candidate("c", parent_id=base)
+    with pytest.raises(LedgerError, match="role 'warmup'"):
+        ledger.start_run(cid, "warmup", 1)
+    with pytest.raises(LedgerError, match="'baseline' is for the baseline's runs only"):
+        ledger.start_run(cid, "baseline", 1)
+    with pytest.raises(LedgerError, match="not an accepted champion"):
+        ledger.start_run(cid, "champion", 1)
+    run = ledger.start_run(cid, "screen", 1)
+    with pytest.raises(LedgerError, match="outcome 'segfault' is not one of"):
+        ledger.finish_run(run, "segfault")
+    ledger.finish_run(run, "crash", None, "Traceback ...", 1.0)
+    with pytest.raises(LedgerError, match="cannot finish run .*: it is finished"):
+        ledger.finish_run(run, "ok")
+    with pytest.raises(LedgerError, match="verdict 'maybe'"):
+        ledger.decide(cid, "maybe", {})
+    with pytest.raises(LedgerError, match="only an accepted candidate"):
+        ledger.set_champion(cid, 1.5)
+    with pytest.raises(LedgerError, match="speedup nan is not a positive finite ratio"):
+        ledger.decide(cid, "accept", {}, speedup=float("nan"))
+    assert ledger.candidate(cid)["state"] == "running"  # the failed decide left nothing
+    with pytest.raises(LedgerError, match="no candidate 42"):
+        ledger.candidate(42)
+
+
+def test_runs_results_and_seeds(ledger):
+    base = with_baseline(ledger)
+    cid = ledger.add_candidate("c", parent_id=base)
+    screen = ledger.start_run(cid, "screen", 7, Path("logs/7.log"))
+    ledger.finish_run(screen, "ok", {"status": "ok", "seed": 7, "val_loss": 3.2,
+                                     "curve": [{"tokens": 1, "val_loss": 5.0}]}, None, 3.0)
+    confirm = ledger.start_run(cid, "confirm", 8)
+    ledger.finish_run(confirm, "early-stopped", {"status": "ok", "val_loss": 4.0})
+    crash = ledger.start_run(cid, "confirm", 9)
+    ledger.finish_run(crash, "crash", None, "boom", 1.0)
+    ledger.start_run(ledger.add_candidate("d", parent_id=base), "screen", 10)
+
+    runs = ledger.runs_of(cid)
+    assert [r["id"] for r in runs] == [screen, confirm, crash]
+    assert runs[0]["result"]["curve"] == [{"tokens": 1, "val_loss": 5.0}]
+    assert runs[0]["log_path"] == "logs/7.log" and runs[0]["wall_seconds"] == 3.0
+    assert runs[2]["result"] is None and runs[2]["error"] == "boom"
+    assert [r["id"] for r in ledger.runs_of(cid, roles=["confirm"])] == [confirm, crash]
+    assert [r["id"] for r in ledger.runs_of(cid, ok_only=True)] == [screen]
+    # The judge's input: the runner's outcome wins over the JSON's status.
+    assert [(r["status"], r["seed"]) for r in ledger.results_of(cid)] == \
+        [("ok", 7), ("early-stopped", 8), ("crash", 9)]
+    assert ledger.results_of(cid)[1]["val_loss"] == 4.0
+    assert ledger.used_seeds() == {1, 2, 7, 8, 9, 10}
+    assert ledger.used_seeds(cid) == {7, 8, 9}
+    assert [r["seed"] for r in ledger.running_runs()] == [10]
+    assert ledger.run(screen)["state"] == "finished"
+
+
+def test_discard_unfinished_runs_on_resume(tmp_path):
+    with Ledger(tmp_path / LEDGER_FILE) as ledger:
+        base = with_baseline(ledger)
+        cid = ledger.add_candidate("c", parent_id=base)
+        done = ledger.start_run(cid, "screen", 5)
+        ledger.finish_run(done, "ok", {"status": "ok"})
+        left = ledger.start_run(cid, "confirm", 6)  # the session dies here
+    with Ledger(tmp_path / LEDGER_FILE, create=False) as resumed:
+        assert resumed.discard_unfinished_runs() == [left]
+        assert resumed.discard_unfinished_runs() == []
+        run = resumed.run(left)
+        assert run["state"] == "discarded" and "discarded on resume" in run["error"]
+        assert run["outcome"] is None and run["finished_at"] is not None
+        assert [r["id"] for r in resumed.runs_of(cid)] == [done]  # never counted
+        assert 6 not in resumed.used_seeds()  # so the replicate can run again with its seed
+        assert resumed.candidate(cid)["state"] == "running"  # still to be judged
+        with pytest.raises(LedgerError, match="it is discarded"):
+            resumed.finish_run(left, "ok")
+        again = resumed.start_run(cid, "confirm", 6)
+        resumed.finish_run(again, "ok", {"status": "ok"})
+        assert [r["seed"] for r in resumed.runs_of(cid)] == [5, 6]
+
+
+def test_champion_history_and_events(ledger):
+    base = with_baseline(ledger)
+    ledger.set_champion(base, 1.02)  # a re-measurement moved the estimate
+    assert ledger.champion()["speedup"] == 1.02
+    assert [c["speedup"] for c in ledger.champions()] == [1.0, 1.02]
+    for i in range(5):
+        ledger.log_event(f"event {i}")
+    assert [e["text"] for e in ledger.events(3)] == ["event 2", "event 3", "event 4"]
+
+
+def test_a_failed_write_leaves_nothing(ledger):
+    """decide() updates the candidate and inserts the champion: both or neither."""
+    base = with_baseline(ledger)
+    cid = ledger.add_candidate("c", parent_id=base)
+    ledger._db.execute("CREATE TRIGGER fail BEFORE INSERT ON champions "
+                       "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+        ledger.decide(cid, "accept", {"reason": "faster"}, speedup=1.5)
+    assert ledger.candidate(cid)["state"] == "proposed" and ledger.champion()["id"] == base
+    ledger.log_event("still writable")  # the failed transaction left no lock behind
+
+
+def test_snapshot_reads_one_state(tmp_path):
+    path = tmp_path / LEDGER_FILE
+    with Ledger(path) as reader, Ledger(path) as writer:
+        writer.log_event("before")
+        with reader.snapshot():
+            assert len(reader.events()) == 1
+            writer.log_event("during")  # WAL: the writer is not blocked by the reader
+            assert len(reader.events()) == 1
+        assert len(reader.events()) == 2
+
+
+# A writer that loops over the whole life of a candidate, one transaction per call, and
+# prints each candidate's number once its decision is committed.
+WRITER = """
+import sys
+from agent.ledger import Ledger
+
+ledger = Ledger(sys.argv[1])
+ledger.discard_unfinished_runs()
+base = ledger.baseline()
+base = base["id"] if base else ledger.add_candidate("baseline", parent_id=None)
+if ledger.champion() is None:
+    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+print("ready", flush=True)
+for i in range(10**6):
+    cid = ledger.add_candidate(f"candidate {i}", parent_id=base, diff="+x" * 500)
+    run = ledger.start_run(cid, "screen", 1000 + i)
+    ledger.finish_run(run, "ok", {"status": "ok", "i": i, "curve": list(range(200))},
+                      None, 1.0)
+    ledger.decide(cid, "accept" if i % 2 else "reject", {"reason": f"r{i}"},
+                  speedup=1.0 + i if i % 2 else None)
+    ledger.log_event(f"decided {cid}")
+    print(cid, flush=True)
+"""
+
+
+def test_kill_9_of_a_writer_loses_no_committed_row_and_leaves_no_half(tmp_path):
+    committed: list[int] = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for lines in (0, 3, 12, 25):  # kill at different moments, resuming in between
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / LEDGER_FILE)],
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "ready\n"
+        for _ in range(lines):
+            committed.append(int(child.stdout.readline()))
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+        assert child.returncode == -signal.SIGKILL
+
+    with Ledger(tmp_path / LEDGER_FILE, create=False) as ledger:
+        assert ledger._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        ledger.discard_unfinished_runs()
+        candidates = {c["id"]: c for c in ledger.candidates()}
+        champions = {c["candidate_id"] for c in ledger.champions()}
+        for cid in committed:  # every committed row is intact
+            cand = candidates[cid]
+            i = int(cand["description"].split()[1])
+            assert cand["state"] == "decided" and cand["diff"] == "+x" * 500
+            assert cand["decision"] == {"reason": f"r{i}"}
+            [run] = ledger.runs_of(cid)
+            assert run["result"] == {"status": "ok", "i": i, "curve": list(range(200))}
+        for cid, cand in candidates.items():  # nothing half-written anywhere
+            accepted = cand["verdict"] == "accept"
+            assert accepted == (cid in champions), cid
+            if cand["state"] == "decided" and cand["experiment"] is not None:
+                assert len(ledger.runs_of(cid)) == 1
+        assert all(r["state"] != "running" for r in
+                   map(dict, ledger._db.execute("SELECT state FROM runs")))
+        decided = {int(e["text"].split()[1]) for e in ledger.events(10**6)}
+        assert set(committed) <= decided

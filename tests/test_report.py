@@ -1,0 +1,214 @@
+"""report.md, progress.png, results.tsv and the status text, from a ledger of fake runs."""
+
+import math
+import struct
+
+import pytest
+
+from agent.judge import Decision
+from agent.ledger import LEDGER_FILE, Ledger
+from agent.report import comparable, speedup_vs_baseline, status_text, write_report
+
+DIFF_ACCEPTED = """--- a/model/recipe.py
++++ b/model/recipe.py
+@@ -1 +1 @@
+-lr = 0.01
++lr = 0.02
+```
+"""
+
+
+def result(seed: int, time_to_target: float | None, val_loss: float = 3.30) -> dict:
+    """A train.py result of the fields the report reads."""
+    return {"status": "ok", "seed": seed, "time_to_target": time_to_target,
+            "train_seconds": time_to_target or 20.0, "tokens_per_sec": 9000.0,
+            "val_loss": val_loss, "val_bpb": val_loss / 3, "mfu": None,
+            "peak_memory_bytes": 3 * 2**30,
+            "curve": [{"tokens": 1000 * i, "seconds": 2.0 * i, "val_loss": 5.0 - i / 2,
+                       "val_bpb": 1.5} for i in range(4)]}
+
+
+def decision(verdict: str, effect: float | None, reason: str) -> Decision:
+    ci = (None, None) if effect is None else (effect * 0.95, effect * 1.05)
+    return Decision(verdict, reason, effect, *ci, None if effect is None else 0.01, 0.02, 3,
+                    3, None if effect is None else 0.001)
+
+
+def run(ledger, cand, role, seed, outcome="ok", res=None, error=None):
+    run_id = ledger.start_run(cand, role, seed, f"logs/{cand}-{seed}.log")
+    ledger.finish_run(run_id, outcome, res, error, wall_seconds=21.0)
+    return run_id
+
+
+def build_session(run_dir) -> dict:
+    """A session: baseline (3 runs), accepted, rejected, crashed, refused, early-stopped, and
+    one candidate with a run in flight. Returns the candidates' ids by name."""
+    ledger = Ledger(run_dir / LEDGER_FILE)
+    ledger.set_session({"preset": "cpu-tiny", "objective": "time-to-loss", "proposer": "sweep",
+                        "experiments": 8, "judge": {"alpha": 0.05}})
+    ids = {"base": ledger.add_candidate("the recipe as cloned", parent_id=None,
+                                        commit_sha="a" * 40, proposer="-")}
+    for seed, t in [(1, 20.0), (2, 22.0), (3, 18.0)]:
+        run(ledger, ids["base"], "baseline", seed, res=result(seed, t))
+    ledger.decide(ids["base"], "accept", {"verdict": "accept", "reason": "baseline"},
+                  speedup=1.0)
+
+    ids["fast"] = ledger.add_candidate(
+        "lr 0.02 | wider [warmup]", parent_id=ids["base"], commit_sha="b" * 40,
+        ref="refs/speedloop/c2", diff=DIFF_ACCEPTED, hypothesis="a larger lr converges sooner",
+        category="optimizer", proposer="sweep")
+    for seed, t in [(11, 10.0), (12, 11.0), (13, 9.0)]:
+        run(ledger, ids["fast"], "screen" if seed == 11 else "confirm", seed, res=result(seed, t))
+    ledger.decide(ids["fast"], "accept", decision("accept", 2.0, "speed ratio 2.000"),
+                  speedup=2.0)
+
+    ids["slow"] = ledger.add_candidate("batch 64", parent_id=ids["fast"], commit_sha="c" * 40,
+                                       diff="--- a/x\n+++ b/x\n+slow\n", proposer="sweep")
+    run(ledger, ids["slow"], "screen", 21, res=result(21, 40.0))
+    ledger.decide(ids["slow"], "reject", decision("reject", 0.25, "screen: worse"))
+
+    ids["crash"] = ledger.add_candidate("fused kernel", parent_id=ids["fast"],
+                                        commit_sha="d" * 40, proposer="llm")
+    run(ledger, ids["crash"], "screen", 31, outcome="crash", error="Traceback: boom")
+    ledger.decide(ids["crash"], "reject", decision("reject", None, "run with seed 31 failed"))
+
+    ids["refused"] = ledger.add_candidate("edit train.py", parent_id=ids["fast"],
+                                          proposer="llm")
+    ledger.refuse(ids["refused"], "train.py is outside the research surface")
+
+    ids["stopped"] = ledger.add_candidate("no warmup", parent_id=ids["fast"],
+                                          commit_sha="e" * 40, proposer="sweep")
+    run(ledger, ids["stopped"], "screen", 41, outcome="early-stopped", res=result(41, None))
+    ledger.decide(ids["stopped"], "reject", decision("reject", None, "early-stopped"))
+
+    ids["running"] = ledger.add_candidate("muon momentum 0.9", parent_id=ids["fast"],
+                                          proposer="sweep")
+    run(ledger, ids["running"], "screen", 51, res=result(51, 9.5))
+    ids["running_run"] = ledger.start_run(ids["running"], "confirm", 52, "logs/c7-52.log")
+    ledger.log_event("screen passed for candidate 7 [confirming]")
+    ledger.close()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("session")
+    ids = build_session(run_dir)
+    return run_dir, ids, write_report(run_dir)
+
+
+def test_speedup_vs_baseline_is_a_ratio_of_geometric_means_with_ci():
+    base = [result(s, t) for s, t in [(1, 100.0), (2, 110.0), (3, 90.0)]]
+    cand = [result(s, t) for s, t in [(4, 50.0), (5, 55.0), (6, 45.0)]]
+    s = speedup_vs_baseline(base, cand, "time-to-loss")
+    assert s.ratio == pytest.approx(2.0) and s.n == 3
+    assert s.ci_low < 2.0 < s.ci_high
+    # A candidate run that missed the target measured no speed; a lone run has no interval.
+    one = speedup_vs_baseline(base, [cand[0], result(7, None)], "time-to-loss")
+    assert one.n == 1 and one.ci_low is None
+    assert one.ratio == pytest.approx(math.exp(sum(math.log(t) for t in (100, 110, 90)) / 3)
+                                      / 50.0)
+    # Throughput: higher is better.
+    fast = [{**r, "tokens_per_sec": 2 * r["tokens_per_sec"]} for r in cand]
+    assert speedup_vs_baseline(base, fast, "throughput").ratio == pytest.approx(2.0)
+    assert speedup_vs_baseline(base, [{"status": "crash", "seed": 9}], "time-to-loss") is None
+
+
+def test_comparable_leaves_out_the_calibration_run():
+    calibration = {**result(1, None), "target_loss": None, "budget_seconds": None}
+    timed = {**result(2, 20.0), "target_loss": 3.3, "budget_seconds": None}
+    crash = {"status": "crash", "seed": 3}
+    runs = [calibration, timed, crash]
+    assert comparable(runs, {"objective": "time-to-loss", "target_loss": 3.30001}) == \
+        [timed, crash]
+    budgeted = {**result(4, None), "budget_seconds": 12.5}
+    assert comparable([*runs, budgeted], {"objective": "loss-at-time", "seconds": 12.5}) == \
+        [crash, budgeted]
+    assert comparable(runs, {"objective": "throughput"}) == runs
+
+
+def test_report_md(session):
+    run_dir, ids, paths = session
+    text = paths.report.read_text()
+    assert text.startswith("# speedloop session ")
+    assert "| preset | cpu-tiny |" in text and '| judge | {"alpha": 0.05} |' in text
+    assert "## Baseline noise" in text and "3 ok baseline runs" in text
+    assert f"Candidate {ids['fast']} (lr 0.02 \\| wider [warmup])" in text
+    assert "**×2.000 [" in text  # the champion's speedup vs baseline with its interval
+    table = [line for line in text.splitlines() if line.startswith("| ") and " | sweep | "
+             in line or " | llm | " in line]
+    assert len(table) == 6  # every experiment, the one still running included
+    assert "| crash | reject |" in text and "| refused | refused |" in text
+    assert "| early-stopped | reject |" in text and "| running | pending |" in text
+    assert "2.000 [1.900, 2.100] | 0.01 | 3 | +0.0010 | speed ratio 2.000 |" in text
+    # The accepted diff, in a fence longer than the backticks inside it; no rejected diff.
+    assert "<details><summary>diff</summary>" in text and "````diff\n--- a/model" in text
+    assert "+lr = 0.02" in text and "+slow" not in text
+    assert "Hypothesis: a larger lr converges sooner" in text
+
+
+def test_results_tsv(session):
+    run_dir, ids, paths = session
+    lines = paths.results.read_text().splitlines()
+    header = lines[0].split("\t")
+    assert header[:5] == ["commit", "time_to_target", "memory_gb", "status", "description"]
+    assert header[5:] == ["speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low",
+                          "ci_high", "p_value", "runs", "val_loss", "outcome", "proposer",
+                          "candidate"]
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    assert all(len(line.split("\t")) == len(header) for line in lines)
+    assert [r["status"] for r in rows] == ["keep", "keep", "discard", "crash", "discard",
+                                           "discard"]  # running candidate not yet listed
+    base, fast, slow, crash, refused, stopped = rows
+    assert base["commit"] == "aaaaaaa" and base["description"].startswith("baseline: ")
+    assert float(base["time_to_target"]) == pytest.approx(20.0)
+    assert fast["time_to_target"] == "10.000000" and fast["memory_gb"] == "3.0"
+    assert float(fast["speedup"]) == pytest.approx(2.0, rel=0.01)
+    assert float(fast["speedup_ci_low"]) < 2.0 < float(fast["speedup_ci_high"])
+    assert fast["p_value"] == "0.01" and fast["runs"] == "3" and fast["val_loss"] == "3.3000"
+    assert crash["time_to_target"] == "0.000000" and crash["memory_gb"] == "0.0"
+    assert crash["outcome"] == "crash" and crash["speedup"] == "" and crash["runs"] == "1"
+    assert refused["outcome"] == "refused" and refused["commit"] == "-"
+    assert stopped["outcome"] == "early-stopped" and slow["speedup"] == "0.4983"  # 19.93/40
+    assert [r["candidate"] for r in rows[1:]] == [str(ids[k]) for k in
+                                                  ("fast", "slow", "crash", "refused",
+                                                   "stopped")]
+
+
+def test_progress_png(session):
+    _, _, paths = session
+    data = paths.progress.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (1210, 660)
+
+
+def test_status_text(session):
+    run_dir, ids, _ = session
+    text = status_text(run_dir, last=4, width=120)
+    assert "preset cpu-tiny, objective time-to-loss, proposer sweep" in text
+    assert "experiments decided: 5 of 8" in text
+    assert f"champion: candidate {ids['fast']} (lr 0.02 | wider [warmup]), speedup ×2.000" \
+        in text
+    assert "last 4 experiments" in text and "batch 64" not in text  # only the last four
+    assert "early-stopped" in text and "refused" in text
+    assert (f"running now: candidate {ids['running']} (muon momentum 0.9), confirm run "
+            f"{ids['running_run']}, seed 52") in text
+    assert "screen passed for candidate 7 [confirming]" in text  # brackets are not markup
+    assert "\x1b[" not in text  # plain text, no terminal codes
+
+
+def test_report_and_status_of_an_empty_session(tmp_path):
+    Ledger(tmp_path / LEDGER_FILE).close()
+    paths = write_report(tmp_path)
+    assert "No champion yet" in paths.report.read_text()
+    assert paths.results.read_text().count("\n") == 1  # the header only
+    assert paths.progress.stat().st_size > 0
+    text = status_text(tmp_path)
+    assert "champion: none yet" in text and "running now: nothing" in text
+
+
+def test_report_needs_a_ledger(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ledger at"):
+        write_report(tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
