@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import kernels
+from bench.curves import eval_points, interpolate_target
 from bench.evaluator import causality_probe, evaluate
 from bench.hardware import mfu
 from data.cache import DataMissingError, dataset_dir, load_meta
@@ -45,14 +46,14 @@ class Preset:
     eval_tokens: int  # validation tokens per evaluation (a fixed prefix of the val split)
     eval_seq_len: int
     eval_batch_size: int
-    n_evals: int  # evaluations spread evenly over the budget, the curve's resolution
+    n_evals: int  # the curve's resolution: see bench/curves.py eval_points
     target_loss: float | None  # the preset's default target for time-to-loss
 
 
 PRESETS = {
-    "cpu-tiny": Preset("cpu", "embedded", 180_224, 32_768, 128, 64, 6, None),
+    "cpu-tiny": Preset("cpu", "embedded", 180_224, 16_384, 128, 64, 6, None),
     "gpu-small": Preset("cuda", "fineweb", 200_000_000, 2_097_152, 1024, 32, 20, None),
-    "gpt2-124m": Preset("cuda", "fineweb", 4_000_000_000, 10_485_760, 1024, 32, 40, 3.28),
+    "gpt2-124m": Preset("cuda", "fineweb", 4_000_000_000, 10_485_760, 1024, 32, 16, 3.28),
 }
 
 
@@ -178,17 +179,6 @@ def warmup(recipe, loader: Loader, evaluate_fn, max_steps: int = 3) -> None:
     evaluate_fn()
 
 
-def interpolate_target(curve: list[dict], target: float) -> float | None:
-    """Training time at which val loss first crossed the target, linear between evaluations."""
-    for prev, cur in zip(curve, curve[1:]):
-        if cur["val_loss"] <= target < prev["val_loss"]:
-            frac = (prev["val_loss"] - target) / (prev["val_loss"] - cur["val_loss"])
-            return prev["seconds"] + frac * (cur["seconds"] - prev["seconds"])
-    if curve and curve[0]["val_loss"] <= target:
-        return curve[0]["seconds"]
-    return None
-
-
 def run(args: argparse.Namespace) -> tuple[dict, int]:
     preset, device = validate_args(args)
     torch.manual_seed(args.seed)
@@ -238,7 +228,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     clock = Clock(device)
     curve: list[dict] = []
     status, steps, tokens, eval_seconds = "ok", 0, 0, 0.0
-    next_eval = 1 / preset.n_evals
+    pending_evals = eval_points(preset.n_evals)  # the same with or without a target
     time_to_target = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -287,14 +277,13 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
                 flush=True,
             )
         progress = budget.progress(tokens, clock)
-        if progress >= next_eval and progress < 1.0:
+        if pending_evals and pending_evals[0] <= progress < 1.0:
+            while pending_evals and pending_evals[0] <= progress:
+                pending_evals.pop(0)
             point = record_eval()
             if point is None:
                 status = "diverged"
                 break
-            # Near the target, evaluate four times as often to time the crossing well.
-            close = target is not None and point["val_loss"] < target + 0.1
-            next_eval = progress + (0.25 if close else 1.0) / preset.n_evals
             if target is not None and point["val_loss"] <= target:
                 break
     clock.pause()

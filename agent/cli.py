@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--baseline-runs", type=int, default=3, help="baseline replicates (>= 2)")
     run.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens for every run")
     run.add_argument("--data", help="train.py --data for every run (default: the preset's)")
-    run.add_argument("--target-loss", type=float, help="time-to-loss target (default: calibrated)")
+    run.add_argument(
+        "--target-loss", type=float, help="time-to-loss target (default: set by the baseline)"
+    )
     run.add_argument(
         "--wandb", default="auto", choices=["auto", "offline", "disabled"], help="W&B tracking"
     )

@@ -35,6 +35,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import special
 
+from bench.curves import interpolate_target
+
 Run = Mapping[str, object]  # one train.py result dict
 
 # objective -> (result field of the primary metric, +1 if higher is better else -1)
@@ -128,18 +130,30 @@ def _champion_samples(runs: Sequence[Run], objective: str) -> tuple[np.ndarray, 
 
 
 def comparable(results: Sequence[dict], config: dict) -> list[dict]:
-    """The results the judge compares, under the session's config: failed runs, and ok runs
-    measured with the session's objective setting (so not the calibration run that fixed the
-    target loss or time budget). `config` is the session's config (a SessionConfig dict)."""
+    """The results the judge compares, under the session's config (a SessionConfig dict).
+
+    Failed runs always count. For time-to-loss, an ok run made without a target (the
+    baseline replicates that fixed it) gets its crossing read off its curve, exactly as the
+    harness reads it (bench/curves.py; both evaluate on the same schedule); a run made
+    with another target does not count. For loss-at-time, only runs with the session's
+    time budget count (not the calibration run that fixed it).
+    """
     objective = config.get("objective", "time-to-loss")
-    if objective == "time-to-loss":
-        target = config.get("target_loss")
-        key, value = "target_loss", None if target is None else round(float(target), 4)
-    elif objective == "loss-at-time":
-        key, value = "budget_seconds", config.get("seconds")
-    else:
+    if objective == "throughput":
         return list(results)
-    return [r for r in results if r.get("status") != "ok" or r.get(key) == value]
+    if objective == "loss-at-time":
+        seconds = config.get("seconds")
+        return [r for r in results if r.get("status") != "ok" or r.get("budget_seconds") == seconds]
+    target = config.get("target_loss")
+    target = None if target is None else round(float(target), 4)
+    out = []
+    for r in results:
+        if r.get("status") != "ok" or r.get("target_loss") == target:
+            out.append(r)
+        elif r.get("target_loss") is None and target is not None and r.get("curve"):
+            crossing = interpolate_target(r["curve"], target)
+            out.append({**r, "target_loss": target, "time_to_target": crossing})
+    return out
 
 
 def measure_noise(runs: Sequence[Run], objective: str = "time-to-loss") -> Noise:

@@ -38,9 +38,9 @@ class SessionConfig:
     baseline_runs: int = 3  # baseline replicates that measure the noise (>= 2)
     remeasure_every: int = 3  # re-measure the champion after this many candidates
     train_args: list[str] = field(default_factory=list)  # extra train.py flags, every run
-    target_loss: float | None = None  # time-to-loss target; None: from a calibration run
-    target_slack: float = 0.03  # nats above the calibration run's loss, so seeds reach it
-    seconds: float | None = None  # loss-at-time budget; None: the calibration run's time
+    target_loss: float | None = None  # time-to-loss target; None: from the baseline replicates
+    target_slack: float = 0.01  # nats above the worst baseline replicate's final loss
+    seconds: float | None = None  # loss-at-time budget; None: from one calibration run
     early_stop_margin: float = 0.15  # nats behind the champion's curve that stop a screen
     timeout_factor: float = 3.0  # a run's hard timeout, in expected run times
     device: str = "cpu"
@@ -138,7 +138,7 @@ class Session:
     def fresh_seed(self) -> int:
         return max(self.ledger.used_seeds() | {0}) + 1
 
-    def benchmark(self, candidate: dict, role: str, early_stop=None, calibrate=False) -> dict:
+    def benchmark(self, candidate: dict, role: str, early_stop=None) -> dict:
         """Run train.py once for `candidate` and record the run; returns its result dict."""
         ws = self.workspace
         ws.checkout(candidate["commit_sha"])
@@ -146,7 +146,7 @@ class Session:
         name = f"c{candidate['id']:03d}-{role}-s{seed}"
         log_path = self.run_dir / "logs" / f"{name}.log"
         run_id = self.ledger.start_run(candidate["id"], role, seed, log_path)
-        args = list(self.config.train_args) + ([] if calibrate else self.objective_args())
+        args = list(self.config.train_args) + self.objective_args()
         spec = runner.RunSpec(
             worktree=ws.path,
             preset=self.config.preset,
@@ -182,7 +182,7 @@ class Session:
             baseline = ledger.candidate(bid)
         if baseline["state"] == "decided":
             return baseline
-        if self.needs_calibration():
+        if cfg.objective == "loss-at-time" and cfg.seconds is None:
             self.calibrate(baseline)
         attempts = 0
         while len(self.ok(baseline)) < cfg.baseline_runs:
@@ -194,6 +194,9 @@ class Session:
             self.event(f"baseline replicate {len(self.ok(baseline)) + 1}/{cfg.baseline_runs}")
             self.benchmark(baseline, "baseline")
         runs = self.ok(baseline)
+        if cfg.objective == "time-to-loss" and cfg.target_loss is None:
+            self.set_target(runs)
+            runs = self.ok(baseline)
         decision = Decision(
             verdict="accept",
             reason=f"the baseline, measured {len(runs)} times",
@@ -214,26 +217,26 @@ class Session:
         results = self.comparable(self.ledger.results_of(candidate["id"]))
         return [r for r in results if r["status"] == "ok"]
 
-    def needs_calibration(self) -> bool:
+    def set_target(self, runs: list[dict]) -> None:
+        """The time-to-loss target: the worst baseline replicate's final loss plus a small
+        slack, so that every replicate reached it; their crossing times are then read off
+        their curves (judge.comparable)."""
         cfg = self.config
-        return (cfg.objective == "time-to-loss" and cfg.target_loss is None) or (
-            cfg.objective == "loss-at-time" and cfg.seconds is None
-        )
+        worst = max(r["val_loss"] for r in runs)
+        cfg.target_loss = _round(worst + cfg.target_slack)
+        self.ledger.set_session(asdict(cfg))
+        self.event(f"target loss {cfg.target_loss:.4f} (worst baseline replicate {worst:.4f})")
 
     def calibrate(self, baseline: dict) -> None:
-        """One baseline run at the preset's budget fixes the target loss (or time budget)."""
-        self.event("calibration run of the baseline (sets the target)")
-        result = self.benchmark(baseline, "baseline", calibrate=True)
+        """For loss-at-time: one baseline run at the preset's budget fixes the time budget."""
+        self.event("calibration run of the baseline (sets the time budget)")
+        result = self.benchmark(baseline, "baseline")
         if result["status"] != "ok":
             raise SessionStop(f"the baseline's calibration run failed: {result['status']}")
         cfg = self.config
-        if cfg.objective == "time-to-loss":
-            cfg.target_loss = _round(result["val_loss"] + cfg.target_slack)
-            self.event(f"target loss {cfg.target_loss:.4f} (baseline {result['val_loss']:.4f})")
-        else:
-            cfg.seconds = round(result["train_seconds"], 1)
-            self.event(f"time budget {cfg.seconds:g} s per run")
+        cfg.seconds = round(result["train_seconds"], 1)
         self.ledger.set_session(asdict(cfg))
+        self.event(f"time budget {cfg.seconds:g} s per run")
 
     # -- candidates ------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import pytest
 
 from agent.judge import Decision
 from agent.ledger import LEDGER_FILE, Ledger
-from agent.report import comparable, speedup_vs_baseline, status_text, write_report
+from agent.report import speedup_vs_baseline, status_text, write_report
 
 DIFF_ACCEPTED = """--- a/model/recipe.py
 +++ b/model/recipe.py
@@ -112,19 +112,6 @@ def test_speedup_vs_baseline_is_a_ratio_of_geometric_means_with_ci():
     fast = [{**r, "tokens_per_sec": 2 * r["tokens_per_sec"]} for r in cand]
     assert speedup_vs_baseline(base, fast, "throughput").ratio == pytest.approx(2.0)
     assert speedup_vs_baseline(base, [{"status": "crash", "seed": 9}], "time-to-loss") is None
-
-
-def test_comparable_leaves_out_the_calibration_run():
-    calibration = {**result(1, None), "target_loss": None, "budget_seconds": None}
-    timed = {**result(2, 20.0), "target_loss": 3.3, "budget_seconds": None}
-    crash = {"status": "crash", "seed": 3}
-    runs = [calibration, timed, crash]
-    assert comparable(runs, {"objective": "time-to-loss", "target_loss": 3.30001}) == \
-        [timed, crash]
-    budgeted = {**result(4, None), "budget_seconds": 12.5}
-    assert comparable([*runs, budgeted], {"objective": "loss-at-time", "seconds": 12.5}) == \
-        [crash, budgeted]
-    assert comparable(runs, {"objective": "throughput"}) == runs
 
 
 def test_report_md(session):

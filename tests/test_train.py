@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import train
+from bench.curves import eval_points, interpolate_target
 from data.prepare import prepare_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,15 +91,22 @@ def test_unreached_target_reports_null(data_cache):
     assert result["time_to_target"] is None and result["target_loss"] == 0.5
 
 
+def test_evaluation_schedule_is_denser_at_the_end():
+    points = eval_points(6)
+    assert points == sorted(set(points)) and 0 < points[0] and points[-1] < 1
+    gaps = [b - a for a, b in zip(points, points[1:])]
+    assert max(gaps[-5:]) < min(gaps[:2])
+
+
 def test_interpolated_crossing():
     curve = [
         dict(seconds=1.0, val_loss=6.0),
         dict(seconds=2.0, val_loss=5.0),
         dict(seconds=4.0, val_loss=3.0),
     ]
-    assert train.interpolate_target(curve, 4.0) == pytest.approx(3.0)
-    assert train.interpolate_target(curve, 6.5) == 1.0
-    assert train.interpolate_target(curve, 2.0) is None
+    assert interpolate_target(curve, 4.0) == pytest.approx(3.0)
+    assert interpolate_target(curve, 6.5) == 1.0
+    assert interpolate_target(curve, 2.0) is None
 
 
 def test_exploding_loss_is_diverged(data_cache, monkeypatch, capsys):
