@@ -33,8 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--objective", default="time-to-loss", choices=list(OBJECTIVES), help="what 'faster' means"
     )
-    run.add_argument("--proposer", default="sweep", help="sweep | patches")
-    run.add_argument("--proposer-arg", help="the proposer's argument (patches: the directory)")
+    run.add_argument("--proposer", default="sweep", help="sweep | patches | anthropic | command")
+    run.add_argument(
+        "--proposer-arg", help="the proposer's argument (patches: the directory; command: CMD)"
+    )
+    llm = run.add_argument_group("LLM proposers (anthropic, command)")
+    llm.add_argument("--model", help="anthropic: the model name")
+    llm.add_argument("--budget-usd", type=float, help="anthropic: stop proposing past this spend")
+    llm.add_argument("--max-usd-per-candidate", type=float, help="anthropic: cap per candidate")
+    llm.add_argument("--max-turns", type=int, help="anthropic: tool-use turns per candidate")
+    llm.add_argument("--thinking", choices=["adaptive", "disabled"], help="anthropic: thinking")
+    llm.add_argument("--effort", help="anthropic: effort setting of the model")
+    llm.add_argument("--brief", type=Path, help="the research brief (default: program.md)")
+    llm.add_argument("--agent-timeout", type=float, help="command: seconds per proposal")
     run.add_argument("--experiments", type=int, help="stop after N experiments")
     run.add_argument("--hours", type=float, help="stop after H hours")
     run.add_argument("--deadline", help="stop at this local time, e.g. 2026-11-28T07:00")
@@ -55,7 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def session_config(args: argparse.Namespace) -> SessionConfig:
+def proposer_options(args: argparse.Namespace, run_dir: Path) -> dict:
+    """The LLM proposers' settings from the flags that were given."""
+    if args.proposer not in ("anthropic", "command"):
+        return {}
+    options = {"brief": str(args.brief.resolve())} if args.brief else {}
+    if args.proposer == "command":
+        if args.agent_timeout is not None:
+            options["timeout_s"] = args.agent_timeout
+        return options
+    options["transcript_dir"] = str((run_dir / "llm").resolve())
+    flags = dict(model=args.model, budget_usd=args.budget_usd, max_turns=args.max_turns,
+                 max_usd_per_candidate=args.max_usd_per_candidate, effort=args.effort)
+    options.update({k: v for k, v in flags.items() if v is not None})
+    if args.thinking:
+        options["thinking"] = {"type": args.thinking}
+    return options
+
+
+def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
     import train  # the fixed harness knows each preset's device
 
     if args.preset not in train.PRESETS:
@@ -69,6 +98,7 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
         objective=args.objective,
         proposer=args.proposer,
         proposer_arg=args.proposer_arg,
+        proposer_options=proposer_options(args, run_dir),
         experiments=args.experiments,
         hours=args.hours,
         deadline=datetime.fromisoformat(args.deadline).timestamp() if args.deadline else None,
@@ -93,15 +123,17 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         if not (run_dir / LEDGER_FILE).exists():
             raise SessionStop(f"{run_dir} holds no session ({LEDGER_FILE} missing)")
         config = SessionConfig.from_dict(Ledger(run_dir / LEDGER_FILE).session()["config"])
-        proposer = make_proposer(config.proposer, config.proposer_arg)
+        if args.budget_usd is not None:  # a resume may raise the LLM budget
+            config.proposer_options["budget_usd"] = args.budget_usd
+        proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
         session = Session(run_dir, proposer, say=say, waiting=waiting)
         for name in ("experiments", "hours"):  # a resume may extend the budgets
             if getattr(args, name) is not None:
                 setattr(session.config, name, getattr(args, name))
     else:
-        config = session_config(args)
         run_dir = args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
-        proposer = make_proposer(config.proposer, config.proposer_arg)
+        config = session_config(args, run_dir)
+        proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
         session = Session.create(run_dir, config, proposer, say=say, waiting=waiting)
     say(f"session {session.id} in {run_dir}: {session.config.preset}, {session.config.objective}")
     try:

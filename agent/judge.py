@@ -151,8 +151,18 @@ def comparable(results: Sequence[dict], config: dict) -> list[dict]:
         if r.get("status") != "ok" or r.get("target_loss") == target:
             out.append(r)
         elif r.get("target_loss") is None and target is not None and r.get("curve"):
-            crossing = interpolate_target(r["curve"], target)
-            out.append({**r, "target_loss": target, "time_to_target": crossing})
+            # Read the run as if it had stopped where a run with this target stops: at the
+            # first evaluation at or under the target, with that evaluation's loss.
+            curve = r["curve"]
+            reached = [i for i, point in enumerate(curve) if point["val_loss"] <= target]
+            stop = reached[0] + 1 if reached else len(curve)
+            out.append({
+                **r,
+                "target_loss": target,
+                "time_to_target": interpolate_target(curve, target),
+                "val_loss": curve[stop - 1]["val_loss"],
+                "curve": curve[:stop],
+            })  # fmt: skip
     return out
 
 

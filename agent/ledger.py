@@ -62,6 +62,7 @@ CREATE TABLE candidates (
     verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused')),
     decision TEXT,              -- JSON: the judge's Decision, or the refusal's reason
     decided_at REAL,
+    usage TEXT,                 -- JSON: the proposer's LLM tokens and cost for it, if any
     CHECK ((state IN ('decided', 'refused')) = (verdict IS NOT NULL)),
     CHECK ((state = 'refused') = (verdict IS 'refused'))
 );
@@ -119,6 +120,7 @@ def _speedup(candidate_id: int, value: float) -> float:
 def _candidate(row: sqlite3.Row) -> dict:
     out = dict(row)
     out["decision"] = json.loads(out["decision"]) if out["decision"] else None
+    out["usage"] = json.loads(out["usage"]) if out["usage"] else None
     return out
 
 
@@ -242,7 +244,8 @@ class Ledger:
 
     def add_candidate(self, description: str, *, parent_id: int | None, diff: str = "",
                       commit_sha: str | None = None, ref: str | None = None,
-                      hypothesis: str = "", category: str = "", proposer: str = "") -> int:
+                      hypothesis: str = "", category: str = "", proposer: str = "",
+                      usage: Mapping[str, Any] | None = None) -> int:
         """A new candidate in state 'proposed'; parent_id=None makes it the session's one
         baseline. Returns its id."""
         if not description.strip():
@@ -251,10 +254,10 @@ class Ledger:
             with self._write() as db:
                 cur = db.execute(
                     "INSERT INTO candidates (parent_id, commit_sha, ref, diff, description, "
-                    "hypothesis, category, proposer, created, state) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'proposed')",
+                    "hypothesis, category, proposer, created, state, usage) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'proposed', ?)",
                     (parent_id, commit_sha, ref, diff, description, hypothesis, category,
-                     proposer, _now()))
+                     proposer, _now(), None if usage is None else json.dumps(dict(usage))))
         except sqlite3.IntegrityError as err:
             what = "a baseline exists already" if parent_id is None else \
                 f"parent {parent_id} is not a candidate"

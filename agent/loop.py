@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from agent import runner
+from agent.costs import ProposerStop
 from agent.judge import OBJECTIVES, Decision, JudgeConfig, comparable, decide, primary_metric
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.proposers import ProposalFailed, Proposer
@@ -31,7 +32,8 @@ class SessionConfig:
     preset: str = "cpu-tiny"
     objective: str = "time-to-loss"  # time-to-loss | throughput | loss-at-time
     proposer: str = "sweep"
-    proposer_arg: str | None = None  # e.g. the patch directory
+    proposer_arg: str | None = None  # e.g. the patch directory, or the agent command
+    proposer_options: dict = field(default_factory=dict)  # LLMConfig / CommandConfig fields
     experiments: int | None = None  # stop after this many decided candidates
     hours: float | None = None  # stop after this many hours of session time
     deadline: float | None = None  # stop at this unix time
@@ -76,7 +78,9 @@ class Session:
         self.config = SessionConfig.from_dict(session["config"])
         self.judge = self.config.judge_config()
         self.tracker = Tracker(self.ledger, mode=self.config.wandb)
-        self.started = time.time()
+        if hasattr(proposer, "say"):  # LLM proposers report pauses and costs in the log
+            proposer.say = self.event
+        self.started = session["created"]  # --hours counts from the session's start
 
     # -- setting up ----------------------------------------------------------------------
 
@@ -88,14 +92,17 @@ class Session:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.judge_config()  # validate before anything is written
         ledger = Ledger(run_dir / LEDGER_FILE)
-        session = ledger.set_session(asdict(config))
+        ledger.set_session(asdict(config))
         ledger.close()
-        Workspace.create(Path(config.repo), run_dir / "worktree", session["id"])
         return cls(run_dir, proposer, **kw)
 
     @property
     def workspace(self) -> Workspace:
-        return Workspace.open(Path(self.config.repo), self.run_dir / "worktree", self.id)
+        path = self.run_dir / "worktree"
+        if not (path / ".git").exists() and self.ledger.baseline() is None:
+            # Made on first use, so a session killed before it had one still resumes.
+            return Workspace.create(Path(self.config.repo), path, self.id)
+        return Workspace.open(Path(self.config.repo), path, self.id)
 
     def event(self, text: str) -> None:
         self.ledger.log_event(text)
@@ -159,8 +166,11 @@ class Session:
             early_stop=early_stop,
         )
         self.say(f"  run {name}: {candidate['description']}")
-        with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
-            outcome = runner.run(spec)
+        try:
+            with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
+                outcome = runner.run(spec)
+        except FileNotFoundError as e:  # the candidate removed the harness itself
+            outcome = runner.RunOutcome("crash", None, str(e), 0.0, str(log_path), None)
         self.ledger.finish_run(
             run_id, outcome.status, outcome.result, outcome.error, outcome.wall_seconds
         )
@@ -293,9 +303,15 @@ class Session:
         number = len(history)
         try:
             proposal = self.proposer.propose(ws.path, history, context)
+        except ProposerStop as e:  # out of LLM budget, a rejected key: the session ends
+            ws.reset()
+            usage = getattr(e, "usage", None)
+            if usage and usage.get("requests"):  # what it cost is kept in the ledger
+                self.refuse(champion, "proposer stopped", str(e), usage=usage)
+            raise
         except ProposalFailed as e:
             ws.reset()
-            self.refuse(champion, e.description, e.reason)
+            self.refuse(champion, e.description, e.reason, usage=getattr(e, "usage", None))
             return self.ledger.candidates()[-1]
         if proposal is None:
             ws.reset()
@@ -304,7 +320,7 @@ class Session:
             made = ws.capture(number, f"{proposal.description}\n\n{proposal.hypothesis}")
         except (RefusedChange, EmptyChange) as e:
             diff = getattr(e, "diff", "")
-            self.refuse(champion, proposal.description, str(e), diff)
+            self.refuse(champion, proposal.description, str(e), diff, proposal.usage)
             return self.ledger.candidates()[-1]
         cid = self.ledger.add_candidate(
             proposal.description,
@@ -315,12 +331,19 @@ class Session:
             hypothesis=proposal.hypothesis,
             category=proposal.category,
             proposer=self.proposer.name,
+            usage=proposal.usage,
         )
         return self.ledger.candidate(cid)
 
-    def refuse(self, champion: dict, description: str, reason: str, diff: str = "") -> None:
+    def refuse(
+        self, champion: dict, description: str, reason: str, diff: str = "", usage=None
+    ) -> None:
         cid = self.ledger.add_candidate(
-            description, parent_id=champion["id"], diff=diff, proposer=self.proposer.name
+            description,
+            parent_id=champion["id"],
+            diff=diff,
+            proposer=self.proposer.name,
+            usage=usage,
         )
         self.ledger.refuse(cid, reason)
         self.tracker.log_decision(self.ledger.candidate(cid))
@@ -350,6 +373,9 @@ class Session:
         discarded = self.ledger.discard_unfinished_runs()
         if discarded:
             self.event(f"resumed: discarded unfinished run(s) {discarded}; they will be re-run")
+        champion = self.ledger.champion()
+        if champion is not None:  # a kill between the ledger's accept and the git update
+            self.workspace.promote(champion["commit_sha"])
         self.workspace.reset()
         self.ensure_baseline()
         while True:
@@ -363,7 +389,11 @@ class Session:
                     self.event("re-measuring the champion")
                     self.benchmark(self.champion(), "champion")
                     continue
-                candidate = self.propose()
+                try:
+                    candidate = self.propose()
+                except ProposerStop as e:  # the LLM budget is spent, say: a normal end
+                    why = f"the proposer stopped: {e}"
+                    break
                 if candidate is None:
                     why = "the proposer has nothing more to propose"
                     break
@@ -385,10 +415,9 @@ def _summary(result: dict, objective: str) -> str:
     """`: time_to_target 12.3, 9,876 tok/s, val loss 5.432` for a progress line."""
     if result["status"] != "ok":
         return ""
+    speed = f"{result['tokens_per_sec']:,.0f} tok/s, val loss {result['val_loss']:.4f}"
+    if objective == "time-to-loss" and result.get("target_loss") is None:
+        return f": {speed}"  # ran without a target: the baseline replicates that set it
     metric = primary_metric(result, objective)
-    name = OBJECTIVES[objective][0]
     shown = "not reached" if metric is None else f"{metric:.4g}"
-    return (
-        f": {name} {shown}, {result['tokens_per_sec']:,.0f} tok/s, "
-        f"val loss {result['val_loss']:.4f}"
-    )
+    return f": {OBJECTIVES[objective][0]} {shown}, {speed}"

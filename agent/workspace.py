@@ -102,14 +102,17 @@ class Workspace:
     def checkout(self, commit: str) -> None:
         """Put the worktree at `commit` exactly: edits and untracked files are dropped."""
         self.git("checkout", "-q", "--force", "--detach", commit)
-        self.git("clean", "-q", "-f", "-d")
+        # -x: ignored files too (a planted .pyc must not outlive its candidate).
+        self.git("clean", "-q", "-ffdx")
 
     def reset(self) -> None:
         self.checkout(self.champion)
 
     def pending_paths(self) -> list[str]:
         self.git("add", "-A")
-        return [p for p in self.git("diff", "--cached", "--name-only", "-z").split("\0") if p]
+        # --no-renames: a moved fixed file must show as deleted, not hide behind its new path.
+        listing = self.git("diff", "--cached", "--no-renames", "--name-only", "-z")
+        return [p for p in listing.split("\0") if p]
 
     def capture(self, number: int, message: str) -> Candidate:
         """Commit the worktree's edits as candidate `number` on top of the champion.
@@ -121,7 +124,7 @@ class Workspace:
             paths = self.pending_paths()
             if not paths:
                 raise EmptyChange("the proposal changed no file")
-            diff = self.git("diff", "--cached", "--no-color", "--no-ext-diff")
+            diff = self.git("diff", "--cached", "--no-renames", "--no-color", "--no-ext-diff")
             outside = outside_surface(paths)
             if outside:
                 raise RefusedChange(outside, diff)

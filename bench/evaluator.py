@@ -71,7 +71,7 @@ def evaluate(
 class ProbeResult:
     causal: bool
     position: int  # tokens after this position were changed
-    max_change: float  # largest change of a logit at or before the position
+    max_change: float  # largest change of a log-probability (nats) at or before the position
     tolerance: float
 
 
@@ -87,9 +87,9 @@ def causality_probe(
     """Change the tokens after a random position; the logits at or before it must not move.
 
     Positions and tokens are fresh for every call (drawn from `generator`), so a model
-    cannot special-case the probe. The tolerance allows for reduced-precision arithmetic
-    on accelerators, where the same prefix can round differently; real look-ahead moves
-    logits by far more.
+    cannot special-case the probe. The tolerance, in nats of log-probability, allows for
+    reduced-precision arithmetic on accelerators, where the same prefix can round
+    differently; real look-ahead moves log-probabilities by far more.
     """
     x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
     position = int(torch.randint(0, seq_len - 1, (1,), generator=generator))
@@ -98,10 +98,11 @@ def causality_probe(
     # Every later token differs from the original one.
     offset = torch.randint(1, vocab_size, tail.shape, generator=generator)
     changed[:, position + 1 :] = (tail + offset) % vocab_size
-    before = logits_fn(x.to(device))[:, : position + 1, :vocab_size].float()
-    after = logits_fn(changed.to(device))[:, : position + 1, :vocab_size].float()
-    scale = max(1.0, before.abs().max().item())
-    tolerance = (1e-5 if device.type == "cpu" else 2e-2) * scale
+    # Compared as log-probabilities, in nats: a constant added to every logit changes
+    # nothing there, so it cannot widen the tolerance.
+    before = logits_fn(x.to(device))[:, : position + 1, :vocab_size].float().log_softmax(-1)
+    after = logits_fn(changed.to(device))[:, : position + 1, :vocab_size].float().log_softmax(-1)
+    tolerance = 1e-4 if device.type == "cpu" else 2e-2
     max_change = (before - after).abs().max().item()
     return ProbeResult(
         causal=max_change <= tolerance,

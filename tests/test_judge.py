@@ -199,12 +199,15 @@ def test_comparable_reads_the_crossing_off_a_curve_that_ran_to_its_end():
     from agent.judge import comparable
 
     curve = [dict(seconds=1.0, val_loss=6.0), dict(seconds=2.0, val_loss=5.0)]
-    free = {"status": "ok", "target_loss": None, "curve": curve, "val_loss": 5.0}
+    curve = curve + [dict(seconds=3.0, val_loss=4.5)]
+    free = {"status": "ok", "target_loss": None, "curve": curve, "val_loss": 4.5}
     other_target = {"status": "ok", "target_loss": 7.0, "curve": curve, "val_loss": 5.0}
     crash = {"status": "crash"}
     config = {"objective": "time-to-loss", "target_loss": 5.5}
     out = comparable([free, other_target, crash], config)
     assert out[0]["time_to_target"] == pytest.approx(1.5) and out[0]["target_loss"] == 5.5
+    # Its loss is the loss where a run with this target would have stopped, not the final.
+    assert out[0]["val_loss"] == 5.0 and len(out[0]["curve"]) == 2
     assert out[1] is crash and len(out) == 2
     assert comparable([free], {"objective": "time-to-loss", "target_loss": 4.0})[0][
         "time_to_target"

@@ -11,15 +11,27 @@ from agent.proposers.patches import PatchesProposer
 from agent.proposers.sweep import SweepProposer
 
 
-def make_proposer(name: str, arg: str | None = None) -> Proposer:
-    """The proposer called `name` on the command line; `arg` is its argument, if any."""
+def make_proposer(name: str, arg: str | None = None, options: dict | None = None) -> Proposer:
+    """The proposer called `name` on the command line; `arg` is its argument, if any, and
+    `options` its settings (anthropic: LLMConfig fields; command: CommandConfig fields)."""
     if name == "sweep":
         return SweepProposer()
     if name == "patches":
         if not arg:
             raise ValueError("--proposer patches needs a directory: --proposer-arg DIR")
         return PatchesProposer(arg)
-    raise ValueError(f"unknown proposer '{name}': use sweep or patches")
+    if name == "anthropic":
+        from agent.proposers.anthropic import AnthropicProposer, LLMConfig
+
+        if arg:
+            raise ValueError(f"--proposer anthropic takes no --proposer-arg (got '{arg}'); "
+                             "its settings (model, budget, ...) are LLM options")
+        return AnthropicProposer(LLMConfig.from_dict(options or {}))
+    if name == "command":
+        from agent.proposers.command import CommandConfig, CommandProposer
+
+        return CommandProposer(arg or "", CommandConfig.from_dict(options or {}))
+    raise ValueError(f"unknown proposer '{name}': use sweep, patches, anthropic or command")
 
 
 __all__ = [

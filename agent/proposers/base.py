@@ -23,6 +23,7 @@ class Proposal:
     description: str  # one line, shown in status, report and results.tsv
     hypothesis: str = ""  # why it should be faster, in the proposer's words
     category: str = "hyperparameter"  # one of CATEGORIES
+    usage: dict | None = None  # what proposing it cost (LLM tokens, USD), for the ledger
 
 
 class Proposer(Protocol):

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from agent.context import digest_line
 from agent.proposers.base import CATEGORIES
 from agent.surface import SURFACE_DIRS, in_surface
 
@@ -273,20 +274,6 @@ def find_duplicate(diff: str, history: list[dict]) -> dict | None:
     return None
 
 
-def describe_row(row: dict) -> str:
-    """`#7 'muon lr 0.05' (reject: ...)` for a note to the model."""
-    number = row.get("experiment")
-    label = f"#{number}" if number is not None else "the baseline"
-    decision = row.get("decision") or {}
-    verdict = row.get("verdict") or row.get("state") or "?"
-    outcome = verdict
-    if decision.get("effect") is not None:
-        outcome += f", effect x{decision['effect']:.3f}"
-    if decision.get("reason"):
-        outcome += f": {decision['reason']}"
-    return f"{label} '{row.get('description', '')}' ({outcome})"
-
-
 class SurfaceTools:
     """The tools of one conversation on `worktree`; `history` is the session's candidates."""
 
@@ -449,7 +436,7 @@ class SurfaceTools:
     @staticmethod
     def _near_miss(text: str, old: str) -> str:
         first = next((s.strip() for s in old.splitlines() if s.strip()), "")
-        lines = [i for i, s in enumerate(text.splitlines(), 1) if first and s.strip() == first]
+        lines = [i for i, s in enumerate(text.splitlines(), 1) if first and first in s]
         if lines:
             return (f"Its first line appears at line(s) {', '.join(map(str, lines[:5]))}: read "
                     "them again and copy the text exactly (indentation, blank lines, quotes), "
@@ -521,6 +508,6 @@ class SurfaceTools:
             raise ToolError("run run_checks after your last edit, and submit when it passes")
         twin = find_duplicate(diff, self.history)
         if twin is not None:
-            raise ToolError(f"this exact change was tried as {describe_row(twin)}; try "
-                            "something else")
+            raise ToolError(f"this exact change was tried already: {digest_line(twin)}; "
+                            "try something else")
         return Submission(description, hypothesis.strip(), expected_effect.strip(), category)
