@@ -227,6 +227,9 @@ def _markdown(s: _Session) -> str:
     for key, value in s.session["config"].items():
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value)
         lines.append(f"| {key} | {_cell(shown)} |")
+    spend = llm_spend([e.candidate for e in s.rows])
+    if spend:
+        lines += ["", spend + "."]
     lines += ["", "## Baseline noise", "", _noise(s), "", "## Champion", ""]
     champ = s.champion
     if champ is None:
@@ -381,6 +384,16 @@ def write_report(run_dir: str | Path) -> ReportPaths:
     return paths
 
 
+def llm_spend(candidates: Sequence[dict]) -> str:
+    """`LLM spend: $1.234 over 56 requests (7 candidates)`, or "" when no LLM proposed."""
+    used = [c["usage"] for c in candidates if c.get("usage") and c["usage"].get("requests")]
+    if not used:
+        return ""
+    cost = sum(u.get("cost_usd", 0.0) for u in used)
+    requests = sum(u["requests"] for u in used)
+    return f"LLM spend: ${cost:.3f} over {requests} requests ({len(used)} candidates)"
+
+
 def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     """What `python -m agent status D` prints: champion, speedup so far, the last experiments,
     what runs now and the latest events, as plain text."""
@@ -399,6 +412,9 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     budget = cfg.get("experiments")
     console.print(f"experiments decided: {s.n_experiments}"
                   + (f" of {budget}" if budget else ""))
+    spend = llm_spend([e.candidate for e in s.rows])
+    if spend:
+        console.print(spend)
     if s.champion is None:
         console.print("champion: none yet (the baseline is being measured)")
     else:

@@ -199,3 +199,15 @@ def test_report_needs_a_ledger(tmp_path):
     with pytest.raises(FileNotFoundError, match="no ledger at"):
         write_report(tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_llm_spend_is_summed_from_the_candidates_usage():
+    from agent.report import llm_spend
+
+    rows = [
+        {"usage": {"requests": 3, "cost_usd": 0.5}},
+        {"usage": None},
+        {"usage": {"requests": 2, "cost_usd": 0.25}},
+    ]
+    assert llm_spend(rows) == "LLM spend: $0.750 over 5 requests (2 candidates)"
+    assert llm_spend([{"usage": None}]) == ""
