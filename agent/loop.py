@@ -11,7 +11,9 @@ judge does).
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -19,9 +21,16 @@ from agent import runner
 from agent.costs import ProposerStop
 from agent.judge import OBJECTIVES, Decision, JudgeConfig, comparable, decide, primary_metric
 from agent.ledger import LEDGER_FILE, Ledger
-from agent.proposers import ProposalFailed, Proposer
+from agent.proposers import Proposal, ProposalFailed, Proposer
 from agent.tracking import Tracker
-from agent.workspace import EmptyChange, RefusedChange, Workspace
+from agent.workspace import (
+    Candidate,
+    EmptyChange,
+    PatchError,
+    RefusedChange,
+    Workspace,
+    apply_patch,
+)
 
 # Expected wall time of a first run, before any run was measured (runner timeouts scale it).
 FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
@@ -41,8 +50,9 @@ class SessionConfig:
     remeasure_every: int = 3  # re-measure the champion after this many candidates
     train_args: list[str] = field(default_factory=list)  # extra train.py flags, every run
     target_loss: float | None = None  # time-to-loss target; None: from the baseline replicates
-    target_slack: float = 0.01  # nats above the worst baseline replicate's final loss
+    target_slack: float = 0.01  # least nats above the worst baseline replicate's final loss
     seconds: float | None = None  # loss-at-time budget; None: from one calibration run
+    overlap: bool = True  # draft the next candidate while the current one runs
     early_stop_margin: float = 0.15  # nats behind the champion's curve that stop a screen
     timeout_factor: float = 3.0  # a run's hard timeout, in expected run times
     device: str = "cpu"
@@ -58,6 +68,18 @@ class SessionConfig:
 
     def judge_config(self) -> JudgeConfig:
         return JudgeConfig(**{"objective": self.objective, **self.judge})
+
+
+@dataclass
+class Draft:
+    """A proposal taken as a commit but not yet recorded in the ledger."""
+
+    champion: dict  # the champion it was made on
+    proposal: Proposal | None  # None: the proposer has nothing more
+    made: Candidate | None = None
+    refused: str | None = None  # why it cannot run (outside the surface, failed, empty)
+    diff: str = ""
+    stop: ProposerStop | None = None  # the proposer cannot go on (budget, key)
 
 
 class SessionStop(Exception):
@@ -81,6 +103,8 @@ class Session:
         if hasattr(proposer, "say"):  # LLM proposers report pauses and costs in the log
             proposer.say = self.event
         self.started = session["created"]  # --hours counts from the session's start
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposer")
+        self._next: Future | None = None  # the draft being made in the background
 
     # -- setting up ----------------------------------------------------------------------
 
@@ -228,14 +252,19 @@ class Session:
         return [r for r in results if r["status"] == "ok"]
 
     def set_target(self, runs: list[dict]) -> None:
-        """The time-to-loss target: the worst baseline replicate's final loss plus a small
-        slack, so that every replicate reached it; their crossing times are then read off
-        their curves (judge.comparable)."""
+        """The time-to-loss target: the worst baseline replicate's final loss plus a slack
+        of two seed-to-seed standard deviations (at least `target_slack`), so that every
+        replicate reached it and a candidate as good as the baseline rarely misses it;
+        the replicates' crossing times are then read off their curves (judge.comparable)."""
         cfg = self.config
-        worst = max(r["val_loss"] for r in runs)
-        cfg.target_loss = _round(worst + cfg.target_slack)
+        finals = [r["val_loss"] for r in runs]
+        slack = max(cfg.target_slack, 2 * statistics.stdev(finals))
+        cfg.target_loss = _round(max(finals) + slack)
         self.ledger.set_session(asdict(cfg))
-        self.event(f"target loss {cfg.target_loss:.4f} (worst baseline replicate {worst:.4f})")
+        self.event(
+            f"target loss {cfg.target_loss:.4f} (worst baseline replicate {max(finals):.4f}, "
+            f"slack {slack:.4f})"
+        )
 
     def calibrate(self, baseline: dict) -> None:
         """For loss-at-time: one baseline run at the preset's budget fixes the time budget."""
@@ -288,40 +317,63 @@ class Session:
                 f"reject #{candidate['experiment']} {candidate['description']}: {decision.reason}"
             )
 
-    def propose(self) -> dict | None:
-        """Ask the proposer for the next candidate; record refusals. None when it is done."""
-        ws = self.workspace
+    def propose_context(self) -> tuple[dict, list[dict], dict]:
+        """What a proposer sees: the champion, the history and the context, read now."""
         champion = self.champion()
-        ws.reset()
-        history = self.ledger.candidates()
         context = {
             "preset": self.config.preset,
             "objective": self.config.objective,
             "champion": champion,
             "champion_results": self.champion_results(),
         }
-        number = len(history)
+        return champion, self.ledger.candidates(), context
+
+    def draft(self, ws: Workspace, champion: dict, history: list[dict], context: dict) -> Draft:
+        """Run the proposer in `ws` and take its edit as a commit on `champion`. Writes
+        nothing to the ledger, so it may run in a background thread while a benchmark runs."""
+        ws.checkout(champion["commit_sha"])
         try:
             proposal = self.proposer.propose(ws.path, history, context)
-        except ProposerStop as e:  # out of LLM budget, a rejected key: the session ends
-            ws.reset()
-            usage = getattr(e, "usage", None)
-            if usage and usage.get("requests"):  # what it cost is kept in the ledger
-                self.refuse(champion, "proposer stopped", str(e), usage=usage)
-            raise
+            if proposal is None:
+                return Draft(champion, None)
+            message = f"{proposal.description}\n\n{proposal.hypothesis}"
+            try:
+                return Draft(champion, proposal, made=ws.capture(len(history), message))
+            except (RefusedChange, EmptyChange) as e:
+                return Draft(champion, proposal, refused=str(e), diff=getattr(e, "diff", ""))
         except ProposalFailed as e:
-            ws.reset()
-            self.refuse(champion, e.description, e.reason, usage=getattr(e, "usage", None))
-            return self.ledger.candidates()[-1]
-        if proposal is None:
-            ws.reset()
+            failed = Proposal(e.description, usage=getattr(e, "usage", None))
+            return Draft(champion, failed, refused=e.reason)
+        except ProposerStop as e:
+            return Draft(champion, None, stop=e)
+        finally:
+            ws.checkout(champion["commit_sha"])
+
+    def take(self, draft: Draft) -> dict | None:
+        """Record a draft in the ledger: a candidate, a refusal, or None when the proposer is
+        done. A draft made on an older champion is re-applied on the current one first."""
+        if draft.stop is not None:
+            usage = getattr(draft.stop, "usage", None)
+            if usage and usage.get("requests"):  # what it cost is kept in the ledger
+                self.refuse(draft.champion, "proposer stopped", str(draft.stop), usage=usage)
+            raise draft.stop
+        if draft.proposal is None:
             return None
-        try:
-            made = ws.capture(number, f"{proposal.description}\n\n{proposal.hypothesis}")
-        except (RefusedChange, EmptyChange) as e:
-            diff = getattr(e, "diff", "")
-            self.refuse(champion, proposal.description, str(e), diff, proposal.usage)
+        proposal, champion = draft.proposal, self.champion()
+        if draft.refused is not None:
+            self.refuse(champion, proposal.description, draft.refused, draft.diff, proposal.usage)
             return self.ledger.candidates()[-1]
+        made = draft.made
+        if champion["id"] != draft.champion["id"]:
+            ws = self.workspace
+            ws.reset()
+            try:
+                apply_patch(ws.path, made.diff)
+                made = ws.capture(len(self.ledger.candidates()), f"{proposal.description}")
+            except (PatchError, RefusedChange, EmptyChange) as e:
+                self.event(f"dropped '{proposal.description}': it was proposed on the previous "
+                           f"champion and does not apply to the new one ({e})")
+                return self.propose()
         cid = self.ledger.add_candidate(
             proposal.description,
             parent_id=champion["id"],
@@ -334,6 +386,26 @@ class Session:
             usage=proposal.usage,
         )
         return self.ledger.candidate(cid)
+
+    def propose(self) -> dict | None:
+        """Ask the proposer for the next candidate now; None when it is done."""
+        return self.take(self.draft(self.workspace, *self.propose_context()))
+
+    def prefetch(self) -> None:
+        """Start drafting the next candidate in the second worktree, so that the proposer
+        (an LLM, say) works while the benchmark runs instead of after it."""
+        cfg = self.config
+        last = cfg.experiments is not None and self.ledger.n_experiments() + 1 >= cfg.experiments
+        if not cfg.overlap or self._next is not None or last or self.out_of_budget():
+            return
+        ws = self.workspace.second(self.run_dir / "propose")
+        self._next = self._pool.submit(self.draft, ws, *self.propose_context())
+
+    def next_candidate(self) -> dict | None:
+        if self._next is None:
+            return self.propose()
+        future, self._next = self._next, None
+        return self.take(future.result())
 
     def refuse(
         self, champion: dict, description: str, reason: str, diff: str = "", usage=None
@@ -390,7 +462,7 @@ class Session:
                     self.benchmark(self.champion(), "champion")
                     continue
                 try:
-                    candidate = self.propose()
+                    candidate = self.next_candidate()
                 except ProposerStop as e:  # the LLM budget is spent, say: a normal end
                     why = f"the proposer stopped: {e}"
                     break
@@ -400,10 +472,22 @@ class Session:
                 if candidate["state"] == "refused":
                     continue
             self.event(f"experiment #{candidate['experiment']}: {candidate['description']}")
+            self.prefetch()
             self.record(candidate, self.judge_candidate(candidate))
+        self.keep_pending_draft()
         self.workspace.reset()
         self.event(f"session stopped: {why}")
         return why
+
+    def keep_pending_draft(self) -> None:
+        """A draft still in the making when the session stops is waited for and recorded
+        (as a proposed candidate that --resume will judge), so its LLM spend is not lost."""
+        if self._next is None:
+            return
+        future, self._next = self._next, None
+        draft = future.result()
+        if draft.made is not None and draft.champion["id"] == self.champion()["id"]:
+            self.take(draft)
 
 
 def _round(value: float | None) -> float | None:

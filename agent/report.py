@@ -143,6 +143,16 @@ class _Session:
     events: list[dict]
     n_experiments: int  # decided or refused, as the budget counts them
 
+    def busy_text(self, until: float) -> str:
+        """`benchmarks ran 87% of the session's 2h 10m (the device idled 13%)`."""
+        runs = [r for e in [self.base, *self.rows] if e for r in e.runs]
+        busy = device_busy(runs, self.session["created"], until)
+        if busy is None or not runs:
+            return ""
+        span = _duration(until - self.session["created"])
+        idle = f"the device idled {1 - busy:.0%}"
+        return f"benchmarks ran {busy:.0%} of the session's {span} ({idle})"
+
     def candidate(self, candidate_id: int) -> dict:
         return next(e.candidate for e in [self.base, *self.rows]
                     if e and e.candidate["id"] == candidate_id)
@@ -230,6 +240,9 @@ def _markdown(s: _Session) -> str:
     spend = llm_spend([e.candidate for e in s.rows])
     if spend:
         lines += ["", spend + "."]
+    last = s.events[-1]["time"] if s.events else time.time()
+    if s.busy_text(last):
+        lines += ["", s.busy_text(last).capitalize() + "."]
     lines += ["", "## Baseline noise", "", _noise(s), "", "## Champion", ""]
     champ = s.champion
     if champ is None:
@@ -384,6 +397,15 @@ def write_report(run_dir: str | Path) -> ReportPaths:
     return paths
 
 
+def device_busy(runs: Sequence[dict], since: float, until: float) -> float | None:
+    """Fraction of the session's time in which a benchmark ran (the rest the GPU, or CPU,
+    waited: on the proposer, the judge, the session's own overhead)."""
+    span = until - since
+    if span <= 0:
+        return None
+    return min(1.0, sum(r["wall_seconds"] or 0.0 for r in runs) / span)
+
+
 def llm_spend(candidates: Sequence[dict]) -> str:
     """`LLM spend: $1.234 over 56 requests (7 candidates)`, or "" when no LLM proposed."""
     used = [c["usage"] for c in candidates if c.get("usage") and c["usage"].get("requests")]
@@ -415,6 +437,8 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     spend = llm_spend([e.candidate for e in s.rows])
     if spend:
         console.print(spend)
+    if s.busy_text(now):
+        console.print(s.busy_text(now))
     if s.champion is None:
         console.print("champion: none yet (the baseline is being measured)")
     else:

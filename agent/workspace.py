@@ -82,6 +82,13 @@ class Workspace:
         git(ws.repo, "worktree", "add", "--detach", str(ws.path), commit)
         return ws
 
+    def second(self, path: Path) -> "Workspace":
+        """Another worktree of the same session (for proposing while this one runs)."""
+        other = Workspace(self.repo, path, self.session)
+        if not (other.path / ".git").exists():
+            git(self.repo, "worktree", "add", "--detach", str(other.path), self.champion)
+        return other
+
     @classmethod
     def open(cls, repo: Path, path: Path, session: str) -> "Workspace":
         ws = cls(repo, path, session)

@@ -140,3 +140,63 @@ def test_resume_after_kill_9(repo, env, tmp_path):
     seeds = [r["seed"] for c in after.candidates() for r in after.runs_of(c["id"])]
     assert len(seeds) == len(set(seeds))  # every counted run had its own seed
     assert json.loads(json.dumps(after.session()))["config"]["experiments"] == 2
+
+
+def _accept(session, description: str, edit) -> dict:
+    """Make a candidate by hand (edit the worktree, capture it) and accept it as champion."""
+    from agent.judge import Decision
+
+    ws = session.workspace
+    edit(ws.path)
+    made = ws.capture(len(session.ledger.candidates()), description)
+    champion = session.champion()
+    cid = session.ledger.add_candidate(
+        description, parent_id=champion["id"], diff=made.diff, commit_sha=made.commit
+    )
+    decision = Decision("accept", "by hand", 1.1, 1.0, 1.2, 0.01, 0.01, 3, 3, 0.0)
+    session.ledger.decide(cid, "accept", decision, speedup=1.1)
+    ws.promote(made.commit)
+    return session.ledger.candidate(cid)
+
+
+def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, monkeypatch):
+    """Drafting overlaps with running: when the champion changes meanwhile, the draft is
+    re-applied on the new champion, or, when it no longer applies, proposed anew."""
+    from agent.judge import Decision
+    from agent.loop import Session, SessionConfig
+    from agent.proposers import SweepProposer
+    from agent.proposers.sweep import read_value, write_value
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = SessionConfig(repo=str(repo))
+    session = Session.create(tmp_path / "s", config, SweepProposer(), say=lambda text: None)
+    base = session.ledger.add_candidate(
+        "baseline", parent_id=None, commit_sha=session.workspace.champion
+    )
+    decision = Decision("accept", "baseline", 1.0, None, None, None, None, 0, 3, None)
+    session.ledger.decide(base, "accept", decision, speedup=1.0)
+    recipe = "model/recipe.py"
+
+    # The sweep drafts a change of its first knob (embed_lr) in the second worktree...
+    second = session.workspace.second(tmp_path / "s" / "propose")
+    draft = session.draft(second, *session.propose_context())
+    assert draft.made is not None and "embed_lr" in draft.proposal.description
+    # ...while another candidate, changing another line, becomes the champion.
+    new = _accept(session, "head_lr by hand", lambda p: write_value(p / recipe, "head_lr", 0.01))
+    taken = session.take(draft)
+    assert taken["parent_id"] == new["id"] and taken["description"] == draft.proposal.description
+    parent = subprocess.run(
+        ["git", "rev-parse", f"{taken['commit_sha']}^"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    assert parent == new["commit_sha"]  # built on the new champion, both changes in it
+    session.workspace.checkout(taken["commit_sha"])
+    path = session.workspace.path / recipe
+    assert read_value(path, "head_lr") == 0.01 and read_value(path, "embed_lr") != 0.3
+
+    # A draft whose lines the new champion changed is dropped and proposed anew.
+    draft = session.draft(second, *session.propose_context())
+    changed = draft.proposal.description.split()[1]
+    _accept(session, f"{changed} by hand", lambda p: write_value(p / recipe, changed, 0.123))
+    redone = session.take(draft)
+    assert redone["description"] != draft.proposal.description
+    assert any("does not apply" in e["text"] for e in session.ledger.events(50))
