@@ -139,23 +139,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def validate_args(args: argparse.Namespace) -> tuple[Preset, torch.device]:
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset '{args.preset}': choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[args.preset]
-    device = torch.device(args.device or preset.device)
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
+@dataclass
+class Setup:
+    """What a run is: the preset, the device, the data and the kernels, all checked."""
+
+    name: str
+    preset: Preset
+    device: torch.device
+    data: str
+    meta: dict  # the dataset's meta.json
+    kernels: str  # the backend that runs: torch or triton
+    compile: bool
+
+
+def resolve_setup(
+    preset: str,
+    device: str | None = None,
+    data: str | None = None,
+    kernel_backend: str = "auto",
+    compile: bool | None = None,
+) -> Setup:
+    """Check a run's settings; UsageError (or DataMissingError) names what is wrong.
+
+    Shared with bench/profile.py, so a profile is made of exactly what train.py times.
+    """
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    config = PRESETS[preset]
+    try:
+        dev = torch.device(device or config.device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
-            f"preset '{args.preset}' runs on CUDA but no CUDA GPU is visible; "
+            f"preset '{preset}' runs on CUDA but no CUDA GPU is visible; "
             "use --preset cpu-tiny, or --device cpu to force it onto the CPU"
         )
+    data_name = data or config.data
+    try:
+        meta = load_meta(data_name)
+        backend = kernels.resolve(kernel_backend, dev.type)
+    except (ValueError, RuntimeError) as e:  # a bad dataset name, a backend that cannot run
+        raise UsageError(str(e)) from None
+    compile_model = dev.type == "cuda" if compile is None else compile
+    return Setup(preset, config, dev, data_name, meta, backend, compile_model)
+
+
+def validate_args(args: argparse.Namespace) -> Setup:
     for flag in ("budget_tokens", "budget_seconds"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    return preset, device
+    return resolve_setup(args.preset, args.device, args.data, args.kernels, args.compile)
 
 
 def snapshot(recipe) -> tuple[dict, list[dict]]:
@@ -185,19 +222,17 @@ def warmup(recipe, loader: Loader, evaluate_fn, max_steps: int = 3) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[dict, int]:
-    preset, device = validate_args(args)
+    setup = validate_args(args)
+    preset, device, data_name, meta = setup.preset, setup.device, setup.data, setup.meta
     torch.manual_seed(args.seed)
-    data_name = args.data or preset.data
-    meta = load_meta(data_name)
     vocab_size = meta["vocab_size"]
     val_tokens = read_split_tokens(data_name, "val")[: preset.eval_tokens + 1]
     token_bytes = None
     if meta.get("token_bytes"):  # the byte table that bits per byte needs, when known
         token_bytes = np.load(dataset_dir(data_name) / meta["token_bytes"])
 
-    backend = kernels.resolve(args.kernels, device.type)
+    backend, compile_model = setup.kernels, setup.compile
     kernels.set_backend(backend)
-    compile_model = device.type == "cuda" if args.compile is None else args.compile
     recipe = build_recipe(args.preset, device, vocab_size, compile_model)
 
     def run_eval():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +33,9 @@ from agent.workspace import (
     Workspace,
     apply_patch,
 )
+
+# Proposers that read the research context (and so the champion's profile).
+LLM_PROPOSERS = ("anthropic", "command")
 
 # Expected wall time of a first run, before any run was measured (runner timeouts scale it).
 FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
@@ -295,9 +300,14 @@ class Session:
                     return decision
             early = None
             if not results:  # only the screen stops early: replicates are for the judge
-                curves = [r["curve"] for r in champion if r.get("curve")]
+                curves = [r["curve"] for r in champion if r.get("status") == "ok" and r["curve"]]
                 if curves:
-                    early = runner.behind_champion(curves[0], self.config.early_stop_margin)
+                    # Against the champion's slowest run, from half its time on: only a clear
+                    # loser stops, not a run that met a slow minute of a shared machine.
+                    slowest = max(curves, key=lambda curve: curve[-1]["seconds"])
+                    early = runner.behind_champion(
+                        slowest, self.config.early_stop_margin, min_fraction=0.5
+                    )
             self.benchmark(candidate, "confirm" if results else "screen", early_stop=early)
 
     def record(self, candidate: dict, decision: Decision) -> None:
@@ -326,7 +336,33 @@ class Session:
             "champion": champion,
             "champion_results": self.champion_results(),
         }
+        profile = self.champion_profile(champion)
+        if profile:
+            context["profile"] = profile
         return champion, self.ledger.candidates(), context
+
+    def champion_profile(self, champion: dict) -> str | None:
+        """Where the champion spends its time (bench/profile.py), for the LLM proposers: made
+        once per champion, under the device lock and never during a benchmark."""
+        if self.proposer.name not in LLM_PROPOSERS:
+            return None
+        path = self.run_dir / "profiles" / f"c{champion['id']:03d}.txt"
+        if not path.exists():
+            ws = self.workspace
+            ws.checkout(champion["commit_sha"])
+            cmd = [sys.executable, "-m", "bench.profile", "--preset", self.config.preset]
+            cmd += _data_flag(self.config.train_args) + ["--out", str(path)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with runner.device_lock(self.config.device):
+                proc = subprocess.run(
+                    cmd, cwd=ws.path, capture_output=True, text=True,
+                    timeout=self.config.timeout_factor * self.expected_seconds(),
+                )  # fmt: skip
+            if proc.returncode != 0:
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+                self.event(f"no profile of the champion: {' | '.join(tail)}")
+                return None
+        return path.read_text()
 
     def draft(self, ws: Workspace, champion: dict, history: list[dict], context: dict) -> Draft:
         """Run the proposer in `ws` and take its edit as a commit on `champion`. Writes
@@ -505,3 +541,11 @@ def _summary(result: dict, objective: str) -> str:
     metric = primary_metric(result, objective)
     shown = "not reached" if metric is None else f"{metric:.4g}"
     return f": {OBJECTIVES[objective][0]} {shown}, {speed}"
+
+
+def _data_flag(train_args: list[str]) -> list[str]:
+    """The --data flag of the session's train.py arguments, for tools that take the same."""
+    if "--data" in train_args:
+        i = train_args.index("--data")
+        return train_args[i : i + 2]
+    return []

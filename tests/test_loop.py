@@ -200,3 +200,25 @@ def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, 
     redone = session.take(draft)
     assert redone["description"] != draft.proposal.description
     assert any("does not apply" in e["text"] for e in session.ledger.events(50))
+
+
+@pytest.mark.slow
+def test_llm_proposers_see_a_profile_of_the_champion(repo, env, tmp_path, monkeypatch):
+    from agent.judge import Decision
+    from agent.loop import Session, SessionConfig
+
+    for key in ("SPEEDLOOP_DATA", "SPEEDLOOP_LOCKS", "WANDB_MODE"):
+        monkeypatch.setenv(key, env[key])
+
+    class Scripted:  # stands in for an LLM proposer: only its name matters here
+        name = "command"
+
+    session = Session.create(tmp_path / "s", SessionConfig(repo=str(repo)), Scripted())
+    base = session.ledger.add_candidate(
+        "baseline", parent_id=None, commit_sha=session.workspace.champion
+    )
+    decision = Decision("accept", "baseline", 1.0, None, None, None, None, 0, 3, None)
+    session.ledger.decide(base, "accept", decision, speedup=1.0)
+    _, _, context = session.propose_context()
+    assert "cpu-tiny" in context["profile"] and "aten::" in context["profile"]
+    assert (tmp_path / "s" / "profiles" / f"c{base:03d}.txt").read_text() == context["profile"]

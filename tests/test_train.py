@@ -168,3 +168,17 @@ def test_warmup_leaves_no_trace_in_the_timed_run(data_cache, monkeypatch, capsys
         curves.append([row["val_loss"] for row in result["curve"]])
     assert curves[0] == curves[1]
     assert np.isfinite(curves[0]).all()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "tpu"], "--device tpu: use cpu or cuda"),
+        (["--kernels", "cutlass"], "unknown kernel backend 'cutlass'"),
+        (["--budget-tokens", "0"], "--budget-tokens must be positive"),
+        (["--data", "../elsewhere"], "not a plain directory name"),
+    ],
+)
+def test_bad_flags_are_clear_errors(data_cache, flags, message):
+    code, _, log = run_train(data_cache, *flags)
+    assert code == 2 and message in log, log
