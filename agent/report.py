@@ -413,7 +413,15 @@ def llm_spend(candidates: Sequence[dict]) -> str:
         return ""
     cost = sum(u.get("cost_usd", 0.0) for u in used)
     requests = sum(u["requests"] for u in used)
-    return f"LLM spend: ${cost:.3f} over {requests} requests ({len(used)} candidates)"
+    tokens = {
+        kind: sum(u.get(f"{kind}_tokens", 0) for u in used)
+        for kind in ("input", "output", "cache_read_input", "cache_creation_input")
+    }
+    return (
+        f"LLM spend: ${cost:.3f} over {requests} requests ({len(used)} candidates); tokens "
+        f"in {tokens['input']:,}, out {tokens['output']:,}, cache read "
+        f"{tokens['cache_read_input']:,}, cache write {tokens['cache_creation_input']:,}"
+    )
 
 
 def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:

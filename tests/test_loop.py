@@ -222,3 +222,38 @@ def test_llm_proposers_see_a_profile_of_the_champion(repo, env, tmp_path, monkey
     _, _, context = session.propose_context()
     assert "cpu-tiny" in context["profile"] and "aten::" in context["profile"]
     assert (tmp_path / "s" / "profiles" / f"c{base:03d}.txt").read_text() == context["profile"]
+
+
+@pytest.mark.slow
+def test_an_llm_session_end_to_end_against_a_fake_messages_api(repo, env, tmp_path):
+    """`agent run --proposer anthropic` with the real SDK talking to a loopback fake: the
+    model edits the recipe, checks and submits; the engine runs and judges the candidate;
+    the report shows what the LLM cost and how much of the session the device idled."""
+    import re
+
+    from tests.fakes.messages_api import FakeMessagesAPI, tool_use
+
+    recipe = "model/recipe.py"
+    old = re.search(r"^    warmdown: float = [0-9.]+", (repo / recipe).read_text(), re.M)[0]
+    with FakeMessagesAPI() as api:
+        api.reply(tool_use("read_file", path=recipe, start_line=1, end_line=40),
+                  usage={"input_tokens": 3000, "cache_creation_input_tokens": 2000})
+        api.reply(tool_use("replace_in_file", path=recipe, old=old, new=old + "5"))
+        api.reply(tool_use("run_checks"))
+        api.reply(tool_use("submit", description="schedule: warmdown a little longer",
+                           hypothesis="a longer decay", expected_effect="1% faster",
+                           category="schedule"))  # fmt: skip
+        run_dir = tmp_path / "session"
+        keyed = {**env, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": api.url}
+        args = ["run", *SHORT, "--objective", "throughput", "--experiments", "1"]
+        proc = agent(repo, keyed, *args, "--proposer", "anthropic", "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    (candidate,) = [c for c in ledger.candidates() if c["experiment"]]
+    assert candidate["proposer"] == "anthropic" and candidate["state"] == "decided"
+    assert "+" + old + "5" in candidate["diff"]
+    assert candidate["usage"]["requests"] == 4 and candidate["usage"]["cost_usd"] > 0
+    assert ledger.runs_of(candidate["id"], ok_only=True)  # it really ran
+    report = (run_dir / "report.md").read_text()
+    assert "LLM spend: $" in report and "the device idled" in report
+    assert "Top operations" in api.requests[0]["body"]["messages"][0]["content"][0]["text"]

@@ -205,9 +205,12 @@ def test_llm_spend_is_summed_from_the_candidates_usage():
     from agent.report import llm_spend
 
     rows = [
-        {"usage": {"requests": 3, "cost_usd": 0.5}},
+        {"usage": {"requests": 3, "cost_usd": 0.5, "input_tokens": 1000, "output_tokens": 10}},
         {"usage": None},
-        {"usage": {"requests": 2, "cost_usd": 0.25}},
+        {"usage": {"requests": 2, "cost_usd": 0.25, "cache_read_input_tokens": 2000}},
     ]
-    assert llm_spend(rows) == "LLM spend: $0.750 over 5 requests (2 candidates)"
+    assert llm_spend(rows) == (
+        "LLM spend: $0.750 over 5 requests (2 candidates); tokens in 1,000, out 10, "
+        "cache read 2,000, cache write 0"
+    )
     assert llm_spend([{"usage": None}]) == ""
