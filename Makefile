@@ -39,6 +39,7 @@ test: $(STAMP)
 gpu-check:
 	$(SYSPY) -m pytest -q tests/test_kernels*.py tests/test_model.py tests/test_evaluator.py
 	$(SYSPY) -m bench.gpu_check
+	$(SYSPY) -m bench.profile --preset gpu-small --data embedded --steps 3
 	$(SYSPY) -m bench.kernels_bench
 
 lint: $(STAMP)
