@@ -208,6 +208,89 @@ def restore(recipe, state: tuple[dict, list[dict]]) -> None:
         opt.load_state_dict(copy.deepcopy(opt_state))  # replaces the state wholesale
 
 
+# -- integrity checks of the model boundary (threat 5 of bench/INTEGRITY.md) --------------
+# The model's own state_dict/load_state_dict/named_parameters may be overridden by the
+# surface, so the checks read the tensors through torch.nn.Module's methods, unbound.
+
+
+def module_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the model by name (non-persistent buffers included)."""
+    out = dict(torch.nn.Module.named_parameters(model, remove_duplicate=False))
+    out.update(dict(torch.nn.Module.named_buffers(model, remove_duplicate=False)))
+    return out
+
+
+def restore_problems(recipe, state: tuple[dict, list[dict]]) -> list[str]:
+    """What differs, after `restore`, from the snapshot it restored: empty when the model and
+    the optimizers are exactly the initial ones (no warmup progress kept)."""
+    model_state, opt_states = state
+    problems = []
+    now = torch.nn.Module.state_dict(recipe.model, keep_vars=True)
+    for name in sorted(set(now) | set(model_state)):
+        a, b = now.get(name), model_state.get(name)
+        if a is None or b is None:
+            problems.append(f"model tensor {name} is {'missing' if a is None else 'new'}")
+        elif not _same(a.detach(), b):
+            problems.append(f"model tensor {name} differs from its initial value")
+    for i, (opt, expected) in enumerate(zip(recipe.optimizers, opt_states)):
+        if not _same(torch.optim.Optimizer.state_dict(opt), expected):
+            problems.append(f"optimizer {i} ({type(opt).__name__}) state is not the initial one")
+    if len(recipe.optimizers) != len(opt_states):
+        problems.append("the recipe's list of optimizers changed during warmup")
+    return problems
+
+
+def _same(a, b) -> bool:
+    """Exact equality of nested state (tensors, dicts, lists, numbers)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b.to(a.device))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN equals NaN here
+
+
+def fingerprint(model: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
+    """Names, and per tensor (sum, sum of squares, sum of the even elements) in float64,
+    computed on the tensors' device and fetched in one transfer: cheap at every evaluation
+    even for a 124M model on a GPU."""
+    names, rows = [], []
+    for name, t in module_tensors(model).items():
+        v = t.detach()
+        v = torch.view_as_real(v) if v.is_complex() else v
+        v = v.reshape(-1).to(torch.float64)
+        rows.append(torch.stack([v.sum(), torch.dot(v, v), v[::2].sum()]))
+        names.append(name)
+    if not rows:
+        return names, torch.zeros(0, 3, dtype=torch.float64)
+    return names, torch.stack([r.to(rows[0].device) for r in rows]).cpu()
+
+
+def fingerprint_change(
+    before: tuple[list[str], torch.Tensor], after: tuple[list[str], torch.Tensor]
+) -> str | None:
+    """The first tensor whose fingerprint changed, as a reason; None when none did."""
+    (names_a, a), (names_b, b) = before, after
+    if names_a != names_b:
+        added = sorted(set(names_b) - set(names_a))
+        gone = sorted(set(names_a) - set(names_b))
+        return f"the model's tensors changed: new {added[:3]}, gone {gone[:3]}"
+    for i, name in enumerate(names_a):
+        # Exact (the same tensor sums to the same bits); NaN equals NaN, so a model that
+        # diverged before this evaluation is reported as diverged, not as a violation.
+        same = (a[i] == b[i]) | (a[i].isnan() & b[i].isnan())
+        if not bool(same.all()):
+            return f"tensor {name} changed during evaluation"
+    return None
+
+
 def warmup(recipe, loader: Loader, evaluate_fn, max_steps: int = 3) -> None:
     """Run the batch shapes the recipe will use, and one evaluation, outside the clock."""
     shapes = []
@@ -235,26 +318,47 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     kernels.set_backend(backend)
     recipe = build_recipe(args.preset, device, vocab_size, compile_model)
 
+    violations: list[str] = []  # integrity violations found by the harness, with reasons
+    integrity_seconds = 0.0  # what the checks below cost, outside the clock
+
     def run_eval():
+        # Evaluation must not change the model (threat 5): eval mode, no_grad here in the
+        # harness (not only in the evaluator), and a fingerprint of every parameter and
+        # buffer before and after, compared exactly.
+        nonlocal integrity_seconds
+        t = time.perf_counter()
+        before = fingerprint(recipe.model)
+        integrity_seconds += time.perf_counter() - t
         recipe.model.eval()
         try:
-            return evaluate(
-                recipe.logits,
-                val_tokens,
-                preset.eval_seq_len,
-                preset.eval_batch_size,
-                vocab_size,
-                device,
-                token_bytes,
-            )
+            with torch.no_grad():
+                return evaluate(
+                    recipe.logits,
+                    val_tokens,
+                    preset.eval_seq_len,
+                    preset.eval_batch_size,
+                    vocab_size,
+                    device,
+                    token_bytes,
+                )
         finally:
             recipe.model.train()
+            t = time.perf_counter()
+            change = fingerprint_change(before, fingerprint(recipe.model))
+            integrity_seconds += time.perf_counter() - t
+            if change is not None and change not in violations:
+                violations.append(f"evaluation changed the model: {change}")
 
     # Untimed warmup on its own data stream, then back to the initial state.
     t0 = time.perf_counter()
     initial = snapshot(recipe)
     warmup(recipe, open_split(data_name, "train", args.seed + 10_000, device), run_eval)
     restore(recipe, initial)
+    # The restored model and optimizers must be exactly the initial ones (threat 5: no
+    # warmup progress kept by, say, an overridden load_state_dict).
+    t = time.perf_counter()
+    violations += [f"restore after warmup: {p}" for p in restore_problems(recipe, initial)[:5]]
+    integrity_seconds += time.perf_counter() - t
     warmup_seconds = time.perf_counter() - t0
     torch.manual_seed(args.seed)
     loader = open_split(data_name, "train", args.seed, device)
@@ -268,6 +372,8 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     clock = Clock(device)
     curve: list[dict] = []
     status, steps, tokens, eval_seconds = "ok", 0, 0, 0.0
+    if violations:  # found before the clock started: nothing is timed
+        status = "integrity-violation"
     pending_evals = eval_points(preset.n_evals)  # the same with or without a target
     time_to_target = None
     if device.type == "cuda":
@@ -295,7 +401,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         return point
 
     clock.start()
-    while True:
+    while status == "ok":
         progress = budget.progress(tokens, clock)
         if progress >= 1.0:
             break
@@ -321,6 +427,9 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
             while pending_evals and pending_evals[0] <= progress:
                 pending_evals.pop(0)
             point = record_eval()
+            if violations:
+                status = "integrity-violation"
+                break
             if point is None:
                 status = "diverged"
                 break
@@ -332,6 +441,8 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     if status == "ok" and (not curve or curve[-1]["tokens"] != tokens):
         if record_eval() is None:
             status = "diverged"
+        if violations:
+            status = "integrity-violation"
     final = curve[-1] if curve else None
     if target is not None:
         time_to_target = interpolate_target(curve, target)
@@ -339,16 +450,21 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     probe = None
     if status == "ok":
         recipe.model.eval()
-        probe = causality_probe(
-            recipe.logits,
-            vocab_size,
-            preset.eval_seq_len,
-            device,
-            torch.Generator().manual_seed(secrets.randbits(63)),  # fresh probe every run
-        )
+        with torch.no_grad():
+            probe = causality_probe(
+                recipe.logits,
+                vocab_size,
+                preset.eval_seq_len,
+                device,
+                torch.Generator().manual_seed(secrets.randbits(63)),  # fresh probe every run
+            )
         recipe.model.train()
         if not probe.causal:
             status = "integrity-violation"
+            violations.append(
+                f"causality probe: a change after position {probe.position} moved an earlier "
+                f"log-probability by {probe.max_change:.3g} (tolerance {probe.tolerance:.3g})"
+            )
 
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     tokens_per_sec = tokens / train_seconds if train_seconds > 0 else 0.0
@@ -384,6 +500,11 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         "mfu": mfu(recipe.flops_per_token(), tokens_per_sec, gpu_name),
         "peak_memory_bytes": _peak_memory(device),
         "causality": None if probe is None else probe.__dict__,
+        "integrity": {
+            "ok": not violations,
+            "violations": violations,
+            "seconds": integrity_seconds,  # what the harness's checks cost, outside the clock
+        },
         "curve": curve,
     }
     code = {"ok": EXIT_OK, "diverged": EXIT_DIVERGED}.get(status, EXIT_INTEGRITY)

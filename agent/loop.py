@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from agent import runner
+from agent import integrity, runner
 from agent.costs import ProposerStop
 from agent.judge import OBJECTIVES, Decision, JudgeConfig, comparable, decide, primary_metric
 from agent.ledger import LEDGER_FILE, Ledger
@@ -65,6 +65,10 @@ class SessionConfig:
     judge: dict = field(default_factory=dict)  # JudgeConfig overrides
     wandb: str = "auto"  # auto (online with a key, else offline) | offline | disabled
     repo: str = "."
+    # Integrity (bench/INTEGRITY.md): the sha256 of every fixed file, taken at session start
+    # and checked before every run; and whether candidates the diff scan flags may run.
+    fixed_hashes: dict | None = None
+    allow_flagged: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> SessionConfig:
@@ -176,12 +180,23 @@ class Session:
 
     def benchmark(self, candidate: dict, role: str, early_stop=None) -> dict:
         """Run train.py once for `candidate` and record the run; returns its result dict."""
+        expected = self.fixed_hashes()  # integrity: taken once, at session start
         ws = self.workspace
         ws.checkout(candidate["commit_sha"])
         seed = self.fresh_seed()
         name = f"c{candidate['id']:03d}-{role}-s{seed}"
         log_path = self.run_dir / "logs" / f"{name}.log"
         run_id = self.ledger.start_run(candidate["id"], role, seed, log_path)
+        # Integrity (threat 1): a fixed file that differs from its hash at session start
+        # fails the run as an integrity violation, without running train.py.
+        changed = integrity.changed_fixed(ws.path, expected)
+        if changed:
+            error = f"fixed files differ from the session start: {', '.join(changed[:10])}"
+            result = {"integrity": {"ok": False, "violations": [error], "changed": changed}}
+            self.ledger.finish_run(run_id, "integrity-violation", result, error, 0.0)
+            self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
+            self.say(f"  run {name}: {candidate['description']}\n  -> integrity-violation: {error}")
+            return {**result, "status": "integrity-violation", "seed": seed}
         args = list(self.config.train_args) + self.objective_args()
         spec = runner.RunSpec(
             worktree=ws.path,
@@ -251,6 +266,17 @@ class Session:
         ledger.decide(baseline["id"], "accept", decision, speedup=1.0)
         self.event(f"baseline measured {len(runs)} times; it is the first champion")
         return ledger.candidate(baseline["id"])
+
+    def fixed_hashes(self) -> dict:
+        """Integrity (threat 1): the hashes of the fixed files, taken from the champion at
+        session start (or at the first run of a session made before they existed) and kept
+        in the session config, so a resumed session checks against the same ones."""
+        if self.config.fixed_hashes is None:
+            ws = self.workspace
+            ws.reset()
+            self.config.fixed_hashes = integrity.fixed_hashes(ws.path)
+            self.ledger.set_session(asdict(self.config))
+        return self.config.fixed_hashes
 
     def ok(self, candidate: dict) -> list[dict]:
         results = self.comparable(self.ledger.results_of(candidate["id"]))
@@ -410,6 +436,17 @@ class Session:
                 self.event(f"dropped '{proposal.description}': it was proposed on the previous "
                            f"champion and does not apply to the new one ({e})")
                 return self.propose()
+        # Integrity (threats 4, 5, 7): scan the lines the diff adds to the surface; a flagged
+        # candidate is refused, with the findings, unless the session allows flagged ones.
+        findings = integrity.scan_diff(made.diff, self.source_at(made.commit))
+        if findings and not self.config.allow_flagged:
+            self.refuse(
+                champion, proposal.description, integrity.describe(findings), made.diff,
+                proposal.usage,
+            )  # fmt: skip
+            return self.ledger.candidates()[-1]
+        if findings:
+            self.event(f"allowed by allow_flagged: {integrity.describe(findings)}")
         cid = self.ledger.add_candidate(
             proposal.description,
             parent_id=champion["id"],
@@ -422,6 +459,17 @@ class Session:
             usage=proposal.usage,
         )
         return self.ledger.candidate(cid)
+
+    def source_at(self, commit: str):
+        """path -> the file's text at `commit` (None if it has none), for the diff scan."""
+
+        def source(path: str) -> str | None:
+            try:
+                return self.workspace.git("show", f"{commit}:{path}")
+            except Exception:  # deleted at that commit, or not a text file
+                return None
+
+        return source
 
     def propose(self) -> dict | None:
         """Ask the proposer for the next candidate now; None when it is done."""
@@ -485,6 +533,7 @@ class Session:
         if champion is not None:  # a kill between the ledger's accept and the git update
             self.workspace.promote(champion["commit_sha"])
         self.workspace.reset()
+        self.fixed_hashes()  # integrity: the fixed files' hashes, at session start
         self.ensure_baseline()
         while True:
             pending = self.ledger.candidates(["proposed", "running"])

@@ -406,8 +406,11 @@ def _classify(
             "invalid-result", result, f"exit 3 (diverged) without a diverged result: {problem}"
         )
     if returncode == EXIT_INTEGRITY:
-        causality = (result or {}).get("causality")
-        return outcome("integrity-violation", result, f"exit 4: causality probe {causality}")
+        # The harness names each check that failed; older results only had the probe.
+        violations = ((result or {}).get("integrity") or {}).get("violations")
+        probe = f"causality probe {(result or {}).get('causality')}"
+        why = "; ".join(violations) if violations else probe
+        return outcome("integrity-violation", result, f"exit 4: {why}")
     if watch.oom_line is not None:
         return outcome("oom", None, watch.oom_line[:300])
     if returncode == -signal.SIGKILL:
