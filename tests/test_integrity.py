@@ -20,6 +20,7 @@ import pytest
 
 from agent import integrity
 from agent.proposers import Proposal
+from bench import guards
 from data.prepare import prepare_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,15 +303,13 @@ def test_the_harness_checks(tmp_path, data_env, path, change, reason):
 def test_the_fingerprint_sees_a_change_but_not_a_nan_twice():
     import torch
 
-    import train
-
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    before = train.fingerprint(model)
-    assert train.fingerprint_change(before, train.fingerprint(model)) is None
+    before = guards.fingerprint(model)
+    assert guards.fingerprint_change(before, guards.fingerprint(model)) is None
     with torch.no_grad():
         model[0].weight[1, 2] += 1e-6  # the smallest of nudges
-    change = train.fingerprint_change(before, train.fingerprint(model))
+    change = guards.fingerprint_change(before, guards.fingerprint(model))
     assert change == "tensor 0.weight changed during evaluation"
     model[1].running_mean.fill_(float("nan"))  # a diverged model stays diverged, not cheating
-    nan = train.fingerprint(model)
-    assert train.fingerprint_change(nan, train.fingerprint(model)) is None
+    nan = guards.fingerprint(model)
+    assert guards.fingerprint_change(nan, guards.fingerprint(model)) is None
