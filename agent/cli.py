@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that a resumed session takes from its ledger, not from the command line.
+RESUME_FIXED = (
+    "preset", "objective", "proposer", "proposer_arg", "deadline", "run_dir", "baseline_runs",
+    "budget_tokens", "data", "target_loss", "wandb", "model", "max_usd_per_candidate",
+    "max_turns", "thinking", "effort", "brief", "agent_timeout",
+)  # fmt: skip
+
+
+def build_defaults() -> dict:
+    """The `run` command's default value of every flag."""
+    return vars(build_parser().parse_args(["run"]))
+
+
 def proposer_options(args: argparse.Namespace, run_dir: Path) -> dict:
     """The LLM proposers' settings from the flags that were given."""
     if args.proposer not in ("anthropic", "command"):
@@ -122,6 +135,13 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         run_dir = args.resume
         if not (run_dir / LEDGER_FILE).exists():
             raise SessionStop(f"{run_dir} holds no session ({LEDGER_FILE} missing)")
+        fixed = [flag for flag in RESUME_FIXED if getattr(args, flag) != build_defaults()[flag]]
+        if fixed:  # the session's settings are in its ledger; changing them would mix runs
+            names = ", ".join("--" + flag.replace("_", "-") for flag in fixed)
+            raise SessionStop(
+                f"{names} cannot change on --resume (the session keeps its own settings); "
+                "only --experiments, --hours and --budget-usd can"
+            )
         config = SessionConfig.from_dict(Ledger(run_dir / LEDGER_FILE).session()["config"])
         if args.budget_usd is not None:  # a resume may raise the LLM budget
             config.proposer_options["budget_usd"] = args.budget_usd

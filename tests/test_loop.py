@@ -257,3 +257,13 @@ def test_an_llm_session_end_to_end_against_a_fake_messages_api(repo, env, tmp_pa
     report = (run_dir / "report.md").read_text()
     assert "LLM spend: $" in report and "the device idled" in report
     assert "Top operations" in api.requests[0]["body"]["messages"][0]["content"][0]["text"]
+
+
+def test_resume_refuses_flags_that_would_change_the_session(tmp_path, capsys):
+    from agent.cli import main
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.set_session({"preset": "cpu-tiny"})
+    ledger.close()
+    assert main(["run", "--resume", str(tmp_path), "--preset", "gpu-small"]) == 2
+    assert "--preset cannot change on --resume" in capsys.readouterr().err
