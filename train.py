@@ -125,6 +125,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the model init and data order")
     p.add_argument("--out", type=Path, help="write the result JSON here (also printed last)")
+    add_setup_arguments(p)
+    p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
+    return p.parse_args(argv)
+
+
+def add_setup_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that resolve_setup takes, for train.py and the tools that must build the
+    surface exactly as it does (bench/profile.py)."""
     p.add_argument("--data", help="dataset name in the data cache (default: the preset's)")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument(
@@ -136,8 +144,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="torch.compile the model (default: on for CUDA, off for CPU)",
     )
-    p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
-    return p.parse_args(argv)
 
 
 @dataclass

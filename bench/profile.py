@@ -228,17 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(train.PRESETS)}")
     p.add_argument("--steps", type=int, default=5, help="profiled train steps (default 5)")
-    p.add_argument("--data", help="dataset name in the data cache (default: the preset's)")
-    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
-    p.add_argument(
-        "--kernels", default="auto", help="kernel backend: auto (triton on CUDA), torch, triton"
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the model (default: as train.py, on for CUDA, off for CPU)",
-    )
+    train.add_setup_arguments(p)  # the surface is built exactly as train.py builds it
     p.add_argument("--out", type=Path, help="also write the report here")
     return p.parse_args(argv)
 

@@ -13,6 +13,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -31,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """The device kernel and model tests run on: CUDA when present, else CPU."""
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """A data cache holding the real embedded dataset, prepared once per test session (about
+    5 s). Tests only read it; one that must break it copies it first."""
+    from data.prepare import prepare_embedded
+
+    cache = tmp_path_factory.mktemp("speedloop-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPEEDLOOP_DATA", str(cache))
+        prepare_embedded()
+    return cache

@@ -11,42 +11,19 @@ defence meant for it (bench/INTEGRITY.md), and an honest candidate that passes t
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fakes.repo import git, working_tree_repo
 
 from agent import integrity
 from agent.proposers import Proposal
 from bench import guards
-from data.prepare import prepare_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE, GPT, INIT = "model/recipe.py", "model/gpt.py", "model/__init__.py"
-
-
-def copy_repo(dest: Path) -> Path:
-    """A copy of this working tree as a fresh git repository (as tests/test_loop.py does)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")  # fmt: skip
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
-        git(dest, *cmd)
-    return dest
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        cwd=cwd, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
 
 
 def edit(path: Path, old: str, new: str) -> None:
@@ -127,7 +104,7 @@ def session(tmp_path_factory):
     from agent.judge import Decision
     from agent.loop import Session, SessionConfig
 
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    repo = working_tree_repo(tmp_path_factory.mktemp("repo"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
         proposer = EditProposer()
@@ -192,7 +169,7 @@ def test_a_changed_fixed_file_fails_the_run_without_running_it(session):
 
 
 def test_fixed_hashes_name_what_changed(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
+    repo = working_tree_repo(tmp_path / "repo")
     before = integrity.fixed_hashes(repo)
     assert "train.py" in before and "bench/evaluator.py" in before
     assert not any(p.startswith(("model/", "kernels/")) for p in before)
@@ -254,12 +231,8 @@ TRAIN_ON_EVAL = (
 
 
 @pytest.fixture(scope="module")
-def data_env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPEEDLOOP_DATA", str(cache))
-        prepare_embedded()
-    return {**os.environ, "SPEEDLOOP_DATA": str(cache), "PYTHONUNBUFFERED": "1"}
+def data_env(data_cache) -> dict:
+    return {**os.environ, "SPEEDLOOP_DATA": str(data_cache), "PYTHONUNBUFFERED": "1"}
 
 
 def run_train(repo: Path, env: dict) -> tuple[int, dict]:
@@ -287,7 +260,7 @@ HARNESS_CASES = [
 
 @pytest.mark.parametrize("path, change, reason", HARNESS_CASES)
 def test_the_harness_checks(tmp_path, data_env, path, change, reason):
-    repo = copy_repo(tmp_path / "repo")
+    repo = working_tree_repo(tmp_path / "repo")
     change(repo / path)
     assert patched_scan(repo) == []  # none of these is the scan's to catch
     code, result = run_train(repo, data_env)

@@ -3,7 +3,6 @@ and resume after a real kill -9 with nothing lost and nothing counted twice."""
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,24 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes.repo import working_tree_repo
 
 from agent.ledger import Ledger
-from data.prepare import prepare_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--preset", "cpu-tiny", "--budget-tokens", "8192", "--baseline-runs", "2"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPEEDLOOP_DATA", str(cache))
-        prepare_embedded()
+def env(data_cache, tmp_path_factory) -> dict:
     locks = tmp_path_factory.mktemp("locks")
     return {
         **os.environ,
-        "SPEEDLOOP_DATA": str(cache),
+        "SPEEDLOOP_DATA": str(data_cache),
         "SPEEDLOOP_LOCKS": str(locks),
         "WANDB_MODE": "disabled",
         "PYTHONUNBUFFERED": "1",
@@ -38,21 +33,7 @@ def env(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def repo(tmp_path) -> Path:
-    """A copy of this working tree as a fresh git repository, so sessions never touch ours."""
-    copy = tmp_path / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")  # fmt: skip
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, copy / name)
-    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
-        subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=copy, check=True
-        )
-    return copy
+    return working_tree_repo(tmp_path / "repo")
 
 
 def agent(repo: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -231,7 +212,7 @@ def test_an_llm_session_end_to_end_against_a_fake_messages_api(repo, env, tmp_pa
     the report shows what the LLM cost and how much of the session the device idled."""
     import re
 
-    from tests.fakes.messages_api import FakeMessagesAPI, tool_use
+    from fakes.messages_api import FakeMessagesAPI, tool_use
 
     recipe = "model/recipe.py"
     old = re.search(r"^    warmdown: float = [0-9.]+", (repo / recipe).read_text(), re.M)[0]

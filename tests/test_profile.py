@@ -12,20 +12,10 @@ import pytest
 from torch.autograd import DeviceType
 
 from bench import profile
-from data.prepare import prepare_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 ROW = re.compile(r"^(\S.*?)\s+(\d+)\s+(\d+\.\d\d)\s+(\d+\.\d)$")  # name, calls, total ms, %
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("speedloop-data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPEEDLOOP_DATA", str(cache))
-        prepare_embedded()
-    return cache
 
 
 def run_profile(cache: Path, *args: str) -> subprocess.CompletedProcess:

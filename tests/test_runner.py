@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from agent.runner import STATUSES, RunSpec, behind_champion, device_lock, run
-from data.prepare import prepare_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -317,15 +316,6 @@ def test_statuses_are_the_documented_ones():
         "ok", "crash", "timeout", "oom", "diverged", "invalid-result", "integrity-violation",
         "early-stopped",
     }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("speedloop-data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPEEDLOOP_DATA", str(cache))
-        prepare_embedded()
-    return cache
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import pytest
 
 import train
 from bench.curves import eval_points, interpolate_target
-from data.prepare import prepare_embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {
@@ -21,15 +20,6 @@ FIELDS = {
     "train_seconds", "tokens_per_sec", "val_loss", "val_bpb", "time_to_target", "mfu",
     "peak_memory_bytes", "curve", "causality", "flops_per_token", "n_params",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("speedloop-data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPEEDLOOP_DATA", str(cache))
-        prepare_embedded()
-    return cache
 
 
 def run_train(cache: Path, *args: str, out: Path | None = None) -> tuple[int, dict | None, str]:
