@@ -61,7 +61,6 @@ class SessionConfig:
     early_stop_margin: float = 0.15  # nats behind the champion's curve that stop a screen
     timeout_factor: float = 3.0  # a run's hard timeout, in expected run times
     device: str = "cpu"
-    gpus: int = 1
     judge: dict = field(default_factory=dict)  # JudgeConfig overrides
     wandb: str = "auto"  # auto (online with a key, else offline) | offline | disabled
     repo: str = "."
@@ -189,15 +188,28 @@ class Session:
         run_id = self.ledger.start_run(candidate["id"], role, seed, log_path)
         # Integrity (threat 1): a fixed file that differs from its hash at session start
         # fails the run as an integrity violation, without running train.py.
+        self.say(f"  run {name}: {candidate['description']}")
         changed = integrity.changed_fixed(ws.path, expected)
         if changed:
             error = f"fixed files differ from the session start: {', '.join(changed[:10])}"
             result = {"integrity": {"ok": False, "violations": [error], "changed": changed}}
-            self.ledger.finish_run(run_id, "integrity-violation", result, error, 0.0)
-            self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
-            self.say(f"  run {name}: {candidate['description']}\n  -> integrity-violation: {error}")
-            return {**result, "status": "integrity-violation", "seed": seed}
-        args = list(self.config.train_args) + self.objective_args()
+            outcome = runner.RunOutcome(
+                "integrity-violation", result, error, 0.0, str(log_path), None
+            )
+        else:
+            outcome = self.run_train(ws, seed, name, log_path, early_stop)
+        self.ledger.finish_run(
+            run_id, outcome.status, outcome.result, outcome.error, outcome.wall_seconds
+        )
+        self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
+        result = {**(outcome.result or {}), "status": outcome.status, "seed": seed}
+        self.say(f"  -> {outcome.status}{_summary(result, self.judge.objective)}")
+        if outcome.error and outcome.status == "integrity-violation":
+            self.say(f"     {outcome.error}")
+        return result
+
+    def run_train(self, ws: Workspace, seed: int, name: str, log_path: Path, early_stop):
+        """train.py in the worktree through the runner, with the session's settings."""
         spec = runner.RunSpec(
             worktree=ws.path,
             preset=self.config.preset,
@@ -205,23 +217,15 @@ class Session:
             out_path=self.run_dir / "results" / f"{name}.json",
             log_path=log_path,
             timeout_s=self.config.timeout_factor * self.expected_seconds(),
-            extra_args=args,
+            extra_args=list(self.config.train_args) + self.objective_args(),
             device=self.config.device,
             early_stop=early_stop,
         )
-        self.say(f"  run {name}: {candidate['description']}")
         try:
             with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
-                outcome = runner.run(spec)
+                return runner.run(spec)
         except FileNotFoundError as e:  # the candidate removed the harness itself
-            outcome = runner.RunOutcome("crash", None, str(e), 0.0, str(log_path), None)
-        self.ledger.finish_run(
-            run_id, outcome.status, outcome.result, outcome.error, outcome.wall_seconds
-        )
-        self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
-        result = {**(outcome.result or {}), "status": outcome.status, "seed": seed}
-        self.say(f"  -> {outcome.status}{_summary(result, self.judge.objective)}")
-        return result
+            return runner.RunOutcome("crash", None, str(e), 0.0, str(log_path), None)
 
     # -- the baseline ----------------------------------------------------------------------
 
@@ -519,7 +523,8 @@ class Session:
 
     def run(self) -> str:
         """Run until a budget ends or the proposer has nothing left; returns why it stopped."""
-        self.tracker.start_session(asdict(self.config))
+        shown = {k: v for k, v in asdict(self.config).items() if k != "fixed_hashes"}
+        self.tracker.start_session(shown)  # the file hashes are for the checks, not a chart
         try:
             return self._run()
         finally:

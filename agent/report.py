@@ -235,7 +235,10 @@ def _markdown(s: _Session) -> str:
              "the champion of their time.", "",
              "## Session", "", "| setting | value |", "| --- | --- |"]
     for key, value in s.session["config"].items():
-        shown = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        if isinstance(value, dict) and len(value) > 8:  # e.g. the fixed files' hashes
+            shown = f"{len(value)} entries"
+        else:
+            shown = value if isinstance(value, (str, int, float)) else json.dumps(value)
         lines.append(f"| {key} | {_cell(shown)} |")
     spend = llm_spend([e.candidate for e in s.rows])
     if spend:

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from agent import report
+from agent.judge import comparable
 from agent.ledger import Ledger
 
 MODES = ("online", "offline", "disabled")  # and "auto": decide from the environment
@@ -188,8 +189,8 @@ class Tracker:
         config = self.ledger.session()["config"]
         base = self.ledger.baseline()
         measured = report.speedup_vs_baseline(
-            report.comparable(self.ledger.results_of(base["id"]) if base else [], config),
-            report.comparable(self.ledger.results_of(cand["id"]), config),
+            comparable(self.ledger.results_of(base["id"]) if base else [], config),
+            comparable(self.ledger.results_of(cand["id"]), config),
             config.get("objective", "time-to-loss"))
         champion = self.ledger.champion()
         point = {"decision/experiment": cand["experiment"],
