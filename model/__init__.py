@@ -7,6 +7,7 @@ The harness (train.py) uses exactly this interface, and nothing else from model/
     recipe.optimizers                 # list of torch optimizers (state saved and restored)
     recipe.batch_shape(progress)      # (batch_size, seq_len) for the next step
     recipe.train_step(x, y, progress) # one optimizer step; returns the loss, detached
+                                      # (under torchrun: this rank's rows of the batch)
     recipe.logits(x)                  # fp32 logits (B, T, vocab_size) for evaluation
     recipe.flops_per_token()          # training FLOPs per token, for MFU
 

@@ -6,10 +6,13 @@ a time budget and a target loss alike. The harness (train.py) owns the clock, th
 and the evaluation; it calls only what `model/__init__.py` lists.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from model.gpt import GPT, GPTConfig
 from model.optim import Muon
@@ -82,6 +85,15 @@ class Recipe:
         self.optimizers = self._build_optimizers()
         self._initial_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
         self._forward = torch.compile(self.model) if compile else self.model
+        # Under torchrun each rank gets batch_size / world_size rows of every batch;
+        # DistributedDataParallel averages the gradients in backward, so the math of a
+        # step does not depend on the number of GPUs.
+        self._ddp = None
+        self._train_forward = self._forward
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self._train_forward = torch.compile(self._ddp) if compile else self._ddp
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
         hp, model = self.hp, self.model
@@ -118,14 +130,17 @@ class Recipe:
             group["momentum"] = (1 - frac) * lo + frac * hi
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> torch.Tensor:
-        """One optimizer step on the batch (x, y); returns the mean loss, detached."""
+        """One optimizer step on the batch (x, y): this rank's rows of it under torchrun.
+        Returns the mean loss over the rows, detached."""
         self._set_schedules(progress)
         chunks = list(zip(x.split(self.hp.micro_batch_size), y.split(self.hp.micro_batch_size)))
         total = torch.zeros((), device=self.device)
-        for xm, ym in chunks:
-            with self._autocast():
-                loss = self._forward(xm, ym) / len(chunks)
-            loss.backward()
+        for i, (xm, ym) in enumerate(chunks):
+            last = i == len(chunks) - 1  # gradients are averaged across ranks once, at the end
+            with nullcontext() if last or self._ddp is None else self._ddp.no_sync():
+                with self._autocast():
+                    loss = self._train_forward(xm, ym) / len(chunks)
+                loss.backward()
             total += loss.detach()
         for opt in self.optimizers:
             opt.step()
