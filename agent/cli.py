@@ -4,6 +4,7 @@
     python -m agent run --resume D
     python -m agent status D
     python -m agent report D
+    python -m agent review --run-dir D [ID --accept|--reject [--note TEXT]]
 """
 
 import argparse
@@ -14,11 +15,13 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agent import review
 from agent.judge import OBJECTIVES
 from agent.ledger import LEDGER_FILE, Ledger, LedgerError
 from agent.loop import Session, SessionConfig, SessionStop
 from agent.proposers import make_proposer
 from agent.report import status_text, write_report
+from agent.review import ReviewError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--wandb", default="auto", choices=["auto", "offline", "disabled"], help="W&B tracking"
     )
+    run.add_argument(
+        "--allow-flagged", action="store_true",
+        help="run candidates the diff scan flags instead of refusing them (bench/INTEGRITY.md)",
+    )  # fmt: skip
+    run.add_argument(
+        "--max-speedup", type=float,
+        help="hold a step faster than this over the champion for `review` (default 2.0)",
+    )  # fmt: skip
+
+    review = sub.add_parser("review", help="list the candidates held for a human, or decide one")
+    review.add_argument("--run-dir", type=Path, required=True, help="the session directory")
+    review.add_argument("candidate", type=int, nargs="?", help="a held candidate's id")
+    verdict = review.add_mutually_exclusive_group()
+    verdict.add_argument("--accept", action="store_true", help="make it the champion")
+    verdict.add_argument("--reject", action="store_true", help="reject it")
+    review.add_argument("--note", default="", help="why, kept in the ledger with the verdict")
 
     for name, text in (("status", "where a session stands"), ("report", "write the report")):
         cmd = sub.add_parser(name, help=text)
@@ -70,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 RESUME_FIXED = (
     "preset", "objective", "proposer", "proposer_arg", "deadline", "run_dir", "baseline_runs",
     "budget_tokens", "data", "target_loss", "wandb", "model", "max_usd_per_candidate",
-    "max_turns", "thinking", "effort", "brief", "agent_timeout",
+    "max_turns", "thinking", "effort", "brief", "agent_timeout", "allow_flagged", "max_speedup",
 )  # fmt: skip
 
 
@@ -121,6 +140,8 @@ def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
         device=train.PRESETS[args.preset].device,
         wandb=args.wandb,
         repo=str(ROOT),
+        allow_flagged=args.allow_flagged,
+        acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
     )
 
 
@@ -169,12 +190,28 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def command_review(args: argparse.Namespace) -> int:
+    if not (args.run_dir / LEDGER_FILE).exists():
+        raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
+    if args.candidate is None:
+        if args.accept or args.reject:
+            raise SessionStop("--accept and --reject need the id of a held candidate")
+        print(review.held_text(args.run_dir))
+    elif args.accept or args.reject:
+        print(review.decide(args.run_dir, args.candidate, args.accept, args.note))
+    else:
+        print(review.show(args.run_dir, args.candidate))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
         if args.command == "run":
             return command_run(args, console)
+        if args.command == "review":
+            return command_review(args)
         if not (args.run_dir / LEDGER_FILE).exists():
             raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
         if args.command == "status":
@@ -183,6 +220,6 @@ def main(argv: list[str] | None = None) -> int:
             for path in write_report(args.run_dir):
                 print(path)
         return 0
-    except (SessionStop, LedgerError, ValueError, FileNotFoundError) as e:
+    except (SessionStop, LedgerError, ReviewError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -339,6 +339,97 @@ def decide(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
 
 
 # ---------------------------------------------------------------------------------------
+# Leaderboard rules: the judge in a leaderboard's own terms (`--rules NAME`).
+
+
+@dataclass(frozen=True)
+class LeaderboardRules:
+    target_loss: float  # the validation loss a record must reach (nats)
+    p_value: float  # a record's runs must show mean val loss <= target at this one-sided p
+    # A change that only makes the system faster (kernels, communication, compilation) and
+    # leaves the maths alone need not prove the loss again: the speedrun waives the test.
+    waive_systems: bool
+
+
+RULES = {
+    # modded-nanogpt's speedrun: GPT-2 small to 3.28 val loss on FineWeb; a new record's
+    # runs must reach it with p < 0.01, unless it is a pure systems change.
+    "nanogpt-speedrun": LeaderboardRules(target_loss=3.28, p_value=0.01, waive_systems=True),
+}
+
+
+def leaderboard_rules(name: str) -> LeaderboardRules:
+    if name not in RULES:
+        raise ValueError(f"unknown rules {name!r}: choose one of {', '.join(RULES)}")
+    return RULES[name]
+
+
+@dataclass(frozen=True)
+class LossTest:
+    verdict: str  # "pass", "fail", "waived", or "n/a" (too few runs to test)
+    p_value: float | None  # one-sided, H0: mean val loss >= target; None unless tested
+    mean: float | None  # mean final val loss of the runs (nats)
+    n: int  # runs tested
+
+
+def loss_test(
+    losses: Sequence[float], target: float, p_value: float, waived: bool = False
+) -> LossTest:
+    """The leaderboard's loss test: a one-sided t-test that the mean final val loss is at or
+    under `target` (H0: it is above), passed when p < `p_value`. `waived` (a systems change
+    under rules that waive it) reports the numbers and skips the verdict; with fewer than
+    two runs there is no variance to test against, so the verdict is "n/a", never a guess.
+    """
+    from scipy import stats  # lazily: a second of import that most judge calls never need
+
+    values = np.asarray(list(losses), dtype=float)
+    mean = float(values.mean()) if len(values) else None
+    if waived:
+        return LossTest("waived", None, mean, len(values))
+    if len(values) < 2:
+        return LossTest("n/a", None, mean, len(values))
+    if values.std() == 0.0:  # identical losses: t is infinite (or undefined at the target)
+        p = 0.0 if mean < target else 1.0
+    else:
+        p = float(stats.ttest_1samp(values, target, alternative="less").pvalue)
+    return LossTest("pass" if p < p_value else "fail", p, mean, len(values))
+
+
+def under_rules(
+    decision: Decision,
+    candidate_runs: Sequence[Run],
+    rules: LeaderboardRules,
+    target: float,
+    systems: bool = False,
+    max_runs: int | None = None,
+) -> Decision:
+    """An accept that must also pass the leaderboard's loss test on the candidate's runs.
+
+    Other verdicts pass through. A failed test asks for another run while fewer than
+    `max_runs` were made (the test gains power with runs, as a record's author adds runs
+    until p clears the bar; this is the leaderboard's nominal test at each look, not a
+    calibrated sequential one), and rejects at `max_runs`.
+    """
+    if decision.verdict != "accept":
+        return decision
+    losses = [float(r["val_loss"]) for r in candidate_runs if r.get("status") == "ok"]
+    test = loss_test(losses, target, rules.p_value, waived=systems and rules.waive_systems)
+    if test.verdict in ("pass", "waived"):
+        why = "waived (a systems change)"
+        if test.verdict == "pass":
+            why = f"p={test.p_value:.2g} < {rules.p_value}"
+        return replace(decision, reason=f"{decision.reason}; loss at target {target:.4f}: {why}")
+    shown = "n/a" if test.p_value is None else f"p={test.p_value:.2g}"
+    reason = (
+        f"{decision.reason}, but mean val loss {test.mean:.4f} is not shown at or under "
+        f"{target:.4f} ({shown}, needs < {rules.p_value})"
+    )
+    if max_runs is not None and len(candidate_runs) >= max_runs:
+        return replace(decision, verdict="reject", reason=f"{reason} after the maximum runs")
+    return replace(decision, verdict="more", reason=f"{reason}: one more run")
+
+
+# ---------------------------------------------------------------------------------------
 # Simulation: the judge's error rates measured on synthetic runs, for the tests and the note.
 
 

@@ -11,7 +11,10 @@ either wholly in the file or not at all. A run that was in flight when the sessi
 left in state 'running'; `discard_unfinished_runs` marks such runs 'discarded' with the
 reason on resume, and discarded runs are never counted (not in `runs_of`, `results_of`,
 `used_seeds`). A candidate moves proposed -> running -> decided, or proposed -> refused,
-never back: it cannot be decided (or counted) twice.
+or running -> held -> decided (a step too large to believe is held for a human, who
+decides it with `python -m agent review`), never back: it cannot be decided (or counted)
+twice. A candidate an integrity check caught names that check in `caught_by`
+(bench/INTEGRITY.md lists the names).
 
 What the ledger must never do: hold state outside the file, delete or rewrite a finished
 run or a decision, or let a reader see half of a write.
@@ -31,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: held candidates, caught_by, the holdout table
 
 ROLES = ("baseline", "screen", "confirm", "champion")
 # How the runner classifies one benchmark run; every outcome but "ok" is a failed run.
 OUTCOMES = ("ok", "crash", "timeout", "oom", "diverged", "invalid-result",
             "integrity-violation", "early-stopped")
-VERDICTS = ("accept", "reject")  # what `decide` records; "refused" comes from `refuse`
+VERDICTS = ("accept", "reject")  # what `decide` records; "refused" comes from `refuse`,
+# "held" from `hold`
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,13 +62,15 @@ CREATE TABLE candidates (
     category TEXT NOT NULL,
     proposer TEXT NOT NULL,
     created REAL NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('proposed', 'running', 'decided', 'refused')),
-    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused')),
-    decision TEXT,              -- JSON: the judge's Decision, or the refusal's reason
-    decided_at REAL,
+    state TEXT NOT NULL CHECK (state IN ('proposed', 'running', 'held', 'decided', 'refused')),
+    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused', 'held')),
+    decision TEXT,              -- JSON: the judge's Decision (+ checks, review), or the refusal
+    decided_at REAL,            -- when it was decided, refused or held
     usage TEXT,                 -- JSON: the proposer's LLM tokens and cost for it, if any
-    CHECK ((state IN ('decided', 'refused')) = (verdict IS NOT NULL)),
-    CHECK ((state = 'refused') = (verdict IS 'refused'))
+    caught_by TEXT,             -- the integrity checks that caught it, comma-separated; or NULL
+    CHECK ((state IN ('held', 'decided', 'refused')) = (verdict IS NOT NULL)),
+    CHECK ((state = 'refused') = (verdict IS 'refused')),
+    CHECK ((state = 'held') = (verdict IS 'held'))
 );
 CREATE UNIQUE INDEX one_baseline ON candidates((parent_id IS NULL)) WHERE parent_id IS NULL;
 CREATE TABLE runs (
@@ -90,7 +96,20 @@ CREATE TABLE champions (
     speedup REAL NOT NULL       -- vs the baseline, as the loop measured it then
 );
 CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, text TEXT NOT NULL);
+CREATE TABLE holdout (          -- a checkpoint's losses on the val and holdout slices
+    run_id INTEGER PRIMARY KEY REFERENCES runs(id),
+    val_loss REAL NOT NULL,
+    val_bpb REAL,
+    holdout_loss REAL NOT NULL,
+    holdout_bpb REAL,
+    created REAL NOT NULL
+);
 """
+# What each older schema version needs to become the current one: (version, statements).
+# SQLite cannot change a table's CHECKs in place, so candidates is rebuilt (the procedure of
+# https://www.sqlite.org/lang_altertable.html#otheralter, run with foreign keys off).
+_V1_COLUMNS = ("id, parent_id, commit_sha, ref, diff, description, hypothesis, category, "
+               "proposer, created, state, verdict, decision, decided_at, usage")
 
 # Candidates with their experiment number: 1, 2, ... in order of creation, baseline excluded.
 _CANDIDATES = """
@@ -106,6 +125,12 @@ class LedgerError(RuntimeError):
     """A ledger file or a call that breaks the ledger's rules; the message says which."""
 
 
+def _statement(head: str) -> str:
+    """The statement of _SCHEMA that starts with `head` (for migrations)."""
+    start = _SCHEMA.index(head)
+    return _SCHEMA[start : _SCHEMA.index(";\n", start) + 1]
+
+
 def _now() -> float:
     return time.time()
 
@@ -115,6 +140,21 @@ def _speedup(candidate_id: int, value: float) -> float:
         raise LedgerError(f"candidate {candidate_id}: speedup {value!r} is not a positive "
                           "finite ratio vs the baseline")
     return float(value)
+
+
+def _payload(decision: Any) -> dict:
+    return dataclasses.asdict(decision) if dataclasses.is_dataclass(decision) else dict(decision)
+
+
+def _check_verdict(candidate_id: int, verdict: str, speedup: float | None,
+                   caught_by: str | None) -> None:
+    if verdict not in VERDICTS:
+        raise LedgerError(f"verdict {verdict!r}: choose one of {VERDICTS}")
+    if (verdict == "accept") != (speedup is not None):
+        raise LedgerError(f"candidate {candidate_id}: pass speedup= exactly when "
+                          f"accepting (verdict {verdict!r}, speedup {speedup!r})")
+    if verdict == "accept" and caught_by is not None:
+        raise LedgerError(f"candidate {candidate_id}: accepted, yet caught by {caught_by}")
 
 
 def _candidate(row: sqlite3.Row) -> dict:
@@ -190,6 +230,15 @@ class Ledger:
     def _one(self, sql: str, args: Iterable = ()) -> sqlite3.Row | None:
         return self._db.execute(sql, tuple(args)).fetchone()
 
+    def _execute_script(self, db: sqlite3.Connection, script: str) -> None:
+        """Statement by statement: executescript would commit outside our transaction."""
+        statement = ""
+        for line in script.splitlines(keepends=True):
+            statement += line
+            if sqlite3.complete_statement(statement):
+                db.execute(statement)
+                statement = ""
+
     def _check_schema(self, create: bool) -> None:
         tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master "
                                                  "WHERE type = 'table'")}
@@ -197,13 +246,7 @@ class Ledger:
             if not create:
                 raise LedgerError(f"{self.path} is empty: its session has not started yet")
             with self._write() as db:
-                # Statement by statement: executescript would commit outside our transaction.
-                statement = ""
-                for line in _SCHEMA.splitlines(keepends=True):
-                    statement += line
-                    if sqlite3.complete_statement(statement):
-                        db.execute(statement)
-                        statement = ""
+                self._execute_script(db, _SCHEMA)
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             return
         if "meta" not in tables:
@@ -214,10 +257,36 @@ class Ledger:
         if version > SCHEMA_VERSION:
             raise LedgerError(f"{self.path} has ledger schema {version}, newer than the "
                               f"{SCHEMA_VERSION} this speedloop reads: update speedloop")
-        if version != SCHEMA_VERSION:
+        if version == 1:
+            self._migrate_from_1()
+        elif version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path} has ledger schema {version} and this speedloop "
                               f"reads only {SCHEMA_VERSION}: no migration exists; start a "
                               "new run directory")
+
+    def _migrate_from_1(self) -> None:
+        """Schema 1 -> 2 in one transaction: candidates gains the 'held' state and caught_by
+        (NULL for what was decided before: no check named it then), and the holdout table
+        is added. Every row is kept as it was."""
+        self._db.execute("PRAGMA foreign_keys = OFF")  # only outside a transaction
+        try:
+            with self._write() as db:
+                db.execute(_statement("CREATE TABLE candidates (").replace(
+                    "CREATE TABLE candidates (", "CREATE TABLE candidates_v2 (", 1))
+                db.execute(f"INSERT INTO candidates_v2 ({_V1_COLUMNS}) "
+                           f"SELECT {_V1_COLUMNS} FROM candidates")
+                db.execute("DROP TABLE candidates")
+                db.execute("ALTER TABLE candidates_v2 RENAME TO candidates")
+                db.execute(_statement("CREATE UNIQUE INDEX one_baseline"))
+                db.execute(_statement("CREATE TABLE holdout ("))
+                broken = db.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise LedgerError(f"{self.path}: migrating schema 1 to 2 would break "
+                                      f"references {[tuple(r) for r in broken][:5]}")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                           (str(SCHEMA_VERSION),))
+        finally:
+            self._db.execute("PRAGMA foreign_keys = ON")
 
     # -- session --------------------------------------------------------------------------
 
@@ -282,18 +351,13 @@ class Ledger:
         return None if row is None else _candidate(row)
 
     def decide(self, candidate_id: int, verdict: str, decision: Any, *,
-               speedup: float | None = None) -> None:
+               speedup: float | None = None, caught_by: str | None = None) -> None:
         """Record the verdict ('accept' or 'reject') and the judge's Decision (a dataclass or
         a mapping). Accepting makes the candidate the champion in the same transaction, so
         `speedup` (vs the baseline) is required then; the baseline becomes the first
-        champion this way too, with speedup 1.0, after its replicates."""
-        if verdict not in VERDICTS:
-            raise LedgerError(f"verdict {verdict!r}: choose one of {VERDICTS}")
-        if (verdict == "accept") != (speedup is not None):
-            raise LedgerError(f"candidate {candidate_id}: pass speedup= exactly when "
-                              f"accepting (verdict {verdict!r}, speedup {speedup!r})")
-        payload = dataclasses.asdict(decision) if dataclasses.is_dataclass(decision) \
-            else dict(decision)
+        champion this way too, with speedup 1.0, after its replicates. `caught_by` names the
+        integrity checks behind a rejection."""
+        _check_verdict(candidate_id, verdict, speedup, caught_by)
         with self._write() as db:
             self._check_state(candidate_id, ("proposed", "running"), f"decide {verdict}")
             busy = self._one("SELECT id FROM runs WHERE candidate_id = ? AND state = "
@@ -301,22 +365,53 @@ class Ledger:
             if busy is not None:
                 raise LedgerError(f"cannot decide candidate {candidate_id}: run {busy[0]} is "
                                   "still running; finish or discard it first")
-            db.execute("UPDATE candidates SET state = 'decided', verdict = ?, decision = ?, "
-                       "decided_at = ? WHERE id = ?",
-                       (verdict, json.dumps(payload), _now(), candidate_id))
-            if verdict == "accept":
-                db.execute("INSERT INTO champions (candidate_id, since, speedup) "
-                           "VALUES (?, ?, ?)", (candidate_id, _now(),
-                                                _speedup(candidate_id, speedup)))
+            self._set_verdict(db, candidate_id, "decided", verdict, _payload(decision),
+                              caught_by, speedup)
 
-    def refuse(self, candidate_id: int, reason: str) -> None:
-        """Refuse a candidate before it runs (its diff leaves the research surface)."""
+    def hold(self, candidate_id: int, decision: Any, caught_by: str) -> None:
+        """Hold a candidate the loop would accept for a human (`review`): it is neither
+        champion nor rejected until then. `decision` carries the evidence."""
+        with self._write() as db:
+            self._check_state(candidate_id, ("running",), "hold")
+            self._set_verdict(db, candidate_id, "held", "held", _payload(decision), caught_by)
+
+    def review(self, candidate_id: int, verdict: str, note: str, *,
+               speedup: float | None = None) -> None:
+        """A human's verdict on a held candidate: accept (it becomes the champion, with
+        `speedup` vs the baseline) or reject. The held evidence is kept, with the review
+        ({'verdict', 'note', 'at'}) added under 'review', and caught_by stays: the check
+        held it, a human decided."""
+        _check_verdict(candidate_id, verdict, speedup, None)
+        with self._write() as db:
+            self._check_state(candidate_id, ("held",), f"review {verdict}")
+            row = self._one("SELECT decision, caught_by FROM candidates WHERE id = ?",
+                            (candidate_id,))
+            payload = json.loads(row["decision"] or "{}")
+            payload["review"] = {"verdict": verdict, "note": note, "at": _now()}
+            self._set_verdict(db, candidate_id, "decided", verdict, payload, row["caught_by"],
+                              speedup)
+
+    def _set_verdict(self, db: sqlite3.Connection, candidate_id: int, state: str,
+                     verdict: str, payload: dict, caught_by: str | None,
+                     speedup: float | None = None) -> None:
+        db.execute("UPDATE candidates SET state = ?, verdict = ?, decision = ?, "
+                   "decided_at = ?, caught_by = ? WHERE id = ?",
+                   (state, verdict, json.dumps(payload), _now(), caught_by, candidate_id))
+        if verdict == "accept":
+            db.execute("INSERT INTO champions (candidate_id, since, speedup) VALUES (?, ?, ?)",
+                       (candidate_id, _now(), _speedup(candidate_id, speedup)))
+
+    def refuse(self, candidate_id: int, reason: str, caught_by: str | None = None) -> None:
+        """Refuse a candidate before it runs (its diff leaves the research surface, or the
+        diff scan flags it: `caught_by` names the check)."""
         with self._write() as db:
             self._check_state(candidate_id, ("proposed",), "refuse")
-            db.execute("UPDATE candidates SET state = 'refused', verdict = 'refused', "
-                       "decision = ?, decided_at = ? WHERE id = ?",
-                       (json.dumps({"verdict": "refused", "reason": reason}), _now(),
-                        candidate_id))
+            self._set_verdict(db, candidate_id, "refused", "refused",
+                              {"verdict": "refused", "reason": reason}, caught_by)
+
+    def held(self) -> list[dict]:
+        """Candidates held for a human's review, oldest first."""
+        return self.candidates(["held"])
 
     def _check_state(self, candidate_id: int, allowed: tuple[str, ...], action: str) -> None:
         row = self._one("SELECT state FROM candidates WHERE id = ?", (candidate_id,))
@@ -452,12 +547,35 @@ class Ledger:
             self._db.execute(sql + " AND candidate_id = ?", (candidate_id,))
         return {r[0] for r in rows}
 
+    # -- the holdout slice (threat 3) ------------------------------------------------------
+
+    def set_holdout(self, run_id: int, val: Mapping, holdout: Mapping) -> None:
+        """A run's checkpoint evaluated on the val and holdout slices ({'loss', 'bpb'} each).
+        Written once: a checkpoint's numbers do not change."""
+        with self._write() as db:
+            if self._one("SELECT 1 FROM holdout WHERE run_id = ?", (run_id,)) is not None:
+                raise LedgerError(f"run {run_id} already has its holdout evaluation")
+            db.execute("INSERT INTO holdout VALUES (?, ?, ?, ?, ?, ?)",
+                       (run_id, float(val["loss"]), val.get("bpb"), float(holdout["loss"]),
+                        holdout.get("bpb"), _now()))
+
+    def holdout_of(self, run_ids: Iterable[int]) -> dict[int, dict]:
+        """run id -> {'val_loss', 'val_bpb', 'holdout_loss', 'holdout_bpb'} for the runs whose
+        checkpoint was evaluated."""
+        ids = list(run_ids)
+        if not ids:
+            return {}
+        rows = self._db.execute(f"SELECT * FROM holdout WHERE run_id IN "
+                                f"({', '.join('?' * len(ids))})", ids)
+        return {r["run_id"]: dict(r) for r in rows}
+
     # -- budgets and events ---------------------------------------------------------------
 
     def n_experiments(self) -> int:
-        """Candidates decided or refused, the baseline excluded: the experiments budget."""
+        """Candidates decided, held or refused, the baseline excluded: the experiments
+        budget."""
         return self._one("SELECT COUNT(*) FROM candidates WHERE parent_id IS NOT NULL AND "
-                         "state IN ('decided', 'refused')")[0]
+                         "state IN ('decided', 'held', 'refused')")[0]
 
     def log_event(self, text: str) -> None:
         with self._write() as db:

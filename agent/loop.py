@@ -19,11 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from agent import integrity, runner
+from agent import acceptance, integrity, runner
+from agent.acceptance import AcceptanceConfig
 from agent.costs import ProposerStop
 from agent.judge import OBJECTIVES, Decision, JudgeConfig, comparable, decide, primary_metric
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.proposers import Proposal, ProposalFailed, Proposer
+from agent.review import session_lock
 from agent.tracking import Tracker
 from agent.workspace import (
     Candidate,
@@ -62,6 +64,9 @@ class SessionConfig:
     timeout_factor: float = 3.0  # a run's hard timeout, in expected run times
     device: str = "cpu"
     judge: dict = field(default_factory=dict)  # JudgeConfig overrides
+    # AcceptanceConfig overrides: the holdout-gap and untimed-overhead tests, and the speedup
+    # above which a step is held for a human (max_speedup), checked before every accept.
+    acceptance: dict = field(default_factory=dict)
     wandb: str = "auto"  # auto (online with a key, else offline) | offline | disabled
     repo: str = "."
     # Integrity (bench/INTEGRITY.md): the sha256 of every fixed file, taken at session start
@@ -77,6 +82,9 @@ class SessionConfig:
     def judge_config(self) -> JudgeConfig:
         return JudgeConfig(**{"objective": self.objective, **self.judge})
 
+    def acceptance_config(self) -> AcceptanceConfig:
+        return AcceptanceConfig(**self.acceptance)
+
 
 @dataclass
 class Draft:
@@ -86,6 +94,7 @@ class Draft:
     proposal: Proposal | None  # None: the proposer has nothing more
     made: Candidate | None = None
     refused: str | None = None  # why it cannot run (outside the surface, failed, empty)
+    caught_by: str | None = None  # the integrity check that refused it (acceptance.SURFACE)
     diff: str = ""
     stop: ProposerStop | None = None  # the proposer cannot go on (budget, key)
 
@@ -123,6 +132,7 @@ class Session:
             raise SessionStop(f"{run_dir} already holds a session: use --resume {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         config.judge_config()  # validate before anything is written
+        config.acceptance_config()
         ledger = Ledger(run_dir / LEDGER_FILE)
         ledger.set_session(asdict(config))
         ledger.close()
@@ -183,21 +193,31 @@ class Session:
         ws = self.workspace
         ws.checkout(candidate["commit_sha"])
         seed = self.fresh_seed()
-        name = f"c{candidate['id']:03d}-{role}-s{seed}"
+        name = acceptance.run_name(candidate["id"], role, seed)
         log_path = self.run_dir / "logs" / f"{name}.log"
+        # The final weights, for the holdout check at acceptance (threat 3); a champion's
+        # re-measurements are evaluated at the next check too: more runs, more power.
+        checkpoint = acceptance.checkpoint_path(self.run_dir, candidate["id"], role, seed)
+        checkpoint.unlink(missing_ok=True)  # a stale one must never pass for this run's
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         run_id = self.ledger.start_run(candidate["id"], role, seed, log_path)
         # Integrity (threat 1): a fixed file that differs from its hash at session start
         # fails the run as an integrity violation, without running train.py.
         self.say(f"  run {name}: {candidate['description']}")
         changed = integrity.changed_fixed(ws.path, expected)
         if changed:
-            error = f"fixed files differ from the session start: {', '.join(changed[:10])}"
+            error = (
+                f"{acceptance.FIXED_HASH}: fixed files differ from the session start: "
+                f"{', '.join(changed[:10])}"
+            )
             result = {"integrity": {"ok": False, "violations": [error], "changed": changed}}
             outcome = runner.RunOutcome(
                 "integrity-violation", result, error, 0.0, str(log_path), None
             )
         else:
-            outcome = self.run_train(ws, seed, name, log_path, early_stop)
+            outcome = self.run_train(ws, seed, name, log_path, early_stop, checkpoint)
+        if outcome.status != "ok":
+            checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
         self.ledger.finish_run(
             run_id, outcome.status, outcome.result, outcome.error, outcome.wall_seconds
         )
@@ -208,7 +228,9 @@ class Session:
             self.say(f"     {outcome.error}")
         return result
 
-    def run_train(self, ws: Workspace, seed: int, name: str, log_path: Path, early_stop):
+    def run_train(
+        self, ws: Workspace, seed: int, name: str, log_path: Path, early_stop, checkpoint=None
+    ):
         """train.py in the worktree through the runner, with the session's settings."""
         spec = runner.RunSpec(
             worktree=ws.path,
@@ -220,6 +242,7 @@ class Session:
             extra_args=list(self.config.train_args) + self.objective_args(),
             device=self.config.device,
             early_stop=early_stop,
+            checkpoint=checkpoint,
         )
         try:
             with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
@@ -341,21 +364,48 @@ class Session:
             self.benchmark(candidate, "confirm" if results else "screen", early_stop=early)
 
     def record(self, candidate: dict, decision: Decision) -> None:
+        """Record the judge's decision. An accept must first pass the acceptance checks
+        (agent/acceptance.py): one that fails is rejected with the check named, a step too
+        large to believe is held for a human."""
+        cid, title = candidate["id"], f"#{candidate['experiment']} {candidate['description']}"
         if decision.verdict == "accept":
-            speedup = self.champion()["speedup"] * decision.effect
-            self.ledger.decide(candidate["id"], "accept", decision, speedup=speedup)
-            self.workspace.promote(candidate["commit_sha"])
-            self.tracker.log_decision(self.ledger.candidate(candidate["id"]))
-            self.event(
-                f"ACCEPT #{candidate['experiment']} {candidate['description']}: "
-                f"x{decision.effect:.3f} ({decision.reason}); total x{speedup:.3f}"
+            checked = acceptance.judge_acceptance(self, candidate, decision.effect)
+            payload = {**asdict(decision), "checks": checked.checks}
+            if checked.verdict == "accept":
+                old = self.champion()
+                speedup = old["speedup"] * decision.effect
+                self.ledger.decide(cid, "accept", payload, speedup=speedup)
+                self.workspace.promote(candidate["commit_sha"])
+                # No check will compare against the old champion again.
+                acceptance.drop_checkpoints(self.run_dir, self.ledger.runs_of(old["id"]))
+                self.tracker.log_decision(self.ledger.candidate(cid))
+                self.event(
+                    f"ACCEPT {title}: x{decision.effect:.3f} ({decision.reason}); "
+                    f"total x{speedup:.3f}"
+                )
+                return
+            payload = acceptance.evidence(self, candidate, decision, checked)
+            reason = f"{checked.caught_by}: {checked.reason} (the judge: {decision.reason})"
+            if checked.verdict == "hold":
+                self.ledger.hold(
+                    cid, {**payload, "verdict": "held", "reason": reason}, checked.caught_by
+                )
+                self.tracker.log_decision(self.ledger.candidate(cid))
+                self.event(f"HELD {title} for a human: {reason}")
+                return
+            self.ledger.decide(
+                cid,
+                "reject",
+                {**payload, "verdict": "reject", "reason": reason},
+                caught_by=checked.caught_by,
             )
+            self.event(f"reject {title}: {reason}")
         else:
-            self.ledger.decide(candidate["id"], "reject", decision)
-            self.tracker.log_decision(self.ledger.candidate(candidate["id"]))
-            self.event(
-                f"reject #{candidate['experiment']} {candidate['description']}: {decision.reason}"
-            )
+            caught_by = acceptance.caught_by_runs(self.ledger.runs_of(cid))
+            self.ledger.decide(cid, "reject", decision, caught_by=caught_by)
+            self.event(f"reject {title}: {decision.reason}")
+        acceptance.drop_checkpoints(self.run_dir, self.ledger.runs_of(cid))
+        self.tracker.log_decision(self.ledger.candidate(cid))
 
     def propose_context(self) -> tuple[dict, list[dict], dict]:
         """What a proposer sees: the champion, the history and the context, read now."""
@@ -405,8 +455,11 @@ class Session:
             message = f"{proposal.description}\n\n{proposal.hypothesis}"
             try:
                 return Draft(champion, proposal, made=ws.capture(len(history), message))
-            except (RefusedChange, EmptyChange) as e:
-                return Draft(champion, proposal, refused=str(e), diff=getattr(e, "diff", ""))
+            except RefusedChange as e:
+                return Draft(champion, proposal, refused=str(e), diff=e.diff,
+                             caught_by=acceptance.SURFACE)  # fmt: skip
+            except EmptyChange as e:
+                return Draft(champion, proposal, refused=str(e))
         except ProposalFailed as e:
             failed = Proposal(e.description, usage=getattr(e, "usage", None))
             return Draft(champion, failed, refused=e.reason)
@@ -427,7 +480,8 @@ class Session:
             return None
         proposal, champion = draft.proposal, self.champion()
         if draft.refused is not None:
-            self.refuse(champion, proposal.description, draft.refused, draft.diff, proposal.usage)
+            self.refuse(champion, proposal.description, draft.refused, draft.diff, proposal.usage,
+                        caught_by=draft.caught_by)  # fmt: skip
             return self.ledger.candidates()[-1]
         made = draft.made
         if champion["id"] != draft.champion["id"]:
@@ -444,9 +498,10 @@ class Session:
         # candidate is refused, with the findings, unless the session allows flagged ones.
         findings = integrity.scan_diff(made.diff, self.source_at(made.commit))
         if findings and not self.config.allow_flagged:
+            rules = dict.fromkeys(f"{acceptance.DIFF_SCAN}:{f.rule}" for f in findings)
             self.refuse(
                 champion, proposal.description, integrity.describe(findings), made.diff,
-                proposal.usage,
+                proposal.usage, caught_by=",".join(rules),
             )  # fmt: skip
             return self.ledger.candidates()[-1]
         if findings:
@@ -496,8 +551,9 @@ class Session:
         return self.take(future.result())
 
     def refuse(
-        self, champion: dict, description: str, reason: str, diff: str = "", usage=None
-    ) -> None:
+        self, champion: dict, description: str, reason: str, diff: str = "", usage=None,
+        caught_by: str | None = None,
+    ) -> None:  # fmt: skip
         cid = self.ledger.add_candidate(
             description,
             parent_id=champion["id"],
@@ -505,14 +561,14 @@ class Session:
             proposer=self.proposer.name,
             usage=usage,
         )
-        self.ledger.refuse(cid, reason)
+        self.ledger.refuse(cid, reason, caught_by)
         self.tracker.log_decision(self.ledger.candidate(cid))
         self.event(f"refused {description}: {reason}")
 
     def remeasure_due(self) -> bool:
         champion = self.champion()
         since = [
-            c for c in self.ledger.candidates(["decided", "refused"])
+            c for c in self.ledger.candidates(["decided", "held", "refused"])
             if c["decided_at"] and c["decided_at"] > champion["champion_since"]
         ]
         champion_runs = self.ledger.runs_of(champion["id"], roles=["champion"])
@@ -526,7 +582,8 @@ class Session:
         shown = {k: v for k, v in asdict(self.config).items() if k != "fixed_hashes"}
         self.tracker.start_session(shown)  # the file hashes are for the checks, not a chart
         try:
-            return self._run()
+            with session_lock(self.run_dir):  # `agent review` waits for no running loop
+                return self._run()
         finally:
             self.tracker.finish()
 

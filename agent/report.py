@@ -38,9 +38,10 @@ CLASSES = {  # class -> (colour, marker, autoresearch status)
     "rejected": ("tab:gray", "o", "discard"),
     "failed": ("tab:red", "X", "crash"),
     "refused": ("tab:purple", "X", "discard"),
+    "held": ("tab:orange", "D", "discard"),  # held for a human's review: not kept (yet)
 }
 TSV_EXTRA = ("speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low", "ci_high",
-             "p_value", "runs", "val_loss", "outcome", "proposer", "candidate")
+             "p_value", "runs", "val_loss", "outcome", "proposer", "candidate", "caught_by")
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,10 @@ def _experiment(ledger: Ledger, cand: dict, baseline: list[dict],
     if cand["state"] == "refused":
         outcome, kind = "refused", "refused"
     else:
-        outcome = failed[0] if failed else ("ok" if cand["state"] == "decided" else "running")
-        kind = {"accept": "accepted", "reject": "rejected"}.get(cand["verdict"], "pending")
+        outcome = failed[0] if failed else (
+            "ok" if cand["state"] in ("decided", "held") else "running")
+        kind = {"accept": "accepted", "reject": "rejected", "held": "held"}.get(
+            cand["verdict"], "pending")
         if kind == "rejected" and outcome not in ("ok", "early-stopped"):
             kind = "failed"
     results = comparable(ledger.results_of(cand["id"]), config)
@@ -226,6 +229,16 @@ def _noise(s: _Session) -> str:
             f"{noise.loss_sd:.4f} nats.")
 
 
+def _reason(decision: dict) -> str:
+    """The decision's reason, with a human's review of a held candidate after it."""
+    review = decision.get("review")
+    reason = decision.get("reason", "")
+    if review:
+        note = f": {review['note']}" if review.get("note") else ""
+        reason += f" Reviewed by a human: {review['verdict']}{note}."
+    return reason
+
+
 def _markdown(s: _Session) -> str:
     metric = OBJECTIVES[s.objective][0]
     lines = [f"# speedloop session {s.session['id']}", "",
@@ -261,18 +274,28 @@ def _markdown(s: _Session) -> str:
     lines += ["", f"Experiments: {len(s.rows)} ("
               + ", ".join(f"{n} {k}" for k, n in counts.items()) + ").", "",
               "## Experiments", "",
-              "| # | id | description | proposer | outcome | verdict | speedup vs baseline "
-              "| effect vs champion [CI] | p | runs | Δ val loss | reason |",
-              "| ---: | ---: | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+              "| # | id | description | proposer | outcome | verdict | check | speedup vs "
+              "baseline | effect vs champion [CI] | p | runs | Δ val loss | reason |",
+              "| ---: | ---: | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: "
+              "| --- |"]
     for e in s.rows:
         c, d = e.candidate, e.candidate["decision"] or {}
         lines.append(
             f"| {c['experiment']} | {c['id']} | {_cell(c['description'], 60)} | "
             f"{_cell(c['proposer'])} | {e.outcome} | {c['verdict'] or 'pending'} | "
-            f"{_speedup(e.speedup)} | {_f(d.get('effect'))}"
+            f"{_cell(c['caught_by'] or '')} | {_speedup(e.speedup)} | {_f(d.get('effect'))}"
             f"{_ci(d.get('ci_low'), d.get('ci_high'))} | {_f(d.get('p_value'), '.2g')} | "
             f"{len(e.runs)} | {_f(d.get('loss_delta'), '+.4f')} | "
-            f"{_cell(d.get('reason', ''), 120)} |")
+            f"{_cell(_reason(d), 120)} |")
+    lines += ["", "## Held for review", ""]
+    held = [e for e in s.rows if e.kind == "held"]
+    if not held:
+        lines.append("None.")
+    for e in held:
+        c, d = e.candidate, e.candidate["decision"] or {}
+        lines += [f"- #{c['experiment']} (id {c['id']}) {_cell(c['description'])}: "
+                  f"{_cell(d.get('reason', ''))} Decide with `python -m agent review --run-dir "
+                  f"D {c['id']} --accept|--reject --note ...`."]
     lines += ["", "## Accepted changes", ""]
     accepted = [e for e in s.rows if e.kind == "accepted"]
     if not accepted:
@@ -284,7 +307,7 @@ def _markdown(s: _Session) -> str:
                   f"{c['proposer'] or '-'}, category {c['category'] or '-'}.", ""]
         if c["hypothesis"]:
             lines += [f"Hypothesis: {c['hypothesis']}", ""]
-        lines += [f"Decision: {(c['decision'] or {}).get('reason', '-')}", "",
+        lines += [f"Decision: {_reason(c['decision'] or {}) or '-'}", "",
                   "<details><summary>diff</summary>", "", _fence(c["diff"] or "(empty)"), "",
                   "</details>", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -308,7 +331,8 @@ def _results(s: _Session) -> tuple[list[str], list[list]]:
             ("baseline: " if e is s.base else "") + " ".join(c["description"].split()),
             *((sp.ratio, sp.ci_low, sp.ci_high) if sp else (None, None, None)),
             d.get("effect"), d.get("ci_low"), d.get("ci_high"), d.get("p_value"), len(e.runs),
-            float(np.mean(losses)) if losses else None, e.outcome, c["proposer"], c["id"]])
+            float(np.mean(losses)) if losses else None, e.outcome, c["proposer"], c["id"],
+            c["caught_by"]])
     return columns, rows
 
 
@@ -460,7 +484,7 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     if s.rows:
         table = Table(title=f"last {min(last, len(s.rows))} experiments", title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False)
-        for name in ("#", "id", "description", "proposer", "outcome", "verdict",
+        for name in ("#", "id", "description", "proposer", "outcome", "verdict", "check",
                      "vs baseline", "runs"):  # the judge's reasons are in report.md
             table.add_column(name, no_wrap=name != "description",
                              min_width=20 if name == "description" else None)
@@ -468,9 +492,15 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
             c = e.candidate
             table.add_row(str(c["experiment"]), str(c["id"]), _short(c["description"], 40),
                           c["proposer"],
-                          e.outcome, c["verdict"] or "pending", _speedup(e.speedup, ".2f"),
-                          str(len(e.runs)))
+                          e.outcome, c["verdict"] or "pending", c["caught_by"] or "",
+                          _speedup(e.speedup, ".2f"), str(len(e.runs)))
         console.print(table)
+    for e in (e for e in s.rows if e.kind == "held"):
+        c = e.candidate
+        console.print(f"held for review: candidate {c['id']} (#{c['experiment']} "
+                      f"{c['description']}), x{(c['decision'] or {}).get('effect') or 0:.3f} "
+                      f"vs its champion; `python -m agent review --run-dir {run_dir} {c['id']} "
+                      "--accept|--reject`")
     for r in s.running:
         c = s.candidate(r["candidate_id"])
         console.print(f"running now: candidate {c['id']} ({c['description']}), {r['role']} "

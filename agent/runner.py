@@ -84,6 +84,7 @@ class RunSpec:
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)  # overrides of the inherited environment
     early_stop: EarlyStop | None = None  # called at every eval line, see behind_champion
+    checkpoint: Path | None = None  # train.py saves the final weights here when the run is ok
     kill_grace_s: float = 5.0  # between SIGTERM and SIGKILL, for the run to release its GPU
 
 
@@ -110,6 +111,8 @@ def run(spec: RunSpec) -> RunOutcome:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [spec.python, "train.py", "--preset", spec.preset, "--seed", str(spec.seed)]
     cmd += ["--out", str(out_path), *spec.extra_args]
+    if spec.checkpoint is not None:
+        cmd += ["--checkpoint", str(Path(spec.checkpoint).resolve())]
 
     with open(log_path, "wb") as log, device_lock(spec.device, spec.gpu_index) as lock:
         _log_note(log, f"$ {' '.join(cmd)}  (in {worktree})")

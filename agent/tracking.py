@@ -201,6 +201,15 @@ class Tracker:
                  "decision/p_value": decision.get("p_value")}
         self._session_run.log({k: v for k, v in point.items() if v is not None})
 
+    @_guarded("log the replay")
+    def log_replay(self, columns: list[str], rows: list[list], plot: Path) -> None:
+        """A leaderboard replay's table (agent/replay_report.py) and its plot of time against
+        rung, on the session run."""
+        if self._session_run is None:
+            return
+        self._session_run.log({"replay/table": self._wandb.Table(columns=columns, data=rows),
+                               "replay/time_by_rung": self._wandb.Image(str(plot))})
+
     @_guarded("finish the session run")
     def finish(self) -> None:
         """Log the progress chart and the candidates table, then close the session run.

@@ -40,7 +40,8 @@ def test_schema_and_pragmas(tmp_path):
         assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"meta", "session", "candidates", "runs", "champions", "events"}
+        assert tables == {"meta", "session", "candidates", "runs", "champions", "events",
+                          "holdout"}
     with Ledger(tmp_path / "run" / LEDGER_FILE, create=False) as again:  # reopening is fine
         assert again._db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
 
@@ -52,7 +53,7 @@ def test_open_errors(tmp_path):
     Ledger(tmp_path / "newer" / LEDGER_FILE).close()
     with sqlite3.connect(tmp_path / "newer" / LEDGER_FILE) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(LedgerError, match="schema 99, newer than the 1 .*update speedloop"):
+    with pytest.raises(LedgerError, match="schema 99, newer than the 2 .*update speedloop"):
         Ledger(tmp_path / "newer" / LEDGER_FILE)
     (tmp_path / "other").mkdir()
     with sqlite3.connect(tmp_path / "other" / LEDGER_FILE) as db:
@@ -288,3 +289,147 @@ def test_kill_9_of_a_writer_loses_no_committed_row_and_leaves_no_half(tmp_path):
                    map(dict, ledger._db.execute("SELECT state FROM runs")))
         decided = {int(e["text"].split()[1]) for e in ledger.events(10**6)}
         assert set(committed) <= decided
+
+
+def test_held_candidates_wait_for_a_review(ledger):
+    base = with_baseline(ledger)
+    cid = ledger.add_candidate("x3 faster", parent_id=base, commit_sha="1" * 40)
+    with pytest.raises(LedgerError, match="cannot hold candidate .* it is proposed"):
+        ledger.hold(cid, {}, "implausible-speedup")  # only what ran can be held
+    run = ledger.start_run(cid, "screen", 5)
+    ledger.finish_run(run, "ok", {"status": "ok"}, None, 1.0)
+    evidence = {"verdict": "held", "reason": "x3.0 > 2", "effect": 3.0, "checks": {}}
+    ledger.hold(cid, evidence, "implausible-speedup")
+    held = ledger.candidate(cid)
+    assert (held["state"], held["verdict"], held["caught_by"]) == ("held", "held",
+                                                                   "implausible-speedup")
+    assert ledger.held() == [held] and ledger.n_experiments() == 1
+    assert ledger.champion()["id"] == base  # held is not accepted
+    with pytest.raises(LedgerError, match="cannot decide accept candidate .* it is held"):
+        ledger.decide(cid, "accept", {}, speedup=3.0)  # only a review decides it
+    with pytest.raises(LedgerError, match="pass speedup= exactly when accepting"):
+        ledger.review(cid, "accept", "looks real")
+    ledger.review(cid, "accept", "checked the diff: real", speedup=3.0)
+    done = ledger.candidate(cid)
+    assert (done["state"], done["verdict"], done["caught_by"]) == ("decided", "accept",
+                                                                   "implausible-speedup")
+    assert done["decision"]["effect"] == 3.0 and done["decision"]["reason"] == "x3.0 > 2"
+    assert done["decision"]["review"]["note"] == "checked the diff: real"
+    assert ledger.champion()["id"] == cid and ledger.champion()["speedup"] == 3.0
+    with pytest.raises(LedgerError, match="cannot review reject candidate .* it is decided"):
+        ledger.review(cid, "reject", "twice")
+
+
+def test_caught_by_names_the_check(ledger):
+    base = with_baseline(ledger)
+    refused = ledger.add_candidate("reads the clock", parent_id=base)
+    ledger.refuse(refused, "model/gpt.py:3: clock (...)", "diff-scan:clock")
+    cheat = ledger.add_candidate("learns val", parent_id=base)
+    ledger.finish_run(ledger.start_run(cheat, "screen", 3), "ok", {"status": "ok"})
+    ledger.decide(cheat, "reject", {"reason": "gap"}, caught_by="holdout-gap")
+    honest = ledger.add_candidate("lr", parent_id=base)
+    ledger.finish_run(ledger.start_run(honest, "screen", 4), "ok", {"status": "ok"})
+    with pytest.raises(LedgerError, match="accepted, yet caught by holdout-gap"):
+        ledger.decide(honest, "accept", {}, speedup=1.1, caught_by="holdout-gap")
+    ledger.decide(honest, "reject", {"reason": "slower"})
+    assert [c["caught_by"] for c in ledger.candidates()] == [
+        None, "diff-scan:clock", "holdout-gap", None]
+
+
+def test_holdout_numbers_are_written_once(ledger):
+    base = with_baseline(ledger)
+    run = ledger.runs_of(base)[0]["id"]
+    assert ledger.holdout_of([run]) == {}
+    ledger.set_holdout(run, {"loss": 3.3, "bpb": 1.1}, {"loss": 3.35, "bpb": None})
+    row = ledger.holdout_of([run, 999])[run]
+    assert (row["val_loss"], row["val_bpb"], row["holdout_loss"], row["holdout_bpb"]) == (
+        3.3, 1.1, 3.35, None)
+    with pytest.raises(LedgerError, match="already has its holdout evaluation"):
+        ledger.set_holdout(run, {"loss": 1.0}, {"loss": 1.0})
+
+
+# The schema of version 1 (before held candidates, caught_by and the holdout table).
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE session (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),  -- one session per ledger
+    id TEXT NOT NULL,           -- e.g. 20260101-221500-3fa2: W&B group, report title
+    created REAL NOT NULL,      -- unix seconds, like every time in this file
+    config TEXT NOT NULL        -- JSON: preset, objective, proposer, budgets, judge, commit
+);
+CREATE TABLE candidates (
+    id INTEGER PRIMARY KEY,
+    parent_id INTEGER REFERENCES candidates(id),  -- champion it was made from; NULL: baseline
+    commit_sha TEXT,
+    ref TEXT,                   -- the git ref that keeps the commit, accepted or not
+    diff TEXT NOT NULL,
+    description TEXT NOT NULL,
+    hypothesis TEXT NOT NULL,
+    category TEXT NOT NULL,
+    proposer TEXT NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('proposed', 'running', 'decided', 'refused')),
+    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused')),
+    decision TEXT,              -- JSON: the judge's Decision, or the refusal's reason
+    decided_at REAL,
+    usage TEXT,                 -- JSON: the proposer's LLM tokens and cost for it, if any
+    CHECK ((state IN ('decided', 'refused')) = (verdict IS NOT NULL)),
+    CHECK ((state = 'refused') = (verdict IS 'refused'))
+);
+CREATE UNIQUE INDEX one_baseline ON candidates((parent_id IS NULL)) WHERE parent_id IS NULL;
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    role TEXT NOT NULL CHECK (role IN ('baseline', 'screen', 'confirm', 'champion')),
+    seed INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'discarded')),
+    outcome TEXT,               -- the runner's class (OUTCOMES); NULL unless finished
+    result TEXT,                -- JSON: train.py's result, when it wrote one
+    error TEXT,                 -- failure tail, or why the run was discarded
+    log_path TEXT,
+    wall_seconds REAL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    CHECK ((state = 'finished') = (outcome IS NOT NULL))
+);
+CREATE INDEX runs_of_candidate ON runs(candidate_id);
+CREATE TABLE champions (
+    id INTEGER PRIMARY KEY,
+    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+    since REAL NOT NULL,
+    speedup REAL NOT NULL       -- vs the baseline, as the loop measured it then
+);
+CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, text TEXT NOT NULL);
+"""
+
+
+def test_a_schema_1_ledger_is_migrated_with_every_row(tmp_path):
+    path = tmp_path / "run" / LEDGER_FILE
+    path.parent.mkdir()
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_1)
+        db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        db.execute("INSERT INTO session VALUES (1, 's1', 1.0, '{}')")
+        db.execute("INSERT INTO candidates (parent_id, diff, description, hypothesis, category,"
+                   " proposer, created, state, verdict, decision, decided_at) VALUES "
+                   "(NULL, '', 'baseline', '', '', 'baseline', 1.0, 'decided', 'accept', "
+                   "'{\"reason\": \"b\"}', 2.0)")
+        db.execute("INSERT INTO candidates (parent_id, diff, description, hypothesis, category,"
+                   " proposer, created, state) VALUES (1, '+x', 'lr', '', '', 'sweep', 3.0, "
+                   "'running')")
+        db.execute("INSERT INTO runs (candidate_id, role, seed, state, outcome, started_at) "
+                   "VALUES (2, 'screen', 7, 'finished', 'ok', 4.0)")
+        db.execute("INSERT INTO champions (candidate_id, since, speedup) VALUES (1, 2.0, 1.0)")
+    with Ledger(path) as ledger:
+        assert ledger._db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+        base, cand = ledger.candidates()
+        assert (base["decision"], base["caught_by"], base["decided_at"]) == ({"reason": "b"},
+                                                                             None, 2.0)
+        assert (cand["state"], cand["diff"], cand["experiment"]) == ("running", "+x", 1)
+        assert ledger.champion()["id"] == 1 and ledger.runs_of(2)[0]["seed"] == 7
+        assert ledger._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        ledger.hold(2, {"reason": "x9"}, "implausible-speedup")  # the new state works
+        with pytest.raises(LedgerError, match="a baseline exists already"):
+            ledger.add_candidate("b2", parent_id=None)  # the index came back
+    with Ledger(path) as again:  # reopening a migrated ledger changes nothing
+        assert again.candidate(2)["state"] == "held"

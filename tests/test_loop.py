@@ -248,3 +248,19 @@ def test_resume_refuses_flags_that_would_change_the_session(tmp_path, capsys):
     ledger.close()
     assert main(["run", "--resume", str(tmp_path), "--preset", "gpu-small"]) == 2
     assert "--preset cannot change on --resume" in capsys.readouterr().err
+
+
+def test_allow_flagged_and_max_speedup_are_session_settings(tmp_path, capsys):
+    from agent.cli import build_parser, main, session_config
+
+    args = build_parser().parse_args(["run", "--allow-flagged", "--max-speedup", "3"])
+    config = session_config(args, tmp_path)
+    assert config.allow_flagged and config.acceptance_config().max_speedup == 3.0
+    assert not session_config(build_parser().parse_args(["run"]), tmp_path).allow_flagged
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.set_session({"preset": "cpu-tiny"})
+    ledger.close()
+    assert main(["run", "--resume", str(tmp_path), "--allow-flagged"]) == 2
+    assert "--allow-flagged cannot change on --resume" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path), "--max-speedup", "3"]) == 2
+    assert "--max-speedup cannot change on --resume" in capsys.readouterr().err

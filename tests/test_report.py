@@ -141,7 +141,7 @@ def test_results_tsv(session):
     assert header[:5] == ["commit", "time_to_target", "memory_gb", "status", "description"]
     assert header[5:] == ["speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low",
                           "ci_high", "p_value", "runs", "val_loss", "outcome", "proposer",
-                          "candidate"]
+                          "candidate", "caught_by"]
     rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
     assert all(len(line.split("\t")) == len(header) for line in lines)
     assert [r["status"] for r in rows] == ["keep", "keep", "discard", "crash", "discard",
@@ -214,3 +214,43 @@ def test_llm_spend_is_summed_from_the_candidates_usage():
         "cache read 2,000, cache write 0"
     )
     assert llm_spend([{"usage": None}]) == ""
+
+
+def test_checks_and_held_candidates_are_shown(tmp_path):
+    """The check that caught a candidate, in report.md, results.tsv and status; a held
+    candidate listed with the command that decides it, and its review once decided."""
+    ledger = Ledger(tmp_path / LEDGER_FILE)
+    ledger.set_session({"preset": "cpu-tiny", "objective": "time-to-loss"})
+    base = ledger.add_candidate("baseline", parent_id=None, commit_sha="a" * 40)
+    for seed, t in [(1, 20.0), (2, 22.0)]:
+        run(ledger, base, "baseline", seed, res=result(seed, t))
+    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+    scanned = ledger.add_candidate("reads the clock", parent_id=base)
+    ledger.refuse(scanned, "model/gpt.py:3: clock (reads the clock)", "diff-scan:clock")
+    gap = ledger.add_candidate("learns the val slice", parent_id=base, commit_sha="b" * 40)
+    run(ledger, gap, "screen", 3, res=result(3, 15.0))
+    ledger.decide(gap, "reject", {**vars(decision("reject", 1.3, "")), "reason": "holdout-gap: "
+                  "rise of +0.2"}, caught_by="holdout-gap")
+    held = ledger.add_candidate("three times faster", parent_id=base, commit_sha="c" * 40)
+    run(ledger, held, "screen", 4, res=result(4, 7.0))
+    ledger.hold(held, {**vars(decision("accept", 3.0, "")), "reason": "implausible-speedup: "
+                "x3.000 above 2"}, "implausible-speedup")
+    ledger.close()
+
+    text = write_report(tmp_path).report.read_text()
+    assert "| refused | refused | diff-scan:clock |" in text
+    assert "| ok | reject | holdout-gap |" in text and "| ok | held | implausible-speedup |" in text
+    section = text.split("## Held for review")[1].split("## Accepted changes")[0]
+    assert f"(id {held}) three times faster" in section and f"D {held} --accept" in section
+    rows = (tmp_path / "results.tsv").read_text().splitlines()
+    assert [r.split("\t")[-1] for r in rows] == ["caught_by", "", "diff-scan:clock",
+                                                  "holdout-gap", "implausible-speedup"]
+    status = status_text(tmp_path, width=160)
+    assert "diff-scan:clock" in status and "holdout-gap" in status
+    assert f"held for review: candidate {held} (#3 three times faster), x3.000" in status
+
+    with Ledger(tmp_path / LEDGER_FILE) as ledger:
+        ledger.review(held, "accept", "the diff is real", speedup=3.0)
+    text = write_report(tmp_path).report.read_text()
+    assert "Reviewed by a human: accept: the diff is real." in text
+    assert text.split("## Held for review")[1].split("##")[0].strip() == "None."

@@ -1,0 +1,138 @@
+"""A human's review of the candidates the loop held (threat 8 of bench/INTEGRITY.md): a step
+too large to believe is neither accepted nor rejected by the loop.
+
+    python -m agent review --run-dir D                          # list what is held
+    python -m agent review --run-dir D ID                       # its evidence and diff
+    python -m agent review --run-dir D ID --accept|--reject [--note TEXT]
+
+Accepting promotes the candidate exactly as the loop's accept would (champion in the
+ledger, champion branch in git, total speedup = the champion's times its effect); both
+verdicts are recorded with the note. What it must never do: decide while a session runs in
+the same directory (the loop holds `session.lock` while it runs), or accept a candidate made
+on a champion that is no longer the champion (that would drop the changes accepted since).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent.ledger import LEDGER_FILE, Ledger
+from agent.workspace import Workspace
+
+LOCK_FILE = "session.lock"
+
+
+class ReviewError(RuntimeError):
+    """A review that cannot be made as asked; the message says why and what to do."""
+
+
+class SessionBusy(ReviewError):
+    """Another process holds the run directory (a running session, or a review)."""
+
+
+@contextlib.contextmanager
+def session_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock: the loop while it runs, a review while it decides;
+    SessionBusy at once when another process holds it. An flock, so the kernel releases it
+    when its holder dies (even by kill -9)."""
+    path = Path(run_dir) / LOCK_FILE
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SessionBusy(
+                f"another process works in {run_dir} (it holds {path}): a "
+                "running session? Stop it (Ctrl-C) or wait for it to end"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def held_text(run_dir: Path) -> str:
+    """The held candidates, one paragraph each, or a line saying there are none."""
+    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger:
+        held = ledger.held()
+        if not held:
+            return "no candidate is held for review"
+        return "\n\n".join(_describe(ledger, c, run_dir) for c in held)
+
+
+def _describe(ledger: Ledger, c: dict, run_dir: Path) -> str:
+    d = c["decision"] or {}
+    lines = [
+        f"candidate {c['id']} (experiment #{c['experiment']}): {c['description']}",
+        f"  held by {c['caught_by']}: {d.get('reason', '-')}",
+        f"  effect x{d.get('effect') or 0:.3f} vs champion {c['parent_id']}, CI "
+        f"[{d.get('ci_low') or 0:.3f}, {d.get('ci_high') or 0:.3f}], p={d.get('p_value')}"
+        f", val loss {d.get('loss_delta') or 0:+.4f} nats",
+        f"  commit {c['commit_sha']} (ref {c['ref']})",
+    ]
+    for name, numbers in (d.get("checks") or {}).items():
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()
+        )
+        lines.append(f"  check {name}: {shown}")
+    for r in ledger.runs_of(c["id"]):
+        lines.append(
+            f"  run {r['id']} {r['role']} seed {r['seed']}: {r['outcome']}, log {r['log_path']}"
+        )
+    lines.append(
+        f"  decide: python -m agent review --run-dir {run_dir} {c['id']} "
+        "--accept|--reject --note '...'"
+    )
+    return "\n".join(lines)
+
+
+def show(run_dir: Path, candidate_id: int) -> str:
+    """One held candidate's evidence and its diff."""
+    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger:
+        c = ledger.candidate(candidate_id)
+        if c["state"] != "held":
+            raise ReviewError(f"candidate {candidate_id} is {c['state']}, not held")
+        return _describe(ledger, c, run_dir) + "\n\n" + (c["diff"] or "(no diff)")
+
+
+def decide(run_dir: Path, candidate_id: int, accept: bool, note: str = "") -> str:
+    """Accept or reject a held candidate; returns a line saying what was done."""
+    run_dir = Path(run_dir)
+    with session_lock(run_dir), \
+            Ledger(run_dir / LEDGER_FILE, create=False) as ledger:  # fmt: skip
+        c = ledger.candidate(candidate_id)
+        if c["state"] != "held":
+            raise ReviewError(
+                f"candidate {candidate_id} is {c['state']}, not held: only a "
+                "held candidate can be reviewed"
+            )
+        if not accept:
+            ledger.review(candidate_id, "reject", note)
+            text = f"rejected candidate {candidate_id} ({c['description']})"
+            ledger.log_event(f"review: {text}" + (f": {note}" if note else ""))
+            return text
+        champion = ledger.champion()
+        if champion["id"] != c["parent_id"]:
+            raise ReviewError(
+                f"candidate {candidate_id} was made on champion {c['parent_id']}, but the "
+                f"champion is now {champion['id']}: accepting it would drop the changes "
+                "accepted since. Reject it, and propose its diff again on the current champion "
+                "(e.g. --proposer patches)"
+            )
+        speedup = champion["speedup"] * c["decision"]["effect"]
+        session = ledger.session()
+        # The worktree is opened before the ledger changes: a session without one cannot
+        # promote, and then nothing is recorded.
+        ws = Workspace.open(
+            Path(session["config"].get("repo", ".")), run_dir / "worktree", session["id"]
+        )
+        ledger.review(candidate_id, "accept", note, speedup=speedup)
+        ws.promote(c["commit_sha"])
+        text = (
+            f"accepted candidate {candidate_id} ({c['description']}): it is the champion, "
+            f"total x{speedup:.3f}"
+        )
+        ledger.log_event(f"review: {text}" + (f": {note}" if note else ""))
+        return text
