@@ -3,38 +3,50 @@
     python train.py --preset cpu-tiny [--budget-tokens N | --budget-seconds S]
                     [--target-loss L] [--seed S] [--out result.json]
 
+Under `torchrun --nproc_per_node=K train.py ...` each rank trains on its own
+batch_size / K rows of every batch (DistributedDataParallel averages the gradients, so
+a step's math does not depend on K); the clock, the evaluation and the result are rank
+0's, and every decision to stop is rank 0's, broadcast.
+
 The harness owns the clock, the data and the evaluation. The clock starts after an
 untimed warmup (which compiles and fills caches; the model and optimizer state are then
 restored, so no training progress leaks into the timed run), is CUDA-synchronised, and
-is paused for every evaluation. The result JSON is written to --out and printed as the
-last line of stdout. Nothing in model/ or kernels/ may change what is measured here.
+is paused for every evaluation. Evaluation happens in a separate process
+(bench/eval_worker.py) from checkpoints: this process never reads the validation data.
+The clock's start and pauses are printed as they happen (`clock start`, `clock pause`),
+so the runner can time the timed region from its side. The result JSON is written to
+--out and printed as the last line of stdout. Nothing in model/ or kernels/ may change
+what is measured here.
 """
 
 import argparse
 import copy
 import json
 import math
+import os
 import platform
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
 import kernels
 from bench.curves import eval_points, interpolate_target
-from bench.evaluator import causality_probe, evaluate
+from bench.eval_worker import EvalProcess
 from bench.guards import fingerprint, fingerprint_change, restore_problems
 from bench.hardware import mfu
-from data.cache import DataMissingError, dataset_dir, load_meta
-from data.loader import Loader, open_split, read_split_tokens
+from bench.kernel_check import check_kernels
+from data.cache import DataMissingError, load_meta
+from data.loader import Loader, open_split
 from data.shards import ShardError
 from model import build_recipe
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: clock lines, evaluator process, checkpoint
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTEGRITY = 0, 1, 2, 3, 4
 
@@ -62,11 +74,68 @@ class UsageError(Exception):
     """Bad input from the user: printed without a traceback, exit code 2."""
 
 
-class Clock:
-    """Wall time of the timed region, synchronised with the GPU, pausable for evaluation."""
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
 
-    def __init__(self, device: torch.device):
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, *args) -> None:
+        """Progress lines come from rank 0 only: one run, one log."""
+        if self.main:
+            print(*args, flush=True)
+
+    def from_main(self, value, device: torch.device):
+        """Rank 0's value (a picklable object) on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        return box[0]
+
+    def gather(self, items: list[str], device: torch.device) -> list[str]:
+        """Every rank's items, on every rank, each named by its rank when K > 1."""
+        if self.world == 1:
+            return items
+        out = [None] * self.world
+        dist.all_gather_object(out, items)
+        return [f"{v} (rank {r})" if r else v for r, vs in enumerate(out) for v in vs]
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)  # a sum: gloo has no average
+            t /= self.world
+        return t
+
+
+def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join the torchrun job, if there is one; each rank gets its own GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(rank, world), device
+
+
+class Clock:
+    """Wall time of the timed region, synchronised with the GPU, pausable for evaluation.
+
+    With announce, every start and pause is printed at once, so that the process that
+    runs the harness can time the same region with its own clock (threat 4)."""
+
+    def __init__(self, device: torch.device, announce: bool = False):
         self.device = device
+        self.announce = announce
         self.elapsed_before = 0.0
         self.started_at: float | None = None
 
@@ -76,6 +145,8 @@ class Clock:
 
     def start(self) -> None:
         self._sync()
+        if self.announce:
+            print(f"clock start | timed {self.elapsed_before:.6f}s", flush=True)
         self.started_at = time.perf_counter()
 
     @property
@@ -87,6 +158,8 @@ class Clock:
             self._sync()
             self.elapsed_before += time.perf_counter() - self.started_at
             self.started_at = None
+            if self.announce:
+                print(f"clock pause | timed {self.elapsed_before:.6f}s", flush=True)
 
     def elapsed(self, sync: bool = True) -> float:
         """Timed seconds so far; sync=False reads the host clock without waiting for the GPU
@@ -125,6 +198,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the model init and data order")
     p.add_argument("--out", type=Path, help="write the result JSON here (also printed last)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="save the final model's weights here (for the held-out check at acceptance)",
+    )
     add_setup_arguments(p)
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
     return p.parse_args(argv)
@@ -215,7 +293,17 @@ def restore(recipe, state: tuple[dict, list[dict]]) -> None:
         opt.load_state_dict(copy.deepcopy(opt_state))  # replaces the state wholesale
 
 
-def warmup(recipe, loader: Loader, evaluate_fn, max_steps: int = 3) -> None:
+def rank_rows(batch_size: int, ranks: Ranks) -> int:
+    """This rank's rows of a batch of batch_size sequences."""
+    if batch_size % ranks.world:
+        raise UsageError(
+            f"the recipe's batch of {batch_size} sequences does not split over "
+            f"{ranks.world} processes: use a process count that divides it"
+        )
+    return batch_size // ranks.world
+
+
+def warmup(recipe, loader: Loader, evaluate_fn, ranks: Ranks = Ranks(), max_steps: int = 3) -> None:
     """Run the batch shapes the recipe will use, and one evaluation, outside the clock."""
     shapes = []
     for i in range(21):
@@ -223,69 +311,91 @@ def warmup(recipe, loader: Loader, evaluate_fn, max_steps: int = 3) -> None:
         if shape not in shapes:
             shapes.append(shape)
     for step in range(max(max_steps, len(shapes))):
-        x, y = loader.next_batch(*shapes[step % len(shapes)])
+        batch_size, seq_len = shapes[step % len(shapes)]
+        x, y = loader.next_batch(rank_rows(batch_size, ranks), seq_len)
         recipe.train_step(x, y, min(1.0, step / max_steps))
     evaluate_fn()
 
 
-def run(args: argparse.Namespace) -> tuple[dict, int]:
+def run(args: argparse.Namespace) -> tuple[dict | None, int]:
+    """Train and measure; the result is rank 0's (None on the other ranks)."""
     setup = validate_args(args)
+    ranks, device = init_ranks(setup.device)
+    setup.device = device
+    # The evaluator process starts first: it imports and reads its data while this process
+    # builds the model and warms up, and it is ready before the clock starts.
+    evaluator = None
+    if ranks.main:
+        evaluator = EvalProcess(args.preset, setup.data, device, setup.kernels)
+    try:
+        return _run(args, setup, ranks, evaluator)
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        if ranks.world > 1:
+            dist.destroy_process_group()
+
+
+def _run(
+    args: argparse.Namespace, setup: Setup, ranks: Ranks, evaluator: EvalProcess | None
+) -> tuple[dict | None, int]:
     preset, device, data_name, meta = setup.preset, setup.device, setup.data, setup.meta
+    backend, compile_model = setup.kernels, setup.compile
     torch.manual_seed(args.seed)
     vocab_size = meta["vocab_size"]
-    val_tokens = read_split_tokens(data_name, "val")[: preset.eval_tokens + 1]
-    token_bytes = None
-    if meta.get("token_bytes"):  # the byte table that bits per byte needs, when known
-        token_bytes = np.load(dataset_dir(data_name) / meta["token_bytes"])
-
-    backend, compile_model = setup.kernels, setup.compile
     kernels.set_backend(backend)
     recipe = build_recipe(args.preset, device, vocab_size, compile_model)
+    checkpoint_meta = {"preset": args.preset, "data": data_name, "seed": args.seed}
 
-    violations: list[str] = []  # integrity violations found by the harness, with reasons
+    # Integrity violations found by the harness, each "check-id: reason" (bench/INTEGRITY.md).
+    violations: list[str] = []
     integrity_seconds = 0.0  # what the checks below cost, outside the clock
 
-    def run_eval():
-        # Evaluation must not change the model (threat 5): eval mode, no_grad here in the
-        # harness (not only in the evaluator), and a fingerprint of every parameter and
-        # buffer before and after, compared exactly.
+    def run_eval() -> dict:
+        # The evaluator process scores a checkpoint; this process never sees validation
+        # data. The model must not change meanwhile (threat 5: no work hidden in the pause).
+        # Rank 0 evaluates; the others wait for its answer.
         nonlocal integrity_seconds
+        if not ranks.main:
+            return ranks.from_main(None, device)
         t = time.perf_counter()
         before = fingerprint(recipe.model)
         integrity_seconds += time.perf_counter() - t
-        recipe.model.eval()
-        try:
-            with torch.no_grad():
-                return evaluate(
-                    recipe.logits,
-                    val_tokens,
-                    preset.eval_seq_len,
-                    preset.eval_batch_size,
-                    vocab_size,
-                    device,
-                    token_bytes,
-                )
-        finally:
-            recipe.model.train()
-            t = time.perf_counter()
-            change = fingerprint_change(before, fingerprint(recipe.model))
-            integrity_seconds += time.perf_counter() - t
-            if change is not None and change not in violations:
-                violations.append(f"evaluation changed the model: {change}")
+        evaluator.save(recipe.model, checkpoint_meta)
+        reply = evaluator.ask({})
+        t = time.perf_counter()
+        change = fingerprint_change(before, fingerprint(recipe.model))
+        integrity_seconds += time.perf_counter() - t
+        found = reply.get("violations", []) + ([] if change is None else [change])
+        for v in found:
+            v = v if v.startswith("eval-unchanged: ") else f"eval-unchanged: {v}"
+            if not any(known.startswith("eval-unchanged") for known in violations):
+                violations.append(v)
+        return ranks.from_main(reply, device)
 
     # Untimed warmup on its own data stream, then back to the initial state.
     t0 = time.perf_counter()
     initial = snapshot(recipe)
-    warmup(recipe, open_split(data_name, "train", args.seed + 10_000, device), run_eval)
+    warmup_loader = open_split(
+        data_name, "train", args.seed + 10_000, device, ranks.rank, ranks.world
+    )
+    warmup(recipe, warmup_loader, run_eval, ranks)
     restore(recipe, initial)
     # The restored model and optimizers must be exactly the initial ones (threat 5: no
     # warmup progress kept by, say, an overridden load_state_dict).
     t = time.perf_counter()
-    violations += [f"restore after warmup: {p}" for p in restore_problems(recipe, initial)[:5]]
+    violations += [f"restore: {p}" for p in restore_problems(recipe, initial)[:5]]
+    # The kernels' entry points against their fixed definitions on fresh inputs (threat 6).
+    interpreted = device.type == "cpu" and backend == "triton"  # ~1 ms a program: small only
+    g = torch.Generator().manual_seed(secrets.randbits(63))
+    violations += check_kernels(kernels, device, g, full=not interpreted)[:5]
+    violations = ranks.gather(violations, device)
     integrity_seconds += time.perf_counter() - t
+    if evaluator is not None:
+        evaluator.wait_ready()
     warmup_seconds = time.perf_counter() - t0
     torch.manual_seed(args.seed)
-    loader = open_split(data_name, "train", args.seed, device)
+    loader = open_split(data_name, "train", args.seed, device, ranks.rank, ranks.world)
 
     budget = Budget(
         args.budget_tokens or (None if args.budget_seconds else preset.budget_tokens),
@@ -293,7 +403,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     )
     target = args.target_loss
     max_loss = 3 * math.log(vocab_size)  # far above the initial ln(vocab): the run blew up
-    clock = Clock(device)
+    clock = Clock(device, announce=ranks.main)
     curve: list[dict] = []
     status, steps, tokens, eval_seconds = "ok", 0, 0, 0.0
     if violations:  # found before the clock started: nothing is timed
@@ -308,45 +418,54 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         was_running = clock.running
         clock.pause()
         t = time.perf_counter()
-        try:
-            ev = run_eval()
-        except FloatingPointError:  # a NaN reached the evaluation before the loss check
-            return None
+        reply = run_eval()
         eval_seconds += time.perf_counter() - t
-        point = dict(tokens=tokens, seconds=clock.elapsed(), val_loss=ev.loss, val_bpb=ev.bpb)
+        if reply.get("violations") and not ranks.main:
+            violations.extend(reply["violations"])  # the same decision on every rank
+        if reply.get("non_finite") or "loss" not in reply:  # a NaN, or a violation
+            return None
+        point = dict(
+            tokens=tokens, seconds=clock.elapsed(), val_loss=reply["loss"], val_bpb=reply["bpb"]
+        )
         curve.append(point)
-        print(
-            f"eval   step {steps:5d} | tokens {tokens:>11,} | val loss {ev.loss:.4f} | "
-            f"train time {point['seconds']:.2f}s",
-            flush=True,
+        ranks.say(
+            f"eval   step {steps:5d} | tokens {tokens:>11,} | val loss {point['val_loss']:.4f} | "
+            f"train time {point['seconds']:.2f}s"
         )
         if was_running:
             clock.start()
         return point
 
-    clock.start()
+    if status == "ok":
+        clock.start()
+
+    def progress_now() -> float:
+        if budget.seconds is None or ranks.world == 1:
+            return budget.progress(tokens, clock)
+        # A time budget ends on rank 0's clock: every rank must stop at the same step.
+        return ranks.from_main(budget.progress(tokens, clock), device)
+
     while status == "ok":
-        progress = budget.progress(tokens, clock)
+        progress = progress_now()
         if progress >= 1.0:
             break
         batch_size, seq_len = recipe.batch_shape(progress)
-        x, y = loader.next_batch(batch_size, seq_len)
+        x, y = loader.next_batch(rank_rows(batch_size, ranks), seq_len)
         loss = recipe.train_step(x, y, progress)
         steps += 1
         tokens += batch_size * seq_len
         if steps % args.log_every == 0 or steps == 1:
-            value = loss.item()
+            value = ranks.mean(loss).item()
             if not math.isfinite(value) or value > max_loss:
                 status = "diverged"
-                print(f"diverged at step {steps}: train loss {value}", flush=True)
+                ranks.say(f"diverged at step {steps}: train loss {value}")
                 break
             elapsed = clock.elapsed()
-            print(
+            ranks.say(
                 f"train  step {steps:5d} | tokens {tokens:>11,} | loss {value:.4f} | "
-                f"{tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f}s",
-                flush=True,
+                f"{tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f}s"
             )
-        progress = budget.progress(tokens, clock)
+        progress = progress_now()
         if pending_evals and pending_evals[0] <= progress < 1.0:
             while pending_evals and pending_evals[0] <= progress:
                 pending_evals.pop(0)
@@ -371,24 +490,21 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     if target is not None:
         time_to_target = interpolate_target(curve, target)
 
+    if not ranks.main:  # rank 0 probes, reports and decides the exit code
+        return None, ranks.from_main(None, device)
     probe = None
     if status == "ok":
-        recipe.model.eval()
-        with torch.no_grad():
-            probe = causality_probe(
-                recipe.logits,
-                vocab_size,
-                preset.eval_seq_len,
-                device,
-                torch.Generator().manual_seed(secrets.randbits(63)),  # fresh probe every run
-            )
-        recipe.model.train()
-        if not probe.causal:
+        # The probes run in the evaluator process on the final weights, which are still in
+        # its checkpoint; fresh positions, tokens and rows every run.
+        t = time.perf_counter()
+        probe = evaluator.ask({"probe": True})
+        integrity_seconds += time.perf_counter() - t
+        if probe["violations"]:
             status = "integrity-violation"
-            violations.append(
-                f"causality probe: a change after position {probe.position} moved an earlier "
-                f"log-probability by {probe.max_change:.3g} (tolerance {probe.tolerance:.3g})"
-            )
+            violations += probe["violations"]
+        elif args.checkpoint:
+            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(evaluator.checkpoint, args.checkpoint)
 
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     tokens_per_sec = tokens / train_seconds if train_seconds > 0 else 0.0
@@ -398,6 +514,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         "preset": args.preset,
         "seed": args.seed,
         "device": device.type,
+        "world_size": ranks.world,
         "gpu_name": gpu_name,
         "cpu": platform.processor() or platform.machine(),
         "torch_version": torch.__version__,
@@ -423,16 +540,17 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
         "time_to_target": time_to_target,
         "mfu": mfu(recipe.flops_per_token(), tokens_per_sec, gpu_name),
         "peak_memory_bytes": _peak_memory(device),
-        "causality": None if probe is None else probe.__dict__,
+        "causality": None if probe is None else probe.get("probes"),
         "integrity": {
             "ok": not violations,
             "violations": violations,
             "seconds": integrity_seconds,  # what the harness's checks cost, outside the clock
         },
+        "checkpoint": str(args.checkpoint) if args.checkpoint and status == "ok" else None,
         "curve": curve,
     }
     code = {"ok": EXIT_OK, "diverged": EXIT_DIVERGED}.get(status, EXIT_INTEGRITY)
-    return result, code
+    return result, ranks.from_main(code, device)
 
 
 def _triton_version() -> str | None:
@@ -461,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataMissingError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if result is None:  # not rank 0
+        return code
     line = json.dumps(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 # (tokens, training seconds, val loss) -> True to stop the run now
 EarlyStop = Callable[[int, float, float], bool]
 
-SCHEMA_VERSION = 1  # the result schema of train.py this runner understands
+SCHEMA_VERSION = 2  # the result schema of train.py this runner understands
 EXIT_OK, EXIT_DIVERGED, EXIT_INTEGRITY = 0, 3, 4  # train.py's exit codes
 REQUIRED_FIELDS = {
     "schema_version": int,
@@ -65,6 +65,11 @@ EVAL_LINE = re.compile(
     r"^eval\s+step\s+\d+\s*\|\s*tokens\s+(?P<tokens>[\d,]+)\s*\|\s*val loss\s+(?P<loss>\S+)"
     r"\s*\|\s*train time\s+(?P<seconds>[\d.]+)s"
 )
+# The harness prints these as its clock starts and pauses; the runner times the same region.
+CLOCK_LINE = re.compile(r"^clock (?P<event>start|pause)\b")
+# How far the harness's timed seconds may fall short of the runner's: the lines' delivery
+# through a pipe, and a busy machine's scheduling, cost milliseconds, not this.
+CLOCK_TOLERANCE_S, CLOCK_TOLERANCE_FRACTION = 0.5, 0.05
 STDERR_TAIL_LINES = 20
 MAX_LINE_BYTES = 1 << 20  # a longer run of bytes without a newline is logged as its own line
 LOCKS_ENV = "SPEEDLOOP_LOCKS"
@@ -80,7 +85,8 @@ class RunSpec:
     timeout_s: float  # hard limit on the child's wall time: a multiple of the expected time
     extra_args: list[str] = field(default_factory=list)  # e.g. ["--budget-tokens", "4096"]
     device: Literal["cpu", "cuda"] = "cpu"  # which lock to hold
-    gpu_index: int | None = None  # physical GPU; sets CUDA_VISIBLE_DEVICES (None on cuda: 0)
+    gpu_index: int | None = None  # first physical GPU; sets CUDA_VISIBLE_DEVICES (None: 0)
+    nproc: int = 1  # processes of one run (torchrun), one per GPU on cuda: K GPUs from gpu_index
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)  # overrides of the inherited environment
     early_stop: EarlyStop | None = None  # called at every eval line, see behind_champion
@@ -109,12 +115,9 @@ def run(spec: RunSpec) -> RunOutcome:
     out_path.unlink(missing_ok=True)  # a stale result must never pass for this run's
     log_path = Path(spec.log_path).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [spec.python, "train.py", "--preset", spec.preset, "--seed", str(spec.seed)]
-    cmd += ["--out", str(out_path), *spec.extra_args]
-    if spec.checkpoint is not None:
-        cmd += ["--checkpoint", str(Path(spec.checkpoint).resolve())]
+    cmd = command(spec, out_path)
 
-    with open(log_path, "wb") as log, device_lock(spec.device, spec.gpu_index) as lock:
+    with open(log_path, "wb") as log, device_locks(spec) as lock:
         _log_note(log, f"$ {' '.join(cmd)}  (in {worktree})")
         if lock.waited_s > 0:
             _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")
@@ -143,6 +146,41 @@ def run(spec: RunSpec) -> RunOutcome:
         elif killed_for == "early-stop":
             _log_note(log, f"stopped early at {watch.curve[-1]}")
     return _classify(proc.returncode, killed_for, watch, out_path, spec, wall_seconds, log_path)
+
+
+def command(spec: RunSpec, out_path: Path) -> list[str]:
+    """The child's command line: train.py itself, or under torchrun with `spec.nproc`
+    processes on this one machine (--standalone: its own rendezvous on a free port)."""
+    if spec.nproc < 1:
+        raise ValueError(f"nproc={spec.nproc}: a run needs at least one process")
+    launch = [spec.python, "train.py"]
+    if spec.nproc > 1:
+        launch = [spec.python, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc_per_node={spec.nproc}", "train.py"]  # fmt: skip
+    args = ["--preset", spec.preset, "--seed", str(spec.seed), "--out", str(out_path)]
+    if spec.checkpoint is not None:
+        args += ["--checkpoint", str(Path(spec.checkpoint).resolve())]
+    return [*launch, *args, *spec.extra_args]
+
+
+def _gpus(spec: RunSpec) -> list[int]:
+    """The physical GPUs of a cuda run: nproc of them from gpu_index (default 0) on."""
+    first = 0 if spec.gpu_index is None else spec.gpu_index
+    return list(range(first, first + spec.nproc))
+
+
+@contextlib.contextmanager
+def device_locks(spec: RunSpec) -> Iterator[DeviceLock]:
+    """Every device lock a run needs: the CPU's, or each of its GPUs' in index order (one
+    order for every holder, so two multi-GPU runs cannot each wait on the other). Yields
+    the lock that was waited for longest."""
+    if spec.device != "cuda":
+        with device_lock(spec.device) as lock:
+            yield lock
+        return
+    with contextlib.ExitStack() as stack:
+        locks = [stack.enter_context(device_lock("cuda", i)) for i in _gpus(spec)]
+        yield max(locks, key=lambda lock: lock.waited_s)
 
 
 def behind_champion(
@@ -237,6 +275,7 @@ class _Watch:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.oom_line: str | None = None
         self.curve: list[dict] = []  # parsed from eval lines, for early stopping
+        self.clock_events: list[tuple[str, float]] = []  # ("start" | "pause", monotonic time)
         self.stop_requested = False
 
     def feed(self, stream: str, data: bytes) -> None:
@@ -287,6 +326,10 @@ class _Watch:
             return
         if line.strip():
             self.last_stdout_line = line
+        clock = CLOCK_LINE.match(line)
+        if clock:
+            self.clock_events.append((clock["event"], time.monotonic()))
+            return
         match = EVAL_LINE.match(line)
         if match:
             point = {
@@ -362,7 +405,7 @@ def _child_env(spec: RunSpec) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they happen
     if spec.device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = str(0 if spec.gpu_index is None else spec.gpu_index)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in _gpus(spec))
     env.update(spec.env)
     return env
 
@@ -395,11 +438,21 @@ def _classify(
         return outcome("timeout", None, f"no result within the {spec.timeout_s:g} s timeout")
 
     result, problem = _read_result(watch.last_stdout_line, out_path)
+    if spec.nproc > 1 and returncode not in (EXIT_OK, EXIT_DIVERGED, EXIT_INTEGRITY):
+        # torchrun exits 1 when a rank exits non-zero, whatever the code: rank 0's result,
+        # printed before it exited, says which.
+        status = (result or {}).get("status")
+        returncode = {"diverged": EXIT_DIVERGED, "integrity-violation": EXIT_INTEGRITY}.get(
+            status, returncode
+        )
     if returncode == EXIT_OK:
         if problem is None:
             problem = _contract_problem(result)
         if problem is not None:
             return outcome("invalid-result", result, problem)
+        problem = _clock_problem(result["train_seconds"], watch.clock_events)
+        if problem is not None:
+            return outcome("integrity-violation", result, problem)
         return outcome("ok", result, None)
     if returncode == EXIT_DIVERGED:
         if result is not None and result.get("status") == "diverged":
@@ -409,17 +462,52 @@ def _classify(
             "invalid-result", result, f"exit 3 (diverged) without a diverged result: {problem}"
         )
     if returncode == EXIT_INTEGRITY:
-        # The harness names each check that failed; older results only had the probe.
+        # The harness names each check that failed, as "check-id: reason".
         violations = ((result or {}).get("integrity") or {}).get("violations")
-        probe = f"causality probe {(result or {}).get('causality')}"
-        why = "; ".join(violations) if violations else probe
-        return outcome("integrity-violation", result, f"exit 4: {why}")
+        why = (
+            "; ".join(violations)
+            if violations
+            else f"harness: exit 4 without violations ({problem})"
+        )
+        return outcome("integrity-violation", result, why)
     if watch.oom_line is not None:
         return outcome("oom", None, watch.oom_line[:300])
     if returncode == -signal.SIGKILL:
         # We did not send it (no timeout, no early stop): the kernel's OOM killer, usually.
         return outcome("oom", None, "killed by SIGKILL from outside (the kernel's OOM killer?)")
     return outcome("crash", None, _crash_message(returncode, watch))
+
+
+def runner_timed_seconds(events: Sequence[tuple[str, float]]) -> float | None:
+    """Seconds between each `clock start` line and the next `clock pause`, as this process
+    saw them arrive; None when the lines do not pair up."""
+    total, started = 0.0, None
+    for event, t in events:
+        if (event == "start") == (started is not None):
+            return None
+        if event == "start":
+            started = t
+        else:
+            total, started = total + t - started, None
+    return total if events and started is None else None
+
+
+def _clock_problem(train_seconds: float, events: Sequence[tuple[str, float]]) -> str | None:
+    """Threat 4: the harness's clock must not run slow against this process's clock (a
+    surface that patched time, synchronize or the harness would report less than ran)."""
+    seen = runner_timed_seconds(events)
+    if seen is None:
+        return (
+            "clock: the run's `clock start` / `clock pause` lines are missing or unpaired, "
+            "so the runner could not time it"
+        )
+    allowed = max(CLOCK_TOLERANCE_S, CLOCK_TOLERANCE_FRACTION * seen)
+    if train_seconds < seen - allowed:
+        return (
+            f"clock: the harness reported {train_seconds:.2f} s of training but the runner "
+            f"saw {seen:.2f} s between its clock lines (tolerance {allowed:.2f} s)"
+        )
+    return None
 
 
 def _read_result(last_line: str, out_path: Path) -> tuple[dict | None, str | None]:

@@ -69,10 +69,39 @@ def evaluate(
 
 @dataclass
 class ProbeResult:
-    causal: bool
-    position: int  # tokens after this position were changed
-    max_change: float  # largest change of a log-probability (nats) at or before the position
+    causal: bool  # no information reached where it must not
+    position: int  # look-ahead: tokens after this position were changed; cross-row: this row
+    max_change: float  # largest change of a log-probability (nats) where none may happen
     tolerance: float
+    kind: str = "look-ahead"  # or "cross-row"
+
+
+def _tolerance(device: torch.device) -> float:
+    # Reduced-precision arithmetic on accelerators can round the same prefix differently;
+    # real leaks move log-probabilities by far more.
+    return 1e-4 if device.type == "cpu" else 2e-2
+
+
+def _windows(tokens: np.ndarray, batch_size: int, seq_len: int, g: torch.Generator):
+    """batch_size consecutive windows of real text from a fresh random offset, as evaluation
+    batches are made (so neighbouring rows continue each other's text)."""
+    span = batch_size * seq_len
+    if len(tokens) < span:
+        raise ValueError(f"{len(tokens)} tokens cannot fill a probe batch of {span}")
+    start = int(torch.randint(0, len(tokens) - span + 1, (1,), generator=g))
+    window = torch.from_numpy(tokens[start : start + span].astype(np.int64))
+    return window.view(batch_size, seq_len)
+
+
+def _changed(x: torch.Tensor, vocab_size: int, g: torch.Generator) -> torch.Tensor:
+    """Every token of x replaced by a different one."""
+    return (x + torch.randint(1, vocab_size, x.shape, generator=g)) % vocab_size
+
+
+def _log_probs(logits_fn: LogitsFn, x: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
+    # Compared as log-probabilities, in nats: a constant added to every logit changes
+    # nothing there, so it cannot widen the tolerance.
+    return logits_fn(x.to(device))[..., :vocab_size].float().log_softmax(-1)
 
 
 @torch.no_grad()
@@ -83,30 +112,51 @@ def causality_probe(
     device: torch.device,
     generator: torch.Generator,
     batch_size: int = 2,
+    tokens: np.ndarray | None = None,
 ) -> ProbeResult:
     """Change the tokens after a random position; the logits at or before it must not move.
 
-    Positions and tokens are fresh for every call (drawn from `generator`), so a model
-    cannot special-case the probe. The tolerance, in nats of log-probability, allows for
-    reduced-precision arithmetic on accelerators, where the same prefix can round
-    differently; real look-ahead moves log-probabilities by far more.
+    The batch is random tokens, or real text from `tokens` (a fresh offset). Positions and
+    tokens are fresh for every call (drawn from `generator`), so a model cannot
+    special-case the probe.
     """
-    x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    if tokens is None:
+        x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    else:
+        x = _windows(tokens, batch_size, seq_len, generator)
     position = int(torch.randint(0, seq_len - 1, (1,), generator=generator))
     changed = x.clone()
-    tail = changed[:, position + 1 :]
-    # Every later token differs from the original one.
-    offset = torch.randint(1, vocab_size, tail.shape, generator=generator)
-    changed[:, position + 1 :] = (tail + offset) % vocab_size
-    # Compared as log-probabilities, in nats: a constant added to every logit changes
-    # nothing there, so it cannot widen the tolerance.
-    before = logits_fn(x.to(device))[:, : position + 1, :vocab_size].float().log_softmax(-1)
-    after = logits_fn(changed.to(device))[:, : position + 1, :vocab_size].float().log_softmax(-1)
-    tolerance = 1e-4 if device.type == "cpu" else 2e-2
+    changed[:, position + 1 :] = _changed(x[:, position + 1 :], vocab_size, generator)
+    before = _log_probs(logits_fn, x, vocab_size, device)[:, : position + 1]
+    after = _log_probs(logits_fn, changed, vocab_size, device)[:, : position + 1]
+    tolerance = _tolerance(device)
     max_change = (before - after).abs().max().item()
-    return ProbeResult(
-        causal=max_change <= tolerance,
-        position=position,
-        max_change=max_change,
-        tolerance=tolerance,
-    )
+    return ProbeResult(max_change <= tolerance, position, max_change, tolerance)
+
+
+@torch.no_grad()
+def cross_row_probe(
+    logits_fn: LogitsFn,
+    vocab_size: int,
+    seq_len: int,
+    device: torch.device,
+    generator: torch.Generator,
+    tokens: np.ndarray,
+    batch_size: int = 4,
+) -> ProbeResult:
+    """Change one row of a real evaluation batch entirely; no other row may notice.
+
+    Rows of an evaluation batch are consecutive windows of the same text, so a model that
+    mixes rows (a batch statistic, attention across the batch) sees the future of one row
+    in the next: the look-ahead probe, which changes every row the same way, can miss it.
+    """
+    x = _windows(tokens, batch_size, seq_len, generator)
+    row = int(torch.randint(0, batch_size, (1,), generator=generator))
+    changed = x.clone()
+    changed[row] = _changed(x[row], vocab_size, generator)
+    others = [r for r in range(batch_size) if r != row]
+    before = _log_probs(logits_fn, x, vocab_size, device)[others]
+    after = _log_probs(logits_fn, changed, vocab_size, device)[others]
+    tolerance = _tolerance(device)
+    max_change = (before - after).abs().max().item()
+    return ProbeResult(max_change <= tolerance, row, max_change, tolerance, "cross-row")

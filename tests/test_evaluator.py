@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.evaluator import causality_probe, evaluate
+from bench.evaluator import causality_probe, cross_row_probe, evaluate
 from bench.hardware import mfu, peak_flops
 
 V = 50
@@ -107,3 +107,39 @@ def test_mfu_from_the_peak_table():
     assert peak_flops("Some Unknown GPU") is None
     assert mfu(6e8, 1e6, "NVIDIA H100 80GB HBM3") == pytest.approx(6e14 / 989e12)
     assert mfu(6e8, 1e6, None) is None
+
+
+class BatchMixer(Bigram):
+    """Causal within a row, but adds the batch's mean logits: rows see each other."""
+
+    def forward(self, x):
+        logits = self.table(x)
+        return logits + 0.5 * logits.mean(0, keepdim=True)
+
+
+def test_the_cross_row_probe_catches_rows_that_see_each_other():
+    text = np.random.default_rng(0).integers(0, V, 4000).astype(np.uint16)
+    cpu = torch.device("cpu")
+    mixer, honest = BatchMixer(), Bigram(0)
+    for s in range(5):
+        # The look-ahead probe changes every row alike after a position: the mixer passes it.
+        assert causality_probe(
+            mixer, V, 64, cpu, torch.Generator().manual_seed(s), tokens=text
+        ).causal
+        caught = cross_row_probe(mixer, V, 64, cpu, torch.Generator().manual_seed(s), text)
+        assert not caught.causal and caught.kind == "cross-row" and caught.max_change > 1e-3
+        passed = cross_row_probe(honest, V, 64, cpu, torch.Generator().manual_seed(s), text)
+        assert passed.causal and passed.max_change == 0.0
+
+
+def test_the_probes_on_real_text_draw_fresh_windows():
+    text = np.arange(5000, dtype=np.uint16) % V
+    seen = []
+    probe = lambda x: seen.append(x.clone()) or Bigram(0)(x)  # noqa: E731
+    for s in range(3):
+        causality_probe(probe, V, 32, torch.device("cpu"), torch.Generator().manual_seed(s),
+                        tokens=text)  # fmt: skip
+    firsts = {int(x[0, 0]) for x in seen[::2]}
+    assert len(firsts) == 3  # a fresh offset into the text each call
+    # Rows are consecutive windows of the text, as in an evaluation batch.
+    assert torch.equal(seen[0][1, 0], (seen[0][0, -1] + 1) % V)

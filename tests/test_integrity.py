@@ -153,7 +153,7 @@ def test_a_changed_fixed_file_fails_the_run_without_running_it(session):
     such a change) is caught by the hashes of session start, with the path named."""
     ws = session.workspace
     ws.checkout(session.champion()["commit_sha"])
-    edit(ws.path / "train.py", "SCHEMA_VERSION = 1", "SCHEMA_VERSION = 1  # harmless?")
+    edit(ws.path / "train.py", "SCHEMA_VERSION = 2", "SCHEMA_VERSION = 2  # harmless?")
     git(ws.path, "commit", "-qam", "edit the harness")
     commit = git(ws.path, "rev-parse", "HEAD").strip()
     ws.reset()
@@ -220,6 +220,7 @@ TRAIN_ON_EVAL = (
     RECIPE_LOGITS
     + """\
         with torch.enable_grad():  # cheat: a training step on the evaluation batch
+            self.model.requires_grad_(True)  # undo the evaluator's freezing
             with self._autocast():
                 loss = self._forward(x[:, :-1], x[:, 1:])
             loss.backward()
@@ -250,10 +251,10 @@ def patched_scan(repo: Path) -> list:
 
 
 HARNESS_CASES = [
-    pytest.param(GPT, lambda p: append(p, KEEP_PROGRESS), "restore after warmup",
+    pytest.param(GPT, lambda p: append(p, KEEP_PROGRESS), "restore: ",
                  id="keeps-warmup-progress"),
     pytest.param(RECIPE, lambda p: edit(p, RECIPE_LOGITS, TRAIN_ON_EVAL),
-                 "evaluation changed the model", id="trains-on-eval"),
+                 "eval-unchanged: ", id="trains-on-eval"),
     pytest.param(RECIPE, honest_edit, None, id="honest"),
 ]  # fmt: skip
 

@@ -20,12 +20,18 @@ PREAMBLE = """\
 import json, os, signal, subprocess, sys, time
 OUT = sys.argv[sys.argv.index("--out") + 1]
 RESULT = {
-    "schema_version": 1, "status": "ok", "preset": "cpu-tiny", "tokens": 4096,
-    "tokens_per_sec": 1000.0, "train_seconds": 4.096, "val_loss": 5.5, "val_bpb": 1.9,
+    "schema_version": 2, "status": "ok", "preset": "cpu-tiny", "tokens": 4096,
+    "tokens_per_sec": 1000.0, "train_seconds": 0.05, "val_loss": 5.5, "val_bpb": 1.9,
     "time_to_target": None, "mfu": None, "peak_memory_bytes": 123,
     "curve": [{"tokens": 4096, "seconds": 4.096, "val_loss": 5.5, "val_bpb": 1.9}],
 }
-def emit(result, code=0, write=True):
+def clock(seconds):  # the harness's clock lines around a timed region of `seconds`
+    print("clock start | timed 0s", flush=True)
+    time.sleep(seconds)
+    print(f"clock pause | timed {seconds}s", flush=True)
+def emit(result, code=0, write=True, clocked=True):
+    if clocked and result.get("status") == "ok":
+        clock(0.05)
     if write:
         with open(OUT, "w") as f:
             f.write(json.dumps(result, indent=2) + "\\n")
@@ -188,10 +194,33 @@ def test_exit_3_without_a_diverged_result_is_invalid(tmp_path):
 
 
 def test_integrity_violation(tmp_path):
-    result = 'dict(RESULT, status="integrity-violation", causality={"causal": False})'
+    found = ["causality-probe: a change after position 3 moved ...", "kernel-check: ..."]
+    result = f'dict(RESULT, status="integrity-violation", integrity={{"violations": {found}}})'
     outcome = run(fake_spec(tmp_path, f"emit({result}, 4)"))
     assert outcome.status == "integrity-violation" and outcome.returncode == 4
-    assert "'causal': False" in outcome.error
+    assert outcome.error == "; ".join(found)  # each starts with the check that failed
+
+
+@pytest.mark.parametrize(
+    "body, caught",
+    [
+        # A harness clock that ran slow: 0.05 s reported for ~1.5 s between the clock lines.
+        ("clock(1.5); emit(RESULT, clocked=False)", "saw 1.5"),
+        # A surface that stopped the clock lines (or the harness's prints) from arriving.
+        ("emit(RESULT, clocked=False)", "missing or unpaired"),
+        ('print("clock start | timed 0s", flush=True); emit(RESULT, clocked=False)', "unpaired"),
+    ],
+)
+def test_the_runner_times_the_timed_region_itself(tmp_path, body, caught):
+    outcome = run(fake_spec(tmp_path, body))
+    assert outcome.status == "integrity-violation"
+    assert outcome.error.startswith("clock: ") and caught in outcome.error
+
+
+def test_an_honest_clock_passes_within_tolerance(tmp_path):
+    # 1.0 s between the lines and 0.98 s reported: the pipe's latency is not a violation.
+    body = "clock(1.0); emit(dict(RESULT, train_seconds=0.98), clocked=False)"
+    assert run(fake_spec(tmp_path, body)).status == "ok"
 
 
 @pytest.mark.parametrize(
@@ -209,7 +238,7 @@ def test_integrity_violation(tmp_path):
         ("emit(dict(RESULT, curve=[]))", "curve is empty"),
         ('emit(dict(RESULT, tokens_per_sec="fast"))', "not of type int or float"),
         ("emit(dict(RESULT, val_loss=True))", "not of type int or float"),
-        ("emit(dict(RESULT, schema_version=2))", "schema_version 2"),
+        ("emit(dict(RESULT, schema_version=1))", "schema_version 1"),
         ('emit(dict(RESULT, status="diverged"))', "status is 'diverged'"),
         ("emit(RESULT, write=False)", "wrote none"),
         (
@@ -345,3 +374,43 @@ def test_real_cpu_tiny_run(data_cache, tmp_path):
     # The runner's eval-line parser agrees with the curve train.py reports.
     assert [t for t, _ in seen] == [row["tokens"] for row in result["curve"]]
     assert [round(v, 4) for _, v in seen] == [round(r["val_loss"], 4) for r in result["curve"]]
+
+
+def test_a_multi_gpu_run_goes_through_torchrun_on_its_gpus(tmp_path, locks_dir):
+    """nproc > 1: `python -m torch.distributed.run --standalone --nproc_per_node=K train.py
+    ...`, K GPUs visible from gpu_index on, each of their locks held. A stand-in for the
+    interpreter records how it was called, then runs train.py with the real one."""
+    import stat
+    import sys
+
+    python = tmp_path / "python"
+    python.write_text(
+        f'#!/bin/sh\necho "$@" > launched.txt\n'
+        f'while [ "$1" != train.py ]; do shift; done\nexec {sys.executable} "$@"\n'
+    )
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    body = """
+        launched = open("launched.txt").read().split()
+        emit(dict(RESULT, cvd=os.environ.get("CUDA_VISIBLE_DEVICES"), launched=launched))
+        """
+    extra = ["--budget-tokens", "4096"]
+    spec = fake_spec(
+        tmp_path, body, device="cuda", gpu_index=2, nproc=2, python=str(python), extra_args=extra
+    )
+    outcome = run(spec)
+    assert outcome.status == "ok", outcome.error
+    assert outcome.result["launched"] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+        "--preset", "cpu-tiny", "--seed", "0", "--out", str(spec.out_path.resolve()),
+        "--budget-tokens", "4096",
+    ]  # fmt: skip
+    assert outcome.result["cvd"] == "2,3"
+    assert {p.name for p in locks_dir.iterdir()} == {"gpu2.lock", "gpu3.lock"}
+    with pytest.raises(ValueError, match="nproc=0"):
+        run(dataclasses.replace(spec, nproc=0))
+
+
+def test_a_single_process_run_is_train_py_itself(tmp_path):
+    outcome = run(fake_spec(tmp_path, "emit(dict(RESULT, argv=sys.argv[1:]))"))
+    assert outcome.status == "ok"
+    assert outcome.result["argv"][:4] == ["--preset", "cpu-tiny", "--seed", "0"]

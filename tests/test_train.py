@@ -18,7 +18,7 @@ FIELDS = {
     "schema_version", "status", "preset", "seed", "device", "gpu_name", "torch_version",
     "triton_version", "kernels", "compile", "data", "data_fingerprint", "tokens", "steps",
     "train_seconds", "tokens_per_sec", "val_loss", "val_bpb", "time_to_target", "mfu",
-    "peak_memory_bytes", "curve", "causality", "flops_per_token", "n_params",
+    "peak_memory_bytes", "curve", "causality", "flops_per_token", "n_params", "world_size",
 }  # fmt: skip
 
 
@@ -46,7 +46,9 @@ def test_default_budget_trains_and_reports_every_field(data_cache, tmp_path):
     assert len(curve) >= 5 and curve[-1] < curve[0]
     assert result["val_loss"] < math.log(4096) - 2  # well under the uniform prediction
     assert 0.5 < result["val_bpb"] < 3
-    assert result["causality"]["causal"] is True
+    # The evaluator process's probes: look-ahead on random tokens and on real text, cross-row.
+    assert [p["kind"] for p in result["causality"]] == ["look-ahead", "look-ahead", "cross-row"]
+    assert all(p["causal"] for p in result["causality"]) and result["integrity"]["ok"]
     print(f"cpu-tiny: {result['tokens_per_sec']:.0f} tok/s, val loss {result['val_loss']:.3f}")
 
 
