@@ -2,6 +2,8 @@
 
     python -m agent run [--preset P] [--objective O] [--proposer sweep|patches] ...
     python -m agent run --resume D
+    python -m agent replay LADDER [--preset P] [--runs N] [--rungs FROM:TO] ...
+    python -m agent replay --resume D
     python -m agent status D
     python -m agent report D
     python -m agent review --run-dir D [ID --accept|--reject [--note TEXT]]
@@ -15,8 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent import review
-from agent.judge import OBJECTIVES
+from agent import replay, review
+from agent.judge import OBJECTIVES, RULES
 from agent.ledger import LEDGER_FILE, Ledger, LedgerError
 from agent.loop import Session, SessionConfig, SessionStop
 from agent.proposers import make_proposer
@@ -70,6 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-speedup", type=float,
         help="hold a step faster than this over the champion for `review` (default 2.0)",
     )  # fmt: skip
+    add_leaderboard_arguments(run)
+
+    replay = sub.add_parser("replay", help="replay a leaderboard's ladder, rung by rung")
+    replay.add_argument(
+        "ladder", nargs="?", help="a ladder's name (bench/leaderboards/NAME) or its directory"
+    )
+    replay.add_argument("--resume", type=Path, metavar="D", help="resume the replay in D")
+    replay.add_argument("--preset", default="cpu-tiny", help="benchmark preset (train.py --preset)")
+    replay.add_argument(
+        "--runs", type=int, default=3, help="timed runs of each rung and of its predecessor"
+    )
+    replay.add_argument("--rungs", metavar="FROM:TO", help="replay only these rungs (1-based)")
+    replay.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
+    replay.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens, every run")
+    replay.add_argument("--data", help="train.py --data for every run (default: the preset's)")
+    replay.add_argument(
+        "--target-loss", type=float,
+        help="time-to-loss target (default: the leaderboard's where the preset reaches it, "
+        "else set by the baseline's replicates)",
+    )  # fmt: skip
+    replay.add_argument(
+        "--wandb", default="auto", choices=["auto", "offline", "disabled"], help="W&B tracking"
+    )
+    replay.add_argument(
+        "--allow-flagged", action="store_true",
+        help="run rungs the diff scan flags instead of stopping there (bench/INTEGRITY.md)",
+    )  # fmt: skip
+    add_leaderboard_arguments(replay)
 
     review = sub.add_parser("review", help="list the candidates held for a human, or decide one")
     review.add_argument("--run-dir", type=Path, required=True, help="the session directory")
@@ -85,11 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rules", choices=list(RULES),
+        help="judge in a leaderboard's terms: its target loss (where the preset reaches it), "
+        "its p-value for the loss test, its waiver for systems changes",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpus", type=int, default=1, metavar="K",
+        help="GPUs (processes) of every benchmark run: torchrun --nproc_per_node=K when K > 1",
+    )  # fmt: skip
+
+
 # Flags that a resumed session takes from its ledger, not from the command line.
 RESUME_FIXED = (
     "preset", "objective", "proposer", "proposer_arg", "deadline", "run_dir", "baseline_runs",
     "budget_tokens", "data", "target_loss", "wandb", "model", "max_usd_per_candidate",
     "max_turns", "thinking", "effort", "brief", "agent_timeout", "allow_flagged", "max_speedup",
+    "rules", "gpus",
 )  # fmt: skip
 
 
@@ -116,6 +159,18 @@ def proposer_options(args: argparse.Namespace, run_dir: Path) -> dict:
     return options
 
 
+def train_args(args: argparse.Namespace) -> list[str]:
+    """train.py flags for every run, from --budget-tokens and --data."""
+    extra = ["--budget-tokens", str(args.budget_tokens)] if args.budget_tokens else []
+    return extra + (["--data", args.data] if args.data else [])
+
+
+def gpus(args: argparse.Namespace) -> int:
+    if args.gpus < 1:
+        raise SessionStop(f"--gpus {args.gpus}: a run needs at least one GPU (or process)")
+    return args.gpus
+
+
 def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
     import train  # the fixed harness knows each preset's device
 
@@ -123,8 +178,9 @@ def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
         raise SessionStop(f"unknown preset '{args.preset}': choose one of {list(train.PRESETS)}")
     if args.baseline_runs < 2:
         raise SessionStop("--baseline-runs must be at least 2: the judge needs the noise")
-    extra = ["--budget-tokens", str(args.budget_tokens)] if args.budget_tokens else []
-    extra += ["--data", args.data] if args.data else []
+    target = args.target_loss
+    if args.rules and target is None and train.PRESETS[args.preset].target_loss is not None:
+        target = RULES[args.rules].target_loss  # a preset made to reach the leaderboard's
     return SessionConfig(
         preset=args.preset,
         objective=args.objective,
@@ -135,9 +191,11 @@ def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
         hours=args.hours,
         deadline=datetime.fromisoformat(args.deadline).timestamp() if args.deadline else None,
         baseline_runs=args.baseline_runs,
-        train_args=extra,
-        target_loss=args.target_loss,
+        train_args=train_args(args),
+        target_loss=target,
         device=train.PRESETS[args.preset].device,
+        gpus=gpus(args),
+        rules=args.rules,
         wandb=args.wandb,
         repo=str(ROOT),
         allow_flagged=args.allow_flagged,
@@ -164,6 +222,8 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
                 "only --experiments, --hours and --budget-usd can"
             )
         config = SessionConfig.from_dict(Ledger(run_dir / LEDGER_FILE).session()["config"])
+        if config.proposer == replay.PROPOSER:  # a replay resumes as one
+            return run_replay(replay.open_replay(run_dir, say, waiting), say)
         if args.budget_usd is not None:  # a resume may raise the LLM budget
             config.proposer_options["budget_usd"] = args.budget_usd
         proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
@@ -190,6 +250,46 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def command_replay(args: argparse.Namespace, console: Console) -> int:
+    def say(text: str) -> None:
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}", highlight=False)
+
+    def waiting(text: str):
+        return console.status(text)
+
+    if args.resume:
+        if args.ladder:
+            raise SessionStop("give a ladder or --resume D, not both: a replay keeps its ladder")
+        if not (args.resume / LEDGER_FILE).exists():
+            raise SessionStop(f"{args.resume} holds no session ({LEDGER_FILE} missing)")
+        return run_replay(replay.open_replay(args.resume, say, waiting), say)
+    if not args.ladder:
+        raise SessionStop("name a ladder (e.g. nanogpt-speedrun) or --resume D")
+    run_dir = args.run_dir or ROOT / "runs" / time.strftime("replay-%Y%m%d-%H%M%S")
+    config = replay.session_config(
+        replay.load(args.ladder), args.preset, args.runs, args.rungs, args.rules,
+        args.target_loss, train_args=train_args(args), gpus=gpus(args), wandb=args.wandb,
+        repo=str(ROOT), allow_flagged=args.allow_flagged,
+    )  # fmt: skip
+    return run_replay(replay.create_replay(run_dir, config, say, waiting), say)
+
+
+def run_replay(r: replay.Replay, say) -> int:
+    s = r.session
+    say(f"replay {s.id} in {s.run_dir}: {r.ladder.name}, {s.config.preset}")
+    try:
+        r.run()
+    except KeyboardInterrupt:
+        say(
+            "interrupted: the run in flight was stopped; it will be discarded and re-run by "
+            f"`python -m agent replay --resume {s.run_dir}`"
+        )
+        return 130
+    paths = write_report(s.run_dir)
+    say(f"report: {', '.join(str(p) for p in paths)}; replay: {s.run_dir / 'replay.md'}")
+    return 0
+
+
 def command_review(args: argparse.Namespace) -> int:
     if not (args.run_dir / LEDGER_FILE).exists():
         raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
@@ -212,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_run(args, console)
         if args.command == "review":
             return command_review(args)
+        if args.command == "replay":
+            return command_replay(args, console)
         if not (args.run_dir / LEDGER_FILE).exists():
             raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
         if args.command == "status":
@@ -219,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for path in write_report(args.run_dir):
                 print(path)
+            if replay.is_replay(args.run_dir):
+                from agent.replay_report import write_replay
+
+                for path in write_replay(args.run_dir):
+                    print(path)
         return 0
     except (SessionStop, LedgerError, ReviewError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

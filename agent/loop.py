@@ -22,7 +22,16 @@ from pathlib import Path
 from agent import acceptance, integrity, runner
 from agent.acceptance import AcceptanceConfig
 from agent.costs import ProposerStop
-from agent.judge import OBJECTIVES, Decision, JudgeConfig, comparable, decide, primary_metric
+from agent.judge import (
+    OBJECTIVES,
+    Decision,
+    JudgeConfig,
+    comparable,
+    decide,
+    leaderboard_rules,
+    primary_metric,
+    under_rules,
+)
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.proposers import Proposal, ProposalFailed, Proposer
 from agent.review import session_lock
@@ -63,6 +72,8 @@ class SessionConfig:
     early_stop_margin: float = 0.15  # nats behind the champion's curve that stop a screen
     timeout_factor: float = 3.0  # a run's hard timeout, in expected run times
     device: str = "cpu"
+    gpus: int = 1  # processes of every benchmark run, one per GPU: torchrun when > 1
+    rules: str | None = None  # a leaderboard's rules (judge.RULES) that acceptance also needs
     judge: dict = field(default_factory=dict)  # JudgeConfig overrides
     # AcceptanceConfig overrides: the holdout-gap and untimed-overhead tests, and the speedup
     # above which a step is held for a human (max_speedup), checked before every accept.
@@ -241,6 +252,7 @@ class Session:
             timeout_s=self.config.timeout_factor * self.expected_seconds(),
             extra_args=list(self.config.train_args) + self.objective_args(),
             device=self.config.device,
+            nproc=self.config.gpus,
             early_stop=early_stop,
             checkpoint=checkpoint,
         )
@@ -349,6 +361,7 @@ class Session:
             champion = self.champion_results()
             if results:
                 decision = decide(champion, results, self.judge)
+                decision = self.under_rules(decision, results, candidate)
                 if decision.verdict != "more":
                     return decision
             early = None
@@ -362,6 +375,16 @@ class Session:
                         slowest, self.config.early_stop_margin, min_fraction=0.5
                     )
             self.benchmark(candidate, "confirm" if results else "screen", early_stop=early)
+
+    def under_rules(self, decision: Decision, results: list[dict], candidate: dict) -> Decision:
+        """With --rules, an accept also needs the leaderboard's loss test at the session's
+        target (a change of category "systems" may be waived)."""
+        if self.config.rules is None:
+            return decision
+        return under_rules(
+            decision, results, leaderboard_rules(self.config.rules), self.config.target_loss,
+            systems=candidate.get("category") == "systems", max_runs=self.judge.max_replicates,
+        )  # fmt: skip
 
     def record(self, candidate: dict, decision: Decision) -> None:
         """Record the judge's decision. An accept must first pass the acceptance checks

@@ -1,0 +1,353 @@
+"""Replaying a leaderboard: every rung of a ladder measured against the rung before it.
+
+    python -m agent replay nanogpt-speedrun --preset cpu-tiny --runs 2
+
+A replay is a normal session (ledger, worktree, status, report, --resume) whose proposer
+is the ladder: each rung becomes a candidate whose commit is its predecessor's commit plus
+the rung's patch; the baseline is this repository's surface (rung 0), or the surface up to
+the rung before --rungs FROM. For each rung, N runs of its predecessor and N of the rung
+alternate (predecessor, rung, predecessor, rung, ...), each with a fresh seed, so drift of
+the machine hits both sides. The statistics (agent/replay_stats.py) give the measured
+speedup with a confidence interval and the leaderboard's loss test; replay_report.py
+writes replay.md, replay.png and the W&B table.
+
+In the ledger every rung that ran is accepted: acceptance is what makes a candidate the
+parent of the next one, and a ladder's next rung builds on this one whatever was measured.
+The loss test's verdict is in the decision and the table. The predecessor's runs of a step
+are its "champion" re-measurements; so a resumed replay counts what each step has and
+re-runs nothing that finished.
+
+What a replay must never do: choose or skip rungs by their results, reuse a run of another
+step for a rung's comparison, or run a rung whose patch leaves the research surface (the
+session's integrity checks apply as to any candidate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from agent import acceptance
+from agent.judge import Decision, comparable, leaderboard_rules
+from agent.ledger import LEDGER_FILE, Ledger
+from agent.loop import Session, SessionConfig, SessionStop
+from agent.proposers.base import Proposal, ProposalFailed
+from agent.replay_stats import RungStats, rung_stats
+from agent.workspace import PatchError, apply_patch
+
+PROPOSER = "replay"  # the session config's proposer name for a replay
+PREFIX = "rung "  # candidate descriptions: "rung <id>: <title>"
+START = "replay start: "  # the commit message of a baseline made of the first rungs
+OWN = ("screen", "confirm")  # a rung's runs in its own step ("champion": the next step's)
+
+
+def load(ladder: str | Path):
+    """A ladder by name (bench/leaderboards/<name>) or by its directory."""
+    from bench.leaderboards import load_ladder
+
+    return load_ladder(ladder)
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """What a replay keeps in its session config (as the proposer's options)."""
+
+    ladder: str  # the ladder's name
+    runs: int  # timed runs per side and rung
+    first: int  # index in ladder.rungs of the first rung replayed (0: the ladder's first)
+    last: int  # index of the last one
+    target_from: str  # "ladder" (the preset reaches its target), "baseline" or "given"
+    ladder_target: float  # the ladder's (or the rules') target loss
+    p_value: float  # of the loss test
+    waive_systems: bool  # systems rungs skip the loss test (only under --rules)
+
+    @classmethod
+    def of(cls, config: SessionConfig) -> ReplaySettings:
+        return cls(**config.proposer_options)
+
+
+def select(ladder, rungs: str | None) -> tuple[int, int]:
+    """--rungs FROM:TO (1-based, inclusive, either end may be left out) as indices."""
+    n = len(ladder.rungs)
+    if not rungs:
+        return 0, n - 1
+    head, sep, tail = rungs.partition(":")
+    try:
+        first = int(head) if head else 1
+        last = int(tail) if tail else (n if sep else first)
+    except ValueError:
+        raise SessionStop(f"--rungs {rungs!r}: use FROM:TO, rung numbers 1 to {n}") from None
+    if not 1 <= first <= last <= n:
+        raise SessionStop(f"--rungs {rungs!r}: the ladder {ladder.name} has rungs 1 to {n}")
+    return first - 1, last - 1
+
+
+def session_config(
+    ladder, preset: str, runs: int, rungs: str | None = None, rules: str | None = None,
+    target_loss: float | None = None, **fields,
+) -> SessionConfig:  # fmt: skip
+    """The config of a replay session; `target_loss` overrides where the target comes from;
+    `fields` are further SessionConfig fields (gpus, train_args, wandb, repo, ...)."""
+    import train  # the fixed harness knows each preset's device and target
+
+    if preset not in train.PRESETS:
+        raise SessionStop(f"unknown preset '{preset}': choose one of {list(train.PRESETS)}")
+    if runs < 1:
+        raise SessionStop(f"--runs {runs}: a replay needs at least one run per side and rung")
+    board = leaderboard_rules(rules) if rules else None
+    target = board.target_loss if board else ladder.target_loss
+    # A preset made for the leaderboard's model reaches its target; a smaller one cannot,
+    # so it races to the session's usual target, set by the baseline's replicates.
+    reachable = train.PRESETS[preset].target_loss is not None
+    source = "given" if target_loss is not None else "ladder" if reachable else "baseline"
+    if source == "ladder":
+        target_loss = target
+    first, last = select(ladder, rungs)
+    settings = ReplaySettings(
+        ladder=ladder.name, runs=runs, first=first, last=last,
+        target_from=source, ladder_target=target,
+        p_value=board.p_value if board else ladder.p_value,
+        waive_systems=bool(board and board.waive_systems),
+    )  # fmt: skip
+    return SessionConfig(
+        preset=preset, objective="time-to-loss", proposer=PROPOSER,
+        proposer_arg=str(Path(ladder.root).resolve()), proposer_options=asdict(settings),
+        baseline_runs=2 if target_loss is None else 0, target_loss=target_loss,
+        device=train.PRESETS[preset].device, overlap=False, rules=rules, **fields,
+    )  # fmt: skip
+
+
+class LadderProposer:
+    """Proposes the ladder's rungs in order: the next one not yet in the session's history,
+    applied to the champion's worktree (the previous rung)."""
+
+    name = PROPOSER
+
+    def __init__(self, ladder, settings: ReplaySettings):
+        self.ladder = ladder
+        self.rungs = ladder.rungs[settings.first : settings.last + 1]
+
+    def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
+        done = {(row.get("description") or "").split(":")[0] for row in history}
+        for rung in self.rungs:
+            if f"{PREFIX}{rung.id}" in done:
+                continue
+            description = f"{PREFIX}{rung.id}: {rung.title}"
+            try:
+                apply_patch(worktree, Path(rung.patch).read_text())
+            except PatchError as e:
+                raise ProposalFailed(description, f"does not apply to the rung before: {e}") from e
+            category = "systems" if rung.kind == "systems" else "other"
+            return Proposal(description, f"published: {rung.published}", category)
+        return None
+
+
+def rung_of(candidate: dict) -> str | None:
+    """The rung id of a replay candidate, from its description."""
+    text = candidate.get("description") or ""
+    return text.split(":")[0].removeprefix(PREFIX) if text.startswith(PREFIX) else None
+
+
+def step_results(ledger, config: SessionConfig, candidate: dict) -> tuple[list, list]:
+    """A rung's step: its predecessor's runs of this step (its champion re-measurements:
+    a predecessor is re-measured only in the step after its own) and the rung's runs."""
+    settings = asdict(config)
+    pred = ledger.results_of(candidate["parent_id"], roles=["champion"])
+    mine = ledger.results_of(candidate["id"], roles=OWN)
+    return comparable(pred, settings), comparable(mine, settings)
+
+
+def stats_of(ledger, config: SessionConfig, candidate: dict, rung) -> RungStats:
+    s = ReplaySettings.of(config)
+    pred, mine = step_results(ledger, config, candidate)
+    waived = s.waive_systems and rung.kind == "systems"
+    return rung_stats(pred, mine, config.target_loss, s.p_value, waived)
+
+
+class Replay:
+    """Drives a replay session: start, baseline, then each rung's interleaved step."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.settings = ReplaySettings.of(session.config)
+        self.ladder = load(session.config.proposer_arg)
+        self.rungs = {r.id: r for r in self.ladder.rungs}
+
+    def run(self) -> str:
+        """Run until every selected rung is measured (or one cannot be); returns why it
+        stopped. Writes replay.md and replay.png, and logs them to W&B."""
+        from agent import replay_report
+
+        s = self.session
+        shown = {k: v for k, v in asdict(s.config).items() if k != "fixed_hashes"}
+        s.tracker.start_session(shown)
+        try:
+            why = self._run()
+            paths = replay_report.write_replay(s.run_dir)
+            s.tracker.log_replay(*replay_report.replay_table(s.run_dir), paths.plot)
+            s.event(f"replay table: {paths.table}; plot: {paths.plot}")
+            return why
+        finally:
+            s.tracker.finish()
+
+    def _run(self) -> str:
+        s = self.session
+        discarded = s.ledger.discard_unfinished_runs()
+        if discarded:
+            s.event(f"resumed: discarded unfinished run(s) {discarded}; they will be re-run")
+        champion = s.ledger.champion()
+        if champion is not None:  # a kill between the ledger's accept and the git update
+            s.workspace.promote(champion["commit_sha"])
+        s.workspace.reset()
+        s.fixed_hashes()
+        if s.ledger.baseline() is None:
+            self.check_surface()
+            self.start()
+        s.ensure_baseline()
+        while True:
+            why = self.broken()
+            if why:
+                break
+            pending = s.ledger.candidates(["proposed", "running"])
+            candidate = pending[0] if pending else s.propose()
+            if candidate is None:
+                why = f"every selected rung of {self.ladder.name} was measured"
+                break
+            if candidate["state"] == "refused":
+                continue
+            rung = self.rungs[rung_of(candidate)]
+            s.event(f"{candidate['description']} ({rung.kind}): {self.settings.runs} runs "
+                    "each of it and of the rung before, interleaved")  # fmt: skip
+            self.measure(candidate)
+            self.decide(candidate, rung)
+        s.workspace.reset()
+        s.event(f"replay stopped: {why}")
+        return why
+
+    def broken(self) -> str | None:
+        """Why the chain cannot go on: a rung was refused or failed (the rungs after it are
+        built on it), or None."""
+        for c in self.session.ledger.candidates(["decided", "refused"]):
+            if c["experiment"] is not None and c["verdict"] != "accept":
+                what = "was refused" if c["verdict"] == "refused" else "failed"
+                reason = (c["decision"] or {}).get("reason", "").splitlines()[:2]
+                return (
+                    f"{c['description']} {what} ({' '.join(reason)}); the rungs after it "
+                    "build on it and cannot be measured"
+                )
+        return None
+
+    def check_surface(self) -> None:
+        """Say so when this surface is not the one the ladder's first patch was made on: its
+        patches may still apply, but what they measure is not the ladder's."""
+        from bench.leaderboards import surface_fingerprint
+
+        found = surface_fingerprint(self.session.workspace.path)
+        if found != self.ladder.base_surface:
+            self.session.event(
+                f"this surface (fingerprint {found[:12]}) is not the one {self.ladder.name} was "
+                f"made on ({self.ladder.base_surface[:12]}): rungs may not apply, or measure "
+                "something else than the ladder's"
+            )
+
+    def start(self) -> None:
+        """With --rungs FROM > 1, the baseline is the surface with the rungs before FROM
+        applied, as one commit made the champion before the baseline is recorded."""
+        s, first = self.session, self.settings.first
+        if first == 0:
+            return
+        ws = s.workspace
+        message = f"{START}{self.ladder.name} up to rung {self.ladder.rungs[first - 1].id}"
+        if ws.git("log", "-1", "--format=%s", ws.champion).strip() == message:
+            return  # made before a kill, the baseline not recorded yet
+        ws.reset()
+        for rung in self.ladder.rungs[:first]:
+            try:
+                apply_patch(ws.path, Path(rung.patch).read_text())
+            except PatchError as e:
+                ws.reset()
+                why = f"rung {rung.id} does not apply on its way to the start: {e}"
+                raise SessionStop(why) from e
+        ws.promote(ws.capture(0, message).commit)
+        s.event(message)
+
+    def measure(self, candidate: dict) -> None:
+        """The step's runs: predecessor and rung alternate until each has N; a failed run of
+        the rung ends the step (the next rungs build on it and cannot be measured)."""
+        s, n = self.session, self.settings.runs
+        pred = s.ledger.candidate(candidate["parent_id"])
+        while True:
+            done_pred = len(s.ledger.runs_of(pred["id"], roles=["champion"]))
+            mine = s.ledger.runs_of(candidate["id"], roles=OWN)
+            if any(r["outcome"] != "ok" for r in mine) or (done_pred >= n and len(mine) >= n):
+                return
+            if done_pred <= len(mine) and done_pred < n:
+                s.benchmark(pred, "champion")
+            else:
+                s.benchmark(candidate, "confirm" if mine else "screen")
+
+    def decide(self, candidate: dict, rung) -> None:
+        """Record the rung's measurement: accepted into the chain when its runs measured a
+        time, else rejected (and the replay stops there)."""
+        s = self.session
+        st = stats_of(s.ledger, s.config, candidate, rung)
+        mine = s.ledger.results_of(candidate["id"], roles=OWN)
+        failed = next((r for r in mine if r["status"] != "ok"), None)
+        if failed is not None or st.speedup is None:
+            what = (
+                f"run with seed {failed['seed']} {failed['status']}"
+                if failed
+                else "no run measured a time"
+            )
+            s.record(candidate, Decision("reject", what, None, None, None, None, None,
+                                         st.pred.n, st.rung.n, None))  # fmt: skip
+            return
+        sp, loss = st.speedup, st.loss
+        ci = "" if sp.ci_low is None else f" (95% CI {sp.ci_low:.3f}-{sp.ci_high:.3f})"
+        p = "" if loss.p_value is None else f", p={loss.p_value:.2g}"
+        reason = (f"replayed: x{sp.ratio:.3f} over the rung before{ci} from {st.rung.n}+"
+                  f"{st.pred.n} runs; loss test {loss.verdict}{p} at target "
+                  f"{s.config.target_loss:.4f}")  # fmt: skip
+        decision = Decision("accept", reason, sp.ratio, sp.ci_low, sp.ci_high, sp.p_value,
+                            loss.p_value, st.pred.n, st.rung.n, st.loss_delta)  # fmt: skip
+        self.accept(candidate, decision)
+
+    def accept(self, candidate: dict, decision: Decision) -> None:
+        """Into the chain, without the loop's acceptance checks (agent/acceptance.py): they
+        guard a search against its own proposer (a 2x step is held for a human, compile
+        time moved out of the clock rejects), while a replay measures curated rungs, each
+        of which the next one needs."""
+        s, cid = self.session, candidate["id"]
+        speedup = s.champion()["speedup"] * decision.effect
+        s.ledger.decide(cid, "accept", decision, speedup=speedup)
+        s.workspace.promote(candidate["commit_sha"])
+        acceptance.drop_checkpoints(s.run_dir, s.ledger.runs_of(cid))  # nothing evaluates them
+        s.tracker.log_decision(s.ledger.candidate(cid))
+        s.event(f"{candidate['description']}: {decision.reason}; total x{speedup:.3f}")
+
+
+def _config(run_dir: Path) -> SessionConfig:
+    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger:
+        return SessionConfig.from_dict(ledger.session()["config"])
+
+
+def is_replay(run_dir: Path) -> bool:
+    return _config(run_dir).proposer == PROPOSER
+
+
+def open_replay(run_dir: Path, say=print, waiting=None) -> Replay:
+    """The replay session in `run_dir`, ready to run or resume."""
+    config = _config(run_dir)
+    if config.proposer != PROPOSER:
+        raise SessionStop(
+            f"{run_dir} holds a `python -m agent run` session, not a replay: "
+            f"resume it with `python -m agent run --resume {run_dir}`"
+        )
+    proposer = LadderProposer(load(config.proposer_arg), ReplaySettings.of(config))
+    return Replay(Session(run_dir, proposer, say=say, waiting=waiting))
+
+
+def create_replay(run_dir: Path, config: SessionConfig, say=print, waiting=None) -> Replay:
+    ladder = load(config.proposer_arg)
+    proposer = LadderProposer(ladder, ReplaySettings.of(config))
+    return Replay(Session.create(run_dir, config, proposer, say=say, waiting=waiting))
