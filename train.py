@@ -27,6 +27,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -367,11 +368,11 @@ def _run(
         change = fingerprint_change(before, fingerprint(recipe.model))
         integrity_seconds += time.perf_counter() - t
         found = reply.get("violations", []) + ([] if change is None else [change])
-        for v in found:
-            v = v if v.startswith("eval-unchanged: ") else f"eval-unchanged: {v}"
-            if not any(known.startswith("eval-unchanged") for known in violations):
-                violations.append(v)
-        return ranks.from_main(reply, device)
+        found = [v if v.startswith("eval-unchanged: ") else f"eval-unchanged: {v}" for v in found]
+        if found and not any(known.startswith("eval-unchanged") for known in violations):
+            violations.append(found[0])
+        # Every rank gets the violations with the reply, so all of them stop at this step.
+        return ranks.from_main({**reply, "violations": found[:1]}, device)
 
     # Untimed warmup on its own data stream, then back to the initial state.
     t0 = time.perf_counter()
@@ -572,15 +573,20 @@ def _peak_memory(device: torch.device) -> int | None:
         return None
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the evaluator process and its files are closed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)  # the runner's timeout and early stop
     try:
         result, code = run(args)
     except (UsageError, DataMissingError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if result is None:  # not rank 0
-        return code
+    if result is None:  # not rank 0: exit 0 whatever rank 0's code, for torchrun would
+        return EXIT_OK  # end rank 0 at the first non-zero exit, before it reports
     line = json.dumps(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

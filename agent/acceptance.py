@@ -40,6 +40,11 @@ SURFACE = "surface"  # the diff leaves the research surface (workspace, threat 1
 DIFF_SCAN = "diff-scan"  # "diff-scan:<rule>", rule one of integrity.RULES (threats 4, 5, 7)
 FIXED_HASH = "fixed-hash"  # a fixed file differs from its hash at session start (threat 1)
 HOLDOUT_GAP = "holdout-gap"  # the holdout − val gap rose beyond noise (threat 3)
+EVAL_REPRODUCE = "eval-reproduce"  # a run's val loss is not reproduced from its checkpoint
+# How far the standalone evaluation of a run's checkpoint may differ from the val loss the
+# run reported: the same weights, slice and code give the same bits on a CPU; a GPU may
+# pick other kernels for the batch in a fresh process.
+REPRODUCE_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
 UNTIMED_OVERHEAD = "untimed-overhead"  # wall minus timed seconds rose (threat 5)
 IMPLAUSIBLE_SPEEDUP = "implausible-speedup"  # held for a human (threat 8)
 # The harness's checks (train.py, bench/guards.py): each violation string starts with its
@@ -301,6 +306,22 @@ def judge_acceptance(session, candidate: dict, effect: float) -> Acceptance:
             f"run(s) {missing} have no checkpoint to evaluate on the holdout slice",
             checks,
         )
+    # The val loss the run reported must be what its final weights score outside the run: a
+    # surface that behaves differently inside the run's evaluator process is caught here.
+    tolerance = REPRODUCE_TOLERANCE.get(session.config.device, 1e-3)
+    evaluated = session.ledger.holdout_of(gaps)
+    for run in mine:
+        reported = (run.get("result") or {}).get("val_loss")
+        again = evaluated[run["id"]]["val_loss"]
+        if not isinstance(reported, (int, float)) or abs(reported - again) > tolerance:
+            checks[EVAL_REPRODUCE] = {"run": run["id"], "reported": reported, "again": again}
+            return Acceptance(
+                "reject",
+                EVAL_REPRODUCE,
+                f"run {run['id']} reported val loss {reported} but its checkpoint scores "
+                f"{again:.6f} in the standalone evaluator (tolerance {tolerance:g})",
+                checks,
+            )
     try:
         champion_gaps = holdout_gaps(session, champion, theirs)
     except EvaluationFailed as e:

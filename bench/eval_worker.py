@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+DIR_PREFIX = "speedloop-eval-"  # then the pid of train.py: folders of dead runs are swept
 
 
 class EvalWorkerError(RuntimeError):
@@ -139,6 +140,10 @@ def serve(evaluator: Evaluator, requests, reply) -> None:
             answer = {"violations": [f"eval-unchanged: {change}"]}
         reply.write(json.dumps(answer) + "\n")
         reply.flush()
+        if evaluator.setup.device.type == "cuda":
+            # Give the evaluation's buffers (a batch of full-vocabulary logits: gigabytes on
+            # gpt2-124m) back to the training process until the next request.
+            torch.cuda.empty_cache()
 
 
 class EvalProcess:
@@ -150,11 +155,27 @@ class EvalProcess:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        shm = Path("/dev/shm")  # in memory where there is one: a checkpoint per evaluation
-        base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self.dir = Path(tempfile.mkdtemp(prefix="speedloop-eval-", dir=base))
-        self.checkpoint = self.dir / "model.pt"
+        self.dir: Path | None = None  # made at the first save, where the weights fit
         self.ready = False
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / "model.pt"
+
+    def _make_dir(self, nbytes: int) -> Path:
+        """A private folder for the checkpoints: in memory (/dev/shm) when it has room for
+        two copies of the weights, else the system's temporary folder. Folders left by
+        runs that were killed (their pid is in the name) are removed first."""
+        shm = Path("/dev/shm")
+        base = None
+        if shm.is_dir() and os.access(shm, os.W_OK):
+            for old in shm.glob(f"{DIR_PREFIX}*"):
+                pid = old.name[len(DIR_PREFIX) :].split("-")[0]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    shutil.rmtree(old, ignore_errors=True)
+            if shutil.disk_usage(shm).free > 2 * nbytes:
+                base = shm
+        return Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base))
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
@@ -175,6 +196,8 @@ class EvalProcess:
         surface does not answer for it), to the checkpoint the worker reads."""
         state = torch.nn.Module.state_dict(model)
         state = {k: v.detach().cpu() for k, v in state.items()}
+        if self.dir is None:
+            self.dir = self._make_dir(sum(v.numel() * v.element_size() for v in state.values()))
         torch.save({"state_dict": state, **meta}, self.checkpoint)
 
     def ask(self, request: dict) -> dict:
@@ -184,14 +207,21 @@ class EvalProcess:
         return self._reply()
 
     def close(self) -> None:
-        if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+        """Stop the worker and remove the checkpoints, whatever state the worker is in."""
         try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+            if self.proc.stdin and not self.proc.stdin.closed:
+                self.proc.stdin.close()  # EOF: the worker's loop ends
+        except OSError:  # the worker is already gone (a broken pipe)
+            pass
+        finally:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            finally:
+                if self.dir is not None:
+                    shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

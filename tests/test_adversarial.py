@@ -13,9 +13,10 @@ clock), judged, and recorded in the ledger (`caught_by`, bench/INTEGRITY.md):
 - failed in the harness or by the runner, on the first run: `causality-probe`,
   `cross-row-probe`, `restore`, `eval-unchanged`, `kernel-check`, `clock`;
 - caught at acceptance, on their real runs and checkpoints: `holdout-gap`,
-  `untimed-overhead`, `implausible-speedup` (held). These defences exist for when the
-  judge's statistics are fooled, so these cheats are handed the judge's accept (as a fooled
-  judge would give it) instead of depending on whether they also win on a noisy clock.
+  `untimed-overhead`, `eval-reproduce`, `implausible-speedup` (held). These defences exist
+  for when the judge's statistics are fooled, so these cheats are handed the judge's
+  accept (as a fooled judge would give it) instead of depending on whether they also win
+  on a noisy clock.
 
 Cheats that the scan would flag but that must also be caught at run time (a patched clock,
 reading the validation data) run with `allow_flagged`, as a session would with
@@ -244,6 +245,16 @@ TRAIN_ON_VAL = edit(
 # one after the other), that no run's timed region sees.
 IMPORT_TIME_WORK = append("import time\n\ntime.sleep(4)\n")
 HONEST_LR = edit("    matrix_lr: float = 0.04", "    matrix_lr: float = 0.05")
+# Logits that differ only inside the run's own evaluator process (it is started with
+# --serve): the val loss the run reports is not what its weights score anywhere else.
+SCORES_DIFFERENTLY = edit(
+    '        """fp32 logits (B, T, vocab) for token ids x (B, T)."""\n',
+    '        """fp32 logits (B, T, vocab) for token ids x (B, T)."""\n'
+    "        import sys\n\n"
+    '        if "--serve" in sys.argv:\n'
+    "            with self._autocast():\n"
+    "                return 1.5 * self._forward(x).float()\n",
+)
 
 
 def test_training_on_the_validation_slice_is_caught_by_the_holdout_gap(session):
@@ -258,7 +269,13 @@ def test_work_moved_into_import_time_is_caught_by_the_overhead(session):
                             flagged=True)  # fmt: skip
     assert (row["verdict"], row["caught_by"]) == ("reject", "untimed-overhead"), row["decision"]
     overhead = row["decision"]["checks"]["untimed-overhead"]
-    assert overhead["rise_s"] > overhead["limit_s"] and overhead["rise_s"] > 6, overhead
+    assert overhead["rise_s"] > overhead["limit_s"], overhead
+
+
+def test_a_run_whose_val_loss_does_not_reproduce_is_caught(session):
+    row = with_fooled_judge(session, "scores differently in the run", RECIPE,
+                            SCORES_DIFFERENTLY, runs=1, flagged=True)  # fmt: skip
+    assert (row["verdict"], row["caught_by"]) == ("reject", "eval-reproduce"), row["decision"]
 
 
 def test_an_implausible_step_is_held_for_a_human(session):
