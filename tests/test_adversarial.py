@@ -85,6 +85,9 @@ def session(tmp_path_factory, data_cache):
             overlap=False,
             acceptance={"max_speedup": MAX_SPEEDUP},
             judge={"loss_margin": LOSS_MARGIN},
+            # No early stop: a cheat whose curve falls behind (mixing rows trains worse)
+            # must still run to the end, where the harness's probes catch it.
+            early_stop_margin=1e9,
         )
         run_dir = tmp_path_factory.mktemp("session") / "run"
         s = Session.create(run_dir, config, EditProposer(), say=print)
