@@ -610,7 +610,9 @@ class Session:
         finally:
             self.tracker.finish()
 
-    def _run(self) -> str:
+    def resume_state(self) -> None:
+        """Session start or resume: drop runs a kill left unfinished, put the champion
+        branch where the ledger says, and take the fixed files' hashes (integrity)."""
         discarded = self.ledger.discard_unfinished_runs()
         if discarded:
             self.event(f"resumed: discarded unfinished run(s) {discarded}; they will be re-run")
@@ -618,7 +620,10 @@ class Session:
         if champion is not None:  # a kill between the ledger's accept and the git update
             self.workspace.promote(champion["commit_sha"])
         self.workspace.reset()
-        self.fixed_hashes()  # integrity: the fixed files' hashes, at session start
+        self.fixed_hashes()
+
+    def _run(self) -> str:
+        self.resume_state()
         self.ensure_baseline()
         while True:
             pending = self.ledger.candidates(["proposed", "running"])

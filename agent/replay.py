@@ -192,14 +192,7 @@ class Replay:
 
     def _run(self) -> str:
         s = self.session
-        discarded = s.ledger.discard_unfinished_runs()
-        if discarded:
-            s.event(f"resumed: discarded unfinished run(s) {discarded}; they will be re-run")
-        champion = s.ledger.champion()
-        if champion is not None:  # a kill between the ledger's accept and the git update
-            s.workspace.promote(champion["commit_sha"])
-        s.workspace.reset()
-        s.fixed_hashes()
+        s.resume_state()
         if s.ledger.baseline() is None:
             self.check_surface()
             self.start()
