@@ -376,7 +376,7 @@ def holdout_gaps(session, candidate: dict, runs: Sequence[dict]) -> dict[int, fl
                 cfg.preset,
                 cfg.device,
                 cfg.train_args,
-                cfg.timeout_factor * session.expected_seconds(),
+                session.run_timeout(),
             )
         finally:
             ws.reset()

@@ -27,6 +27,7 @@ import json
 import math
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 2  # 2: held candidates, caught_by, the holdout table
+SCHEMA_VERSION = 3
 
 ROLES = ("baseline", "screen", "confirm", "champion")
 # How the runner classifies one benchmark run; every outcome but "ok" is a failed run.
@@ -103,6 +104,16 @@ CREATE TABLE holdout (          -- a checkpoint's losses on the val and holdout 
     holdout_loss REAL NOT NULL,
     holdout_bpb REAL,
     created REAL NOT NULL
+);
+CREATE TABLE spend (            -- one row per LLM request, written as it is paid for
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_creation_input_tokens INTEGER NOT NULL,
+    cache_read_input_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL
 );
 """
 # What each older schema version needs to become the current one: (version, statements).
@@ -174,8 +185,9 @@ class Ledger:
     """One session's ledger: the file `D/ledger.sqlite` (LEDGER_FILE) of its run directory D.
 
     `Ledger(D / LEDGER_FILE)` opens it, creating it (and D) if needed; `create=False` (for
-    `status` and `report`) refuses to make a new one. Use one Ledger per process and thread;
-    other processes may read while the loop writes (WAL), e.g. `python -m agent status D`.
+    `status` and `report`) refuses to make a new one. Any thread may use it (each gets its own
+    connection); other processes may read while the loop writes (WAL), e.g.
+    `python -m agent status D`.
     """
 
     def __init__(self, path: str | Path, *, create: bool = True):
@@ -186,19 +198,39 @@ class Ledger:
                 raise FileNotFoundError(f"no ledger at {self.path}: is {self.run_dir} the "
                                         "--run-dir of a `python -m agent run` session?")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions, every write says BEGIN itself.
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # FULL: fsync the WAL at every commit. WAL is atomic under kill -9 either way; FULL
-        # also keeps the last decisions through a power loss or kernel panic of the machine
-        # overnight. It costs a few ms per write, and the loop writes a few times a minute.
-        self._db.execute("PRAGMA synchronous = FULL")
+        # One connection per thread: an LLM proposer drafting in a background thread logs
+        # its pauses and costs here while the loop's thread records runs. SQLite serialises
+        # the writers (BEGIN IMMEDIATE waits up to the connect timeout for the lock).
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         self._check_schema(create)
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            # isolation_level=None: no implicit transactions, every write says BEGIN itself.
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                 check_same_thread=False)  # close() may come from any thread
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA journal_mode = WAL")
+            # FULL: fsync the WAL at every commit. WAL is atomic under kill -9 either way;
+            # FULL also keeps the last decisions through a power loss or kernel panic of the
+            # machine overnight. It costs a few ms per write, a few writes a minute.
+            db.execute("PRAGMA synchronous = FULL")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
     def close(self) -> None:
-        self._db.close()
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     def __enter__(self) -> Ledger:
         return self
@@ -259,6 +291,12 @@ class Ledger:
                               f"{SCHEMA_VERSION} this speedloop reads: update speedloop")
         if version == 1:
             self._migrate_from_1()
+            version = 2
+        if version == 2:
+            with self._write() as db:  # 2 -> 3 adds a table; every row stays as it was
+                db.execute(_statement("CREATE TABLE spend ("))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                           (str(SCHEMA_VERSION),))
         elif version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path} has ledger schema {version} and this speedloop "
                               f"reads only {SCHEMA_VERSION}: no migration exists; start a "
@@ -283,8 +321,7 @@ class Ledger:
                 if broken:
                     raise LedgerError(f"{self.path}: migrating schema 1 to 2 would break "
                                       f"references {[tuple(r) for r in broken][:5]}")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                           (str(SCHEMA_VERSION),))
+                db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
         finally:
             self._db.execute("PRAGMA foreign_keys = ON")
 
@@ -576,6 +613,26 @@ class Ledger:
         budget."""
         return self._one("SELECT COUNT(*) FROM candidates WHERE parent_id IS NOT NULL AND "
                          "state IN ('decided', 'held', 'refused')")[0]
+
+    def add_spend(self, model: str, usage: Mapping[str, Any]) -> None:
+        """One LLM request's tokens and cost (agent.costs.Usage.as_dict), recorded when the
+        response arrives, from whichever thread made the request."""
+        columns = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                   "cache_read_input_tokens")
+        with self._write() as db:
+            db.execute(f"INSERT INTO spend (time, model, {', '.join(columns)}, cost_usd) "
+                       f"VALUES (?, ?, {', '.join('?' * len(columns))}, ?)",
+                       (_now(), model, *(int(usage.get(c) or 0) for c in columns),
+                        float(usage.get("cost_usd") or 0.0)))
+
+    def spend(self) -> dict:
+        """The session's LLM spend so far: cost_usd, requests and the token sums."""
+        row = self._one("SELECT COUNT(*) AS requests, TOTAL(cost_usd) AS cost_usd, "
+                        "TOTAL(input_tokens) AS input_tokens, "
+                        "TOTAL(output_tokens) AS output_tokens, "
+                        "TOTAL(cache_creation_input_tokens) AS cache_creation_input_tokens, "
+                        "TOTAL(cache_read_input_tokens) AS cache_read_input_tokens FROM spend")
+        return {k: (row[k] if k == "cost_usd" else int(row[k])) for k in row.keys()}
 
     def log_event(self, text: str) -> None:
         with self._write() as db:

@@ -130,6 +130,8 @@ class Session:
         self.tracker = Tracker(self.ledger, mode=self.config.wandb)
         if hasattr(proposer, "say"):  # LLM proposers report pauses and costs in the log
             proposer.say = self.event
+        if hasattr(proposer, "on_request"):  # and each request's cost, as it is paid
+            proposer.on_request = lambda usage: self.ledger.add_spend(usage["model"], usage)
         self.started = session["created"]  # --hours counts from the session's start
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposer")
         self._next: Future | None = None  # the draft being made in the background
@@ -193,7 +195,15 @@ class Session:
             for r in self.ledger.runs_of(c["id"], ok_only=True)
             if r["wall_seconds"]
         ]
-        return max(walls) if walls else FIRST_RUN_SECONDS.get(self.config.preset, 600.0)
+        first = FIRST_RUN_SECONDS.get(self.config.preset, 600.0)
+        return max(walls) if walls else first
+
+    def run_timeout(self) -> float:
+        """A run's hard limit: a multiple of the longest run so far, and never under the
+        preset's first-run allowance, so a loaded machine that slows start-up several times
+        does not kill a valid run before its clock starts."""
+        floor = FIRST_RUN_SECONDS.get(self.config.preset, 600.0)
+        return max(self.config.timeout_factor * self.expected_seconds(), floor)
 
     def fresh_seed(self) -> int:
         return max(self.ledger.used_seeds() | {0}) + 1
@@ -249,7 +259,7 @@ class Session:
             seed=seed,
             out_path=self.run_dir / "results" / f"{name}.json",
             log_path=log_path,
-            timeout_s=self.config.timeout_factor * self.expected_seconds(),
+            timeout_s=self.run_timeout(),
             extra_args=list(self.config.train_args) + self.objective_args(),
             device=self.config.device,
             nproc=self.config.gpus,
@@ -364,17 +374,25 @@ class Session:
                 decision = self.under_rules(decision, results, candidate)
                 if decision.verdict != "more":
                     return decision
-            early = None
-            if not results:  # only the screen stops early: replicates are for the judge
-                curves = [r["curve"] for r in champion if r.get("status") == "ok" and r["curve"]]
-                if curves:
-                    # Against the champion's slowest run, from half its time on: only a clear
-                    # loser stops, not a run that met a slow minute of a shared machine.
-                    slowest = max(curves, key=lambda curve: curve[-1]["seconds"])
-                    early = runner.behind_champion(
-                        slowest, self.config.early_stop_margin, min_fraction=0.5
-                    )
+            early = None if results else self.early_stop(champion)  # replicates: the judge's
             self.benchmark(candidate, "confirm" if results else "screen", early_stop=early)
+
+    def early_stop(self, champion: list[dict]):
+        """The rule that stops a screening run that is clearly losing, by the objective's own
+        comparison: loss at equal training time (time-to-loss, loss-at-time), or at equal
+        tokens past the judge's loss margin (throughput, whose loss test is at equal
+        tokens). Against the champion's slowest run, from half of it on: only a clear loser
+        stops, not a run that met a slow minute of a shared machine."""
+        curves = [r["curve"] for r in champion if r.get("status") == "ok" and r["curve"]]
+        if not curves:
+            return None
+        cfg = self.config
+        if cfg.objective == "throughput":
+            slowest = min(curves, key=lambda curve: curve[-1]["tokens"] / curve[-1]["seconds"])
+            margin = cfg.early_stop_margin + self.judge.loss_margin
+            return runner.behind_champion(slowest, margin, min_fraction=0.5, axis="tokens")
+        slowest = max(curves, key=lambda curve: curve[-1]["seconds"])
+        return runner.behind_champion(slowest, cfg.early_stop_margin, min_fraction=0.5)
 
     def under_rules(self, decision: Decision, results: list[dict], candidate: dict) -> Decision:
         """With --rules, an accept also needs the leaderboard's loss test at the session's
@@ -438,6 +456,7 @@ class Session:
             "objective": self.config.objective,
             "champion": champion,
             "champion_results": self.champion_results(),
+            "spent_usd": self.ledger.spend()["cost_usd"],
         }
         profile = self.champion_profile(champion)
         if profile:
@@ -459,7 +478,7 @@ class Session:
             with runner.device_lock(self.config.device):
                 proc = subprocess.run(
                     cmd, cwd=ws.path, capture_output=True, text=True,
-                    timeout=self.config.timeout_factor * self.expected_seconds(),
+                    timeout=self.run_timeout(),
                 )  # fmt: skip
             if proc.returncode != 0:
                 tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]

@@ -145,6 +145,7 @@ class _Session:
     running: list[dict]
     events: list[dict]
     n_experiments: int  # decided or refused, as the budget counts them
+    spend: dict  # the LLM requests paid for (Ledger.spend)
 
     def busy_text(self, until: float) -> str:
         """`benchmarks ran 87% of the session's 2h 10m (the device idled 13%)`."""
@@ -173,7 +174,7 @@ def _collect(run_dir: str | Path) -> _Session:
                         next((e for e in rows if e.candidate["experiment"] is None), None),
                         [e for e in rows if e.candidate["experiment"] is not None],
                         ledger.champion(), ledger.champions(), ledger.running_runs(),
-                        ledger.events(10), ledger.n_experiments())
+                        ledger.events(10), ledger.n_experiments(), ledger.spend())
 
 
 def _f(value, spec: str = ".3f", none: str = "–") -> str:
@@ -253,7 +254,7 @@ def _markdown(s: _Session) -> str:
         else:
             shown = value if isinstance(value, (str, int, float)) else json.dumps(value)
         lines.append(f"| {key} | {_cell(shown)} |")
-    spend = llm_spend([e.candidate for e in s.rows])
+    spend = llm_spend(s.spend, [e.candidate for e in s.rows])
     if spend:
         lines += ["", spend + "."]
     last = s.events[-1]["time"] if s.events else time.time()
@@ -433,21 +434,18 @@ def device_busy(runs: Sequence[dict], since: float, until: float) -> float | Non
     return min(1.0, sum(r["wall_seconds"] or 0.0 for r in runs) / span)
 
 
-def llm_spend(candidates: Sequence[dict]) -> str:
-    """`LLM spend: $1.234 over 56 requests (7 candidates)`, or "" when no LLM proposed."""
-    used = [c["usage"] for c in candidates if c.get("usage") and c["usage"].get("requests")]
-    if not used:
+def llm_spend(spend: dict, candidates: Sequence[dict]) -> str:
+    """`LLM spend: $1.234 over 56 requests (7 candidates)`, or "" when no LLM proposed.
+    `spend` is the ledger's record of every request (Ledger.spend), drafts that never
+    became a candidate included."""
+    if not spend.get("requests"):
         return ""
-    cost = sum(u.get("cost_usd", 0.0) for u in used)
-    requests = sum(u["requests"] for u in used)
-    tokens = {
-        kind: sum(u.get(f"{kind}_tokens", 0) for u in used)
-        for kind in ("input", "output", "cache_read_input", "cache_creation_input")
-    }
+    used = [c for c in candidates if c.get("usage") and c["usage"].get("requests")]
     return (
-        f"LLM spend: ${cost:.3f} over {requests} requests ({len(used)} candidates); tokens "
-        f"in {tokens['input']:,}, out {tokens['output']:,}, cache read "
-        f"{tokens['cache_read_input']:,}, cache write {tokens['cache_creation_input']:,}"
+        f"LLM spend: ${spend['cost_usd']:.3f} over {spend['requests']} requests "
+        f"({len(used)} candidates); tokens in {spend['input_tokens']:,}, out "
+        f"{spend['output_tokens']:,}, cache read {spend['cache_read_input_tokens']:,}, "
+        f"cache write {spend['cache_creation_input_tokens']:,}"
     )
 
 
@@ -469,7 +467,7 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     budget = cfg.get("experiments")
     console.print(f"experiments decided: {s.n_experiments}"
                   + (f" of {budget}" if budget else ""))
-    spend = llm_spend([e.candidate for e in s.rows])
+    spend = llm_spend(s.spend, [e.candidate for e in s.rows])
     if spend:
         console.print(spend)
     if s.busy_text(now):

@@ -184,37 +184,44 @@ def device_locks(spec: RunSpec) -> Iterator[DeviceLock]:
 
 
 def behind_champion(
-    champion_curve: Sequence[dict], margin: float, min_fraction: float = 0.3
+    champion_curve: Sequence[dict], margin: float, min_fraction: float = 0.3,
+    axis: str = "seconds",
 ) -> EarlyStop:
     """An early-stop rule: stop when the candidate's val loss is worse than the champion's at
-    the same training time by more than `margin` nats.
+    the same point of training by more than `margin` nats.
 
-    The champion's curve (rows of seconds and val_loss) is interpolated linearly, and held
-    at its ends. Nothing is stopped before `min_fraction` of the champion's total training
-    time: early evaluations are noisy, and a different schedule can start slower.
+    The point is the training time (`axis="seconds"`: who gets lower sooner, for the
+    time-to-loss and loss-at-time objectives) or the tokens seen (`axis="tokens"`: the
+    throughput objective compares loss at equal tokens). The champion's curve is
+    interpolated linearly on that axis, and held at its ends. Nothing is stopped before
+    `min_fraction` of the champion's whole run on that axis: early evaluations are noisy,
+    and a different schedule can start slower.
     """
-    points = sorted((float(row["seconds"]), float(row["val_loss"])) for row in champion_curve)
+    if axis not in ("seconds", "tokens"):
+        raise ValueError(f"axis {axis!r}: use 'seconds' or 'tokens'")
+    points = sorted((float(row[axis]), float(row["val_loss"])) for row in champion_curve)
     if not points:
         raise ValueError("behind_champion needs a champion curve with at least one evaluation")
-    times = [t for t, _ in points]
+    xs = [x for x, _ in points]
     losses = [loss for _, loss in points]
-    earliest = min_fraction * times[-1]
+    earliest = min_fraction * xs[-1]
 
-    def champion_loss(seconds: float) -> float:
-        i = bisect.bisect_left(times, seconds)
+    def champion_loss(x: float) -> float:
+        i = bisect.bisect_left(xs, x)
         if i == 0:
             return losses[0]
-        if i == len(times):
+        if i == len(xs):
             return losses[-1]
-        t0, t1 = times[i - 1], times[i]
-        return losses[i - 1] + (losses[i] - losses[i - 1]) * (seconds - t0) / (t1 - t0)
+        x0, x1 = xs[i - 1], xs[i]
+        return losses[i - 1] + (losses[i] - losses[i - 1]) * (x - x0) / (x1 - x0)
 
     def should_stop(tokens: int, seconds: float, val_loss: float) -> bool:
-        if seconds < earliest:
+        x = seconds if axis == "seconds" else tokens
+        if x < earliest:
             return False
         if not math.isfinite(val_loss):
             return True  # a NaN loss is as far behind as a run can be
-        return val_loss > champion_loss(seconds) + margin
+        return val_loss > champion_loss(x) + margin
 
     return should_stop
 

@@ -41,9 +41,37 @@ def test_schema_and_pragmas(tmp_path):
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert tables == {"meta", "session", "candidates", "runs", "champions", "events",
-                          "holdout"}
+                          "holdout", "spend"}
     with Ledger(tmp_path / "run" / LEDGER_FILE, create=False) as again:  # reopening is fine
         assert again._db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_threads_each_write_through_their_own_connection(tmp_path):
+    """An LLM proposer drafting in a background thread logs its pauses and each request's
+    cost while the loop's thread records runs: both land, none is lost or refused."""
+    import threading
+
+    ledger = Ledger(tmp_path / LEDGER_FILE)
+    errors = []
+
+    def writer(n):
+        try:
+            for i in range(20):
+                ledger.log_event(f"thread {n} event {i}")
+                ledger.add_spend("m", {"input_tokens": 1, "cost_usd": 0.5})
+        except Exception as e:  # noqa: BLE001 (the assertion below shows it)
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    writer(3)
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(ledger.events(1000)) == 80
+    assert ledger.spend()["requests"] == 80 and ledger.spend()["cost_usd"] == 40.0
+    ledger.close()
 
 
 def test_open_errors(tmp_path):
@@ -53,7 +81,8 @@ def test_open_errors(tmp_path):
     Ledger(tmp_path / "newer" / LEDGER_FILE).close()
     with sqlite3.connect(tmp_path / "newer" / LEDGER_FILE) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(LedgerError, match="schema 99, newer than the 2 .*update speedloop"):
+    newer = f"schema 99, newer than the {SCHEMA_VERSION} .*update speedloop"
+    with pytest.raises(LedgerError, match=newer):
         Ledger(tmp_path / "newer" / LEDGER_FILE)
     (tmp_path / "other").mkdir()
     with sqlite3.connect(tmp_path / "other" / LEDGER_FILE) as db:

@@ -210,37 +210,58 @@ def test_llm_proposers_see_a_profile_of_the_champion(repo, env, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_an_llm_session_end_to_end_against_a_fake_messages_api(repo, env, tmp_path):
-    """`agent run --proposer anthropic` with the real SDK talking to a loopback fake: the
-    model edits the recipe, checks and submits; the engine runs and judges the candidate;
-    the report shows what the LLM cost and how much of the session the device idled."""
+def test_an_llm_session_drafts_in_the_background_and_records_every_request(repo, env, tmp_path):
+    """`agent run --proposer anthropic` with the real SDK talking to a loopback fake, overlap
+    on (the default): three conversations, two of them drafted in the proposer's thread while
+    a candidate runs (which once crashed the session: the thread wrote to the ledger). Each
+    edits a different line of the recipe, checks and submits; the engine runs and judges all
+    three; the ledger's spend is exactly what the fake server was asked for, request by
+    request, and the report shows it."""
     import re
 
     from fakes.messages_api import FakeMessagesAPI, tool_use
 
     recipe = "model/recipe.py"
-    old = re.search(r"^    warmdown: float = [0-9.]+", (repo / recipe).read_text(), re.M)[0]
+    source = (repo / recipe).read_text()
+    lines = [re.search(rf"^    {knob}: float = [0-9.]+", source, re.M)[0]
+             for knob in ("warmdown", "momentum_warmup", "head_lr")]
     with FakeMessagesAPI() as api:
-        api.reply(tool_use("read_file", path=recipe, start_line=1, end_line=40),
-                  usage={"input_tokens": 3000, "cache_creation_input_tokens": 2000})
-        api.reply(tool_use("replace_in_file", path=recipe, old=old, new=old + "5"))
-        api.reply(tool_use("run_checks"))
-        api.reply(tool_use("submit", description="schedule: warmdown a little longer",
-                           hypothesis="a longer decay", expected_effect="1% faster",
-                           category="schedule"))  # fmt: skip
+        for n, old in enumerate(lines):
+            api.reply(tool_use("read_file", path=recipe, start_line=1, end_line=40),
+                      usage={"input_tokens": 3000 + n, "cache_creation_input_tokens": 2000})
+            api.reply(tool_use("replace_in_file", path=recipe, old=old, new=old + "5"),
+                      usage={"cache_read_input_tokens": 1500, "output_tokens": 70 + n})
+            api.reply(tool_use("run_checks"))
+            api.reply(tool_use("submit", description=f"knob {n}: one more digit",
+                               hypothesis="a nudge", expected_effect="1% faster",
+                               category="schedule"))  # fmt: skip
         run_dir = tmp_path / "session"
         keyed = {**env, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": api.url}
-        args = ["run", *SHORT, "--objective", "throughput", "--experiments", "1"]
+        args = ["run", *SHORT, "--objective", "throughput", "--experiments", "3"]
         proc = agent(repo, keyed, *args, "--proposer", "anthropic", "--run-dir", str(run_dir))
+        served = api.served_usage()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ledger = Ledger(run_dir / "ledger.sqlite")
-    (candidate,) = [c for c in ledger.candidates() if c["experiment"]]
-    assert candidate["proposer"] == "anthropic" and candidate["state"] == "decided"
-    assert "+" + old + "5" in candidate["diff"]
-    assert candidate["usage"]["requests"] == 4 and candidate["usage"]["cost_usd"] > 0
-    assert ledger.runs_of(candidate["id"], ok_only=True)  # it really ran
+    candidates = [c for c in ledger.candidates() if c["experiment"]]
+    assert [c["description"] for c in candidates] == [f"knob {n}: one more digit"
+                                                     for n in range(3)]
+    assert all(c["proposer"] == "anthropic" and c["state"] == "decided" for c in candidates)
+    for candidate, old in zip(candidates, lines):
+        assert "+" + old + "5" in candidate["diff"]
+        assert candidate["usage"]["requests"] == 4
+        assert ledger.runs_of(candidate["id"], ok_only=True)  # it really ran
+    # Two drafts came from the background thread: their progress lines reached the ledger.
+    llm_events = [e for e in ledger.events(200) if e["text"].startswith("llm: ")]
+    assert len(llm_events) == 3
+    spend = ledger.spend()
+    assert served["requests"] == spend["requests"] == 12
+    for kind in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                 "cache_read_input_tokens"):
+        assert spend[kind] == served[kind], kind
+    assert spend["cost_usd"] == pytest.approx(sum(c["usage"]["cost_usd"] for c in candidates))
     report = (run_dir / "report.md").read_text()
-    assert "LLM spend: $" in report and "the device idled" in report
+    assert f"LLM spend: ${spend['cost_usd']:.3f} over 12 requests" in report
+    assert "the device idled" in report
     assert "Top operations" in api.requests[0]["body"]["messages"][0]["content"][0]["text"]
 
 

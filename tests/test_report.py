@@ -201,19 +201,22 @@ def test_report_needs_a_ledger(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
-def test_llm_spend_is_summed_from_the_candidates_usage():
+def test_llm_spend_is_every_request_the_ledger_recorded(tmp_path):
+    """Spend comes from the ledger's per-request rows, so a draft that never became a
+    candidate (a failed conversation, one the session stopped before) still counts."""
     from agent.report import llm_spend
 
-    rows = [
-        {"usage": {"requests": 3, "cost_usd": 0.5, "input_tokens": 1000, "output_tokens": 10}},
-        {"usage": None},
-        {"usage": {"requests": 2, "cost_usd": 0.25, "cache_read_input_tokens": 2000}},
-    ]
-    assert llm_spend(rows) == (
-        "LLM spend: $0.750 over 5 requests (2 candidates); tokens in 1,000, out 10, "
+    ledger = Ledger(tmp_path / LEDGER_FILE)
+    assert llm_spend(ledger.spend(), []) == ""
+    for usage in ({"input_tokens": 1000, "output_tokens": 10, "cost_usd": 0.5},
+                  {"cache_read_input_tokens": 2000, "cost_usd": 0.125},
+                  {"output_tokens": 5, "cost_usd": 0.125}):
+        ledger.add_spend("claude-sonnet-5-5", usage)
+    rows = [{"usage": {"requests": 2, "cost_usd": 0.625}}, {"usage": None}]
+    assert llm_spend(ledger.spend(), rows) == (
+        "LLM spend: $0.750 over 3 requests (1 candidates); tokens in 1,000, out 15, "
         "cache read 2,000, cache write 0"
     )
-    assert llm_spend([{"usage": None}]) == ""
 
 
 def test_checks_and_held_candidates_are_shown(tmp_path):

@@ -265,7 +265,8 @@ def test_a_stale_out_file_is_never_read(tmp_path):
     assert run(spec).status == "invalid-result"
 
 
-CHAMPION = [{"seconds": float(s), "val_loss": 7.0 - 0.3 * s} for s in range(1, 11)]
+CHAMPION = [{"seconds": float(s), "tokens": 1000 * s, "val_loss": 7.0 - 0.3 * s}
+            for s in range(1, 11)]
 
 
 def test_behind_champion_waits_then_compares_at_equal_time():
@@ -279,6 +280,20 @@ def test_behind_champion_waits_then_compares_at_equal_time():
     assert stop(100, 5.0, math.nan)
     with pytest.raises(ValueError):
         behind_champion([], 0.1)
+
+
+def test_behind_champion_on_tokens_compares_at_equal_tokens():
+    """Under the throughput objective the loss test is at equal tokens: a model that is
+    behind at equal time but not at equal tokens (slower per token, or a smaller model
+    that is faster per token and learns less per second early) is not a clear loser."""
+    by_tokens = behind_champion(CHAMPION, margin=0.1, axis="tokens")
+    by_seconds = behind_champion(CHAMPION, margin=0.1)
+    # Half the champion's speed: at 6 s it has seen 3000 tokens, with the champion's loss there.
+    assert not by_tokens(3000, 6.0, 6.1) and by_seconds(3000, 6.0, 6.1)
+    assert by_tokens(3000, 6.0, 6.25)  # past the margin at equal tokens
+    assert not by_tokens(2900, 1.0, 9.9)  # before 30% of the champion's 10,000 tokens
+    with pytest.raises(ValueError, match="axis"):
+        behind_champion(CHAMPION, 0.1, axis="steps")
 
 
 def test_a_run_falling_behind_is_stopped_early(tmp_path):

@@ -147,6 +147,9 @@ class AnthropicProposer:
         if not (self.client.api_key or self.client.auth_token or self.client.credentials):
             raise MissingApiKey(missing)
         self.say = say or log.warning  # outages and pauses, one line each
+        # Called with each response's usage ({"model", tokens..., "cost_usd"}) as soon as it
+        # arrives, so the session's ledger holds every request paid for, drafts included.
+        self.on_request = None
         self.sleep = sleep
         self.session_usage = Usage()  # every request of this process, all candidates
         self.last_usage: dict | None = None  # the last candidate's, submitted or not
@@ -155,7 +158,8 @@ class AnthropicProposer:
 
     def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
         cfg = self.config
-        spent = max(spent_in_history(history), self.session_usage.cost(self.price))
+        spent = max(context.get("spent_usd", 0.0), spent_in_history(history),
+                    self.session_usage.cost(self.price))
         check_budget(spent, cfg.budget_usd, cfg.max_usd_per_candidate)
         tools = SurfaceTools(
             worktree, history, context.get("preset", "cpu-tiny"),
@@ -213,6 +217,10 @@ class AnthropicProposer:
                 )
             response = self._create(system, messages, first=turn == 1)
             usage.add(response.usage)
+            if self.on_request is not None:
+                one = Usage()
+                one.add(response.usage)
+                self.on_request({"model": cfg.model, **one.as_dict(self.price)})
             u = response.usage
             prompt_tokens = (u.input_tokens + (u.cache_creation_input_tokens or 0)
                              + (u.cache_read_input_tokens or 0) + u.output_tokens)

@@ -42,6 +42,7 @@ class FakeMessagesAPI:
         self.script: deque = deque()
         self.default: tuple | None = None  # answered when the script is empty
         self.requests: list[dict] = []  # {"headers": {lower-case name: value}, "body": {...}}
+        self.served: list[dict] = []  # the bodies of the 200 answers sent, in order
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
@@ -90,6 +91,16 @@ class FakeMessagesAPI:
 
     # -- what the client sent ---------------------------------------------------------------
 
+    def served_usage(self) -> dict:
+        """The usage of every 200 answer sent so far, summed, with their count."""
+        kinds = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                 "cache_read_input_tokens")
+        total = dict.fromkeys(kinds, 0) | {"requests": len(self.served)}
+        for body in self.served:
+            for kind in kinds:
+                total[kind] += body["usage"][kind]
+        return total
+
     def bodies(self) -> list[dict]:
         return [r["body"] for r in self.requests]
 
@@ -120,6 +131,8 @@ class FakeMessagesAPI:
                     status, answer = api.default
                 else:
                     status, answer = 500, api.error_body(500, "fake: the script is empty")
+                if status == 200:
+                    api.served.append(answer)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
