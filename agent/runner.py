@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -32,6 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
+
+from bench.locks import DeviceLock, device_lock
 
 Status = Literal[
     "ok",
@@ -72,7 +73,6 @@ CLOCK_LINE = re.compile(r"^clock (?P<event>start|pause)\b")
 CLOCK_TOLERANCE_S, CLOCK_TOLERANCE_FRACTION = 0.5, 0.05
 STDERR_TAIL_LINES = 20
 MAX_LINE_BYTES = 1 << 20  # a longer run of bytes without a newline is logged as its own line
-LOCKS_ENV = "SPEEDLOOP_LOCKS"
 
 
 @dataclass
@@ -224,51 +224,6 @@ def behind_champion(
         return val_loss > champion_loss(x) + margin
 
     return should_stop
-
-
-@dataclass
-class DeviceLock:
-    path: Path
-    waited_s: float  # 0.0 when the lock was free
-    holder: str  # what the lock file said about the previous holder, when we had to wait
-
-
-@contextlib.contextmanager
-def device_lock(device: str, gpu_index: int | None = None) -> Iterator[DeviceLock]:
-    """Hold the machine-wide lock of one device (blocking until it is free).
-
-    An flock on a file under ~/.cache/speedloop/locks ($SPEEDLOOP_LOCKS overrides): the
-    kernel releases it when its holder dies, even by kill -9, so a crashed session never
-    leaves a device locked. Sessions of different users share it only through a common
-    $SPEEDLOOP_LOCKS.
-    """
-    if device == "cpu":
-        name = "cpu.lock"
-    elif device == "cuda":
-        name = f"gpu{0 if gpu_index is None else gpu_index}.lock"
-    else:
-        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
-    root = Path(os.environ.get(LOCKS_ENV) or "~/.cache/speedloop/locks").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / name
-    with open(path, "a+") as f:
-        waited_s, holder = 0.0, ""
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "holder unknown"
-            t = time.monotonic()
-            fcntl.flock(f, fcntl.LOCK_EX)
-            waited_s = time.monotonic() - t
-        try:
-            # Say who holds it, for the log line of whoever waits next.
-            f.truncate(0)
-            f.write(f"held by pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
-            yield DeviceLock(path, waited_s, holder)
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class _Watch:

@@ -1,0 +1,65 @@
+"""Device locks: one benchmark at a time per CPU or GPU of this machine.
+
+Every process that times training holds the lock of its device for the whole run: a
+session's runner, and `python train.py` started by hand, so that a run never shares its
+CPU or GPU with another benchmark and distorts its clock. The lock is an flock, which the
+kernel releases when its holder dies, even by kill -9. It must never be held while waiting
+on another lock in a different order (multi-GPU runs take theirs in index order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCKS_ENV = "SPEEDLOOP_LOCKS"
+
+
+@dataclass
+class DeviceLock:
+    path: Path
+    waited_s: float  # 0.0 when the lock was free
+    holder: str  # what the lock file said about the previous holder, when we had to wait
+
+
+@contextlib.contextmanager
+def device_lock(device: str, gpu_index: int | None = None) -> Iterator[DeviceLock]:
+    """Hold the machine-wide lock of one device (blocking until it is free).
+
+    An flock on a file under ~/.cache/speedloop/locks ($SPEEDLOOP_LOCKS overrides): the
+    kernel releases it when its holder dies, even by kill -9, so a crashed session never
+    leaves a device locked. Sessions of different users share it only through a common
+    $SPEEDLOOP_LOCKS.
+    """
+    if device == "cpu":
+        name = "cpu.lock"
+    elif device == "cuda":
+        name = f"gpu{0 if gpu_index is None else gpu_index}.lock"
+    else:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    root = Path(os.environ.get(LOCKS_ENV) or "~/.cache/speedloop/locks").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / name
+    with open(path, "a+") as f:
+        waited_s, holder = 0.0, ""
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "holder unknown"
+            t = time.monotonic()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited_s = time.monotonic() - t
+        try:
+            # Say who holds it, for the log line of whoever waits next.
+            f.truncate(0)
+            f.write(f"held by pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            yield DeviceLock(path, waited_s, holder)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
