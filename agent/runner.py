@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import selectors
 import signal
 import subprocess
@@ -32,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from bench.locks import DeviceLock, device_lock
+from bench import protocol
+from bench.locks import LOCK_HELD_ENV, DeviceLock, device_lock
 
 Status = Literal[
     "ok",
@@ -49,28 +49,8 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 # (tokens, training seconds, val loss) -> True to stop the run now
 EarlyStop = Callable[[int, float, float], bool]
 
-SCHEMA_VERSION = 2  # the result schema of train.py this runner understands
-EXIT_OK, EXIT_DIVERGED, EXIT_INTEGRITY = 0, 3, 4  # train.py's exit codes
-REQUIRED_FIELDS = {
-    "schema_version": int,
-    "status": str,
-    "tokens_per_sec": (int, float),
-    "train_seconds": (int, float),
-    "val_loss": (int, float),
-    "curve": list,
-}
-CURVE_FIELDS = ("tokens", "seconds", "val_loss")
 # Substrings of stderr that mean the run ran out of memory (torch on CUDA, Python on CPU).
 OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory", "MemoryError")
-EVAL_LINE = re.compile(
-    r"^eval\s+step\s+\d+\s*\|\s*tokens\s+(?P<tokens>[\d,]+)\s*\|\s*val loss\s+(?P<loss>\S+)"
-    r"\s*\|\s*train time\s+(?P<seconds>[\d.]+)s"
-)
-# The harness prints these as its clock starts and pauses; the runner times the same region.
-CLOCK_LINE = re.compile(r"^clock (?P<event>start|pause)\b")
-# How far the harness's timed seconds may fall short of the runner's: the lines' delivery
-# through a pipe, and a busy machine's scheduling, cost milliseconds, not this.
-CLOCK_TOLERANCE_S, CLOCK_TOLERANCE_FRACTION = 0.5, 0.05
 STDERR_TAIL_LINES = 20
 MAX_LINE_BYTES = 1 << 20  # a longer run of bytes without a newline is logged as its own line
 
@@ -91,6 +71,7 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)  # overrides of the inherited environment
     early_stop: EarlyStop | None = None  # called at every eval line, see behind_champion
     checkpoint: Path | None = None  # train.py saves the final weights here when the run is ok
+    sandbox: bool = True  # False: train.py --no-sandbox (the result is marked untrusted)
     kill_grace_s: float = 5.0  # between SIGTERM and SIGKILL, for the run to release its GPU
 
 
@@ -149,18 +130,18 @@ def run(spec: RunSpec) -> RunOutcome:
 
 
 def command(spec: RunSpec, out_path: Path) -> list[str]:
-    """The child's command line: train.py itself, or under torchrun with `spec.nproc`
-    processes on this one machine (--standalone: its own rendezvous on a free port)."""
+    """The child's command line: the trusted harness, train.py, which starts the sandboxed
+    workers itself (`--nproc K`: torchrun inside the trainer's sandbox)."""
     if spec.nproc < 1:
         raise ValueError(f"nproc={spec.nproc}: a run needs at least one process")
-    launch = [spec.python, "train.py"]
-    if spec.nproc > 1:
-        launch = [spec.python, "-m", "torch.distributed.run", "--standalone",
-                  f"--nproc_per_node={spec.nproc}", "train.py"]  # fmt: skip
     args = ["--preset", spec.preset, "--seed", str(spec.seed), "--out", str(out_path)]
+    if spec.nproc > 1:
+        args += ["--nproc", str(spec.nproc)]
     if spec.checkpoint is not None:
         args += ["--checkpoint", str(Path(spec.checkpoint).resolve())]
-    return [*launch, *args, *spec.extra_args]
+    if not spec.sandbox:
+        args += ["--no-sandbox"]
+    return [spec.python, "train.py", *args, *spec.extra_args]
 
 
 def _gpus(spec: RunSpec) -> list[int]:
@@ -237,7 +218,6 @@ class _Watch:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.oom_line: str | None = None
         self.curve: list[dict] = []  # parsed from eval lines, for early stopping
-        self.clock_events: list[tuple[str, float]] = []  # ("start" | "pause", monotonic time)
         self.stop_requested = False
 
     def feed(self, stream: str, data: bytes) -> None:
@@ -288,17 +268,8 @@ class _Watch:
             return
         if line.strip():
             self.last_stdout_line = line
-        clock = CLOCK_LINE.match(line)
-        if clock:
-            self.clock_events.append((clock["event"], time.monotonic()))
-            return
-        match = EVAL_LINE.match(line)
-        if match:
-            point = {
-                "tokens": int(match["tokens"].replace(",", "")),
-                "seconds": float(match["seconds"]),
-                "val_loss": float(match["loss"]),
-            }
+        point = protocol.parse_eval_line(line)
+        if point is not None:
             self.curve.append(point)
             if self.early_stop is not None and not self.stop_requested:
                 stop = self.early_stop(point["tokens"], point["seconds"], point["val_loss"])
@@ -366,6 +337,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 def _child_env(spec: RunSpec) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they happen
+    env[LOCK_HELD_ENV] = spec.device  # the harness must not wait for the lock we hold
     if spec.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in _gpus(spec))
     env.update(spec.env)
@@ -400,34 +372,25 @@ def _classify(
         return outcome("timeout", None, f"no result within the {spec.timeout_s:g} s timeout")
 
     result, problem = _read_result(watch.last_stdout_line, out_path)
-    if spec.nproc > 1 and returncode not in (EXIT_OK, EXIT_DIVERGED, EXIT_INTEGRITY):
-        # torchrun exits 1 when a rank exits non-zero, whatever the code: rank 0's result,
-        # printed before it exited, says which.
-        status = (result or {}).get("status")
-        returncode = {"diverged": EXIT_DIVERGED, "integrity-violation": EXIT_INTEGRITY}.get(
-            status, returncode
-        )
-    if returncode == EXIT_OK:
+    if returncode == protocol.EXIT_OK:
         if problem is None:
-            problem = _contract_problem(result)
+            problem = protocol.contract_problem(result)
         if problem is not None:
             return outcome("invalid-result", result, problem)
-        problem = _clock_problem(result["train_seconds"], watch.clock_events)
-        if problem is not None:
-            return outcome("integrity-violation", result, problem)
         return outcome("ok", result, None)
-    if returncode == EXIT_DIVERGED:
+    if returncode == protocol.EXIT_DIVERGED:
         if result is not None and result.get("status") == "diverged":
             error = f"diverged after {result.get('steps')} steps, {result.get('tokens')} tokens"
             return outcome("diverged", result, error)
         return outcome(
             "invalid-result", result, f"exit 3 (diverged) without a diverged result: {problem}"
         )
-    if returncode == EXIT_INTEGRITY:
-        # The harness names each check that failed, as "check-id: reason".
+    if returncode == protocol.EXIT_INTEGRITY:
+        # The harness names each check that failed: {"check", "detail"} records.
         violations = ((result or {}).get("integrity") or {}).get("violations")
         why = (
-            "; ".join(violations)
+            "; ".join(f"{v.get('check')}: {v.get('detail')}" for v in violations
+                      if isinstance(v, dict))
             if violations
             else f"harness: exit 4 without violations ({problem})"
         )
@@ -438,38 +401,6 @@ def _classify(
         # We did not send it (no timeout, no early stop): the kernel's OOM killer, usually.
         return outcome("oom", None, "killed by SIGKILL from outside (the kernel's OOM killer?)")
     return outcome("crash", None, _crash_message(returncode, watch))
-
-
-def runner_timed_seconds(events: Sequence[tuple[str, float]]) -> float | None:
-    """Seconds between each `clock start` line and the next `clock pause`, as this process
-    saw them arrive; None when the lines do not pair up."""
-    total, started = 0.0, None
-    for event, t in events:
-        if (event == "start") == (started is not None):
-            return None
-        if event == "start":
-            started = t
-        else:
-            total, started = total + t - started, None
-    return total if events and started is None else None
-
-
-def _clock_problem(train_seconds: float, events: Sequence[tuple[str, float]]) -> str | None:
-    """Threat 4: the harness's clock must not run slow against this process's clock (a
-    surface that patched time, synchronize or the harness would report less than ran)."""
-    seen = runner_timed_seconds(events)
-    if seen is None:
-        return (
-            "clock: the run's `clock start` / `clock pause` lines are missing or unpaired, "
-            "so the runner could not time it"
-        )
-    allowed = max(CLOCK_TOLERANCE_S, CLOCK_TOLERANCE_FRACTION * seen)
-    if train_seconds < seen - allowed:
-        return (
-            f"clock: the harness reported {train_seconds:.2f} s of training but the runner "
-            f"saw {seen:.2f} s between its clock lines (tolerance {allowed:.2f} s)"
-        )
-    return None
 
 
 def _read_result(last_line: str, out_path: Path) -> tuple[dict | None, str | None]:
@@ -489,57 +420,6 @@ def _read_result(last_line: str, out_path: Path) -> tuple[dict | None, str | Non
     if written != result:
         return result, f"{out_path} differs from the result printed on stdout"
     return result, None
-
-
-def _contract_problem(result: dict) -> str | None:
-    """What is wrong with an exit-0 result, or None if it honours train.py's contract."""
-    for name, kind in REQUIRED_FIELDS.items():
-        if name not in result:
-            return f"the result has no '{name}' field"
-        value = result[name]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            return f"the result's '{name}' is {value!r}, not of type {_type_name(kind)}"
-    if result["schema_version"] != SCHEMA_VERSION:
-        return (
-            f"result schema_version {result['schema_version']} but this runner reads "
-            f"version {SCHEMA_VERSION}: update agent/runner.py along with train.py"
-        )
-    if result["status"] != "ok":
-        return f"exit code 0 but the result's status is {result['status']!r}"
-    if not result["curve"]:
-        return "the result's curve is empty"
-    for i, row in enumerate(result["curve"]):
-        if not isinstance(row, dict) or any(
-            isinstance(row.get(k), bool) or not isinstance(row.get(k), (int, float))
-            for k in CURVE_FIELDS
-        ):
-            return f"curve row {i} is {row!r}: it needs numbers {', '.join(CURVE_FIELDS)}"
-    bad = _non_finite(result)
-    if bad is not None:
-        return f"{bad} is not a finite number"
-    return None
-
-
-def _non_finite(value: object, where: str = "result") -> str | None:
-    """Where the first NaN or infinity is in a JSON value, e.g. 'result.curve[2].val_loss'."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where} = {value}"
-    if isinstance(value, dict):
-        children = ((f"{where}.{k}", v) for k, v in value.items())
-    elif isinstance(value, list):
-        children = ((f"{where}[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    for path, child in children:
-        bad = _non_finite(child, path)
-        if bad is not None:
-            return bad
-    return None
-
-
-def _type_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
 
 
 def _crash_message(returncode: int, watch: _Watch) -> str:

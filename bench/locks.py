@@ -13,11 +13,13 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 LOCKS_ENV = "SPEEDLOOP_LOCKS"
+# Set by a runner for the harness it starts while it holds the device's lock itself.
+LOCK_HELD_ENV = "SPEEDLOOP_LOCK_HELD"
 
 
 @dataclass
@@ -28,8 +30,11 @@ class DeviceLock:
 
 
 @contextlib.contextmanager
-def device_lock(device: str, gpu_index: int | None = None) -> Iterator[DeviceLock]:
-    """Hold the machine-wide lock of one device (blocking until it is free).
+def device_lock(
+    device: str, gpu_index: int | None = None, announce: Callable[[str], None] | None = None
+) -> Iterator[DeviceLock]:
+    """Hold the machine-wide lock of one device (blocking until it is free; `announce` is
+    told who holds it before the wait begins).
 
     An flock on a file under ~/.cache/speedloop/locks ($SPEEDLOOP_LOCKS overrides): the
     kernel releases it when its holder dies, even by kill -9, so a crashed session never
@@ -52,6 +57,8 @@ def device_lock(device: str, gpu_index: int | None = None) -> Iterator[DeviceLoc
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "holder unknown"
+            if announce is not None:
+                announce(holder)
             t = time.monotonic()
             fcntl.flock(f, fcntl.LOCK_EX)
             waited_s = time.monotonic() - t

@@ -1,0 +1,362 @@
+"""The candidate's processes, as the trusted side sees them: a trainer and a forward worker,
+each a sandboxed `python -m bench.worker` that the harness talks to over a Unix socket.
+
+The harness owns everything about them: it starts them in their sandboxes, sends the
+trainer every batch it trains on, freezes it (SIGSTOP on every process of its sandbox)
+while an evaluation runs, and reads back only weights files and logits. Their output is
+passed on to the harness's stderr with a prefix (`[train]`, `[forward]`), never parsed.
+
+What this module must never do: import the research surface, unpickle or execute anything
+a worker sends (bench/wire.py reads data only; weights are read with torch's weights_only
+loader), or let one worker reach the other's socket or files.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import wire
+from bench.sandbox import Sandbox
+
+TAIL_LINES = 20
+ACCEPT_POLL_S = 0.2
+FREEZE_WAIT_S = 5.0
+# Pending signals a frozen process may legitimately have: a child of its own stopped or
+# continued (SIGCHLD), and our own SIGCONT racing the check.
+ALLOWED_PENDING = {signal.SIGCHLD, signal.SIGCONT}
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died or broke the protocol; the message has the tail of its output."""
+
+
+class WorkerUsageError(ValueError):
+    """The worker refused the run's settings (a kernel backend that cannot run here)."""
+
+
+class Worker:
+    """One sandboxed worker process and its connection."""
+
+    role = "worker"
+
+    def __init__(self, sandbox: Sandbox, worktree: Path, argv: list[str], *,
+                 read_only=(), writable=(), gpu: bool = False, nproc: int = 1):
+        self.dir = Path(tempfile.mkdtemp(prefix=f"speedloop-{self.role}-"))
+        self.socket_path = self.dir / "sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.socket_path))
+        listener.listen(1)
+        launch = [sys.executable, "-m", "bench.worker"]
+        if nproc > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      f"--nproc_per_node={nproc}", "-m", "bench.worker"]
+        argv = [*launch, self.role, "--socket", str(self.socket_path), *argv]
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.proc = sandbox.popen(argv, worktree, read_only=(self.dir, *read_only),
+                                  writable=tuple(writable), gpu=gpu)
+        self._pumps = [threading.Thread(target=self._pump, args=(stream,), daemon=True)
+                       for stream in (self.proc.stdout, self.proc.stderr)]
+        for pump in self._pumps:
+            pump.start()
+        try:
+            self.sock = self._accept(listener)
+        finally:
+            listener.close()
+        self.frozen: list[int] = []
+
+    def _pump(self, stream) -> None:
+        """Pass the worker's output on to our stderr, line by line, prefixed."""
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self.tail.append(line)
+            print(f"[{self.role}] {line}", file=sys.stderr, flush=True)
+        stream.close()
+
+    def _accept(self, listener: socket.socket) -> socket.socket:
+        listener.settimeout(ACCEPT_POLL_S)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                conn.settimeout(None)
+                return conn
+            except TimeoutError:
+                if self.proc.poll() is not None:
+                    raise self.failure("exited before it connected") from None
+
+    def failure(self, what: str) -> WorkerFailed:
+        code = self.proc.poll()
+        if code is None:
+            try:
+                code = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+        for pump in self._pumps:
+            pump.join(timeout=2)
+        tail = "\n".join(self.tail).strip() or "nothing on its output"
+        return WorkerFailed(f"the {self.role} process {what} (exit code {code}):\n{tail}")
+
+    def send(self, header: dict, arrays=()) -> None:
+        try:
+            wire.send(self.sock, header, arrays)
+        except OSError as e:
+            raise self.failure(f"could not be sent a message ({e})") from None
+
+    def recv(self, expect: str, max_array_bytes: int = 0) -> tuple[dict, list[np.ndarray]]:
+        try:
+            header, arrays = wire.recv(self.sock, max_array_bytes)
+        except wire.WireError as e:
+            raise self.failure(f"broke the protocol: {e}") from None
+        if header.get("op") == "error":
+            raise WorkerUsageError(str(header.get("message")))
+        if header.get("op") != expect:
+            raise self.failure(f"sent {header.get('op')!r} where {expect!r} was due")
+        return header, arrays
+
+    # -- freezing --------------------------------------------------------------------------
+
+    def processes(self) -> list[int]:
+        """Every process of the worker's sandbox (bwrap and all its descendants)."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    todo += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children")
+                             .read_text().split()]
+                except OSError:
+                    pass
+        return out
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the sandbox, until no new one appears and each is
+        stopped: nothing of the candidate's runs on the CPU while the harness evaluates."""
+        deadline = time.monotonic() + FREEZE_WAIT_S
+        stopped: set[int] = set()
+        while True:
+            pids = self.processes()
+            for pid in set(pids) - stopped:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+                stopped.add(pid)
+            if set(self.processes()) <= stopped and all(map(_is_stopped, pids)):
+                break
+            if time.monotonic() > deadline:
+                running = [p for p in pids if not _is_stopped(p)]
+                raise self.failure(f"could not be frozen: processes {running} still run")
+            time.sleep(0.001)
+        self.frozen = sorted(stopped)
+
+    def thaw(self) -> list[str]:
+        """SIGCONT the frozen processes; returns what was found pending for them while
+        frozen that nobody in the harness sent (a signal from outside the sandbox)."""
+        found = []
+        for pid in self.frozen:
+            extra = _pending(pid) - ALLOWED_PENDING
+            if extra:
+                found.append(f"pid {pid}: {sorted(getattr(s, 'name', str(s)) for s in extra)}")
+        for pid in self.frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.frozen = []
+        return found
+
+    def close(self) -> None:
+        """Ask the worker to exit, then make sure that every process of it is gone."""
+        if self.frozen:
+            self.thaw()
+        try:
+            wire.send(self.sock, {"op": "exit"})
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # bwrap --die-with-parent takes the sandbox with it
+            self.proc.wait()
+        self.sock.close()
+        for pump in self._pumps:
+            pump.join(timeout=2)
+        for path in (self.socket_path, self.dir):
+            try:
+                path.unlink() if path.is_socket() else path.rmdir()
+            except OSError:
+                pass
+
+
+class Trainer(Worker):
+    """The sandboxed trainer: builds the recipe, warms up, then trains on what it is sent."""
+
+    role = "train"
+
+    def __init__(self, sandbox: Sandbox, worktree: Path, out: Path, *, preset: str,
+                 device: torch.device, kernels: str, vocab: int, seed: int, compile: bool,
+                 nproc: int = 1):
+        self.out = Path(out)
+        argv = ["--preset", preset, "--device", device.type, "--kernels", kernels,
+                "--vocab", str(vocab), "--seed", str(seed), "--out", str(self.out)]
+        argv += ["--compile"] if compile else []
+        super().__init__(sandbox, worktree, argv, writable=(self.out,),
+                         gpu=device.type == "cuda", nproc=nproc)
+
+    def ready(self) -> dict:
+        """Wait for the warm-up to end: {kernels, flops_per_token, shape, warmup_steps}."""
+        header, _ = self.recv("ready")
+        return header
+
+    def step(self, x: np.ndarray, y: np.ndarray, progress: float, next_progress: float,
+             log: bool) -> dict:
+        """Train one step; the reply holds the shape wanted next (and the loss when asked)."""
+        self.send({"op": "step", "progress": progress, "next_progress": next_progress,
+                   "log": log}, [x, y])
+        header, _ = self.recv("want")
+        return header
+
+    def save(self, name: str) -> Path:
+        """The current weights, synchronised and written to the trainer's folder."""
+        self.send({"op": "save", "name": name})
+        header, _ = self.recv("saved")
+        if header.get("name") != name:
+            raise self.failure(f"saved {header.get('name')!r} where {name!r} was asked")
+        return self.out / name
+
+
+class Forward(Worker):
+    """The sandboxed forward pass for evaluation: weights in, logits out, no targets."""
+
+    role = "forward"
+
+    def __init__(self, sandbox: Sandbox, worktree: Path, weights_dir: Path, *, preset: str,
+                 device: torch.device, kernels: str, vocab: int, batch: tuple[int, int] = (0, 0)):
+        self.vocab, self.device, self.batch = vocab, device, batch
+        argv = ["--preset", preset, "--device", device.type, "--kernels", kernels,
+                "--vocab", str(vocab)]
+        super().__init__(sandbox, worktree, argv, read_only=(weights_dir,),
+                         gpu=device.type == "cuda")
+        self.shared = None  # on CUDA, the GPU buffer the worker writes logits into
+
+    def ready(self) -> None:
+        self.recv("ready")
+        if self.device.type == "cuda" and self.batch[0]:
+            self._share()
+
+    def _share(self) -> None:
+        """Give the worker a GPU buffer for the logits; without one (a driver that refuses),
+        logits come through the socket: slower, as exact."""
+        from bench.cuda_share import CudaShareError, SharedBuffer
+
+        nbytes = self.batch[0] * self.batch[1] * (self.vocab + 1024) * 4
+        try:
+            buffer = SharedBuffer(nbytes, self.device)
+            fd = buffer.export_fd()
+        except (CudaShareError, OSError) as e:
+            print(f"logits through the host: no shared GPU buffer ({e})", file=sys.stderr)
+            return
+        try:
+            self.send({"op": "share", "nbytes": nbytes})
+            socket.send_fds(self.sock, [b"f"], [fd])
+        finally:
+            os.close(fd)
+        header, _ = self.recv("shared")
+        if header.get("error"):
+            print(f"logits through the host: the worker could not map the shared buffer "
+                  f"({header['error']})", file=sys.stderr)
+            buffer.close()
+            return
+        self.shared = buffer
+
+    def load(self, path: Path) -> None:
+        self.send({"op": "load", "path": str(path)})
+        self.recv("loaded")
+
+    def logits(self, x: np.ndarray) -> torch.Tensor:
+        """The model's logits for the token ids x (B, T): a float32 (B, T, >= vocab) tensor
+        on the harness's side, checked for shape."""
+        self.send({"op": "logits"}, [x.astype(np.int32)])
+        bound = x.size * 4 * (self.vocab + 1024)  # a padded vocabulary, not a flood
+        header, arrays = self.recv("logits", max_array_bytes=bound)
+        if self.shared is not None and not arrays:
+            shape = header.get("shape")
+            if (not isinstance(shape, list) or len(shape) != 3
+                    or not all(isinstance(n, int) and n > 0 for n in shape)
+                    or shape[0] * shape[1] * shape[2] * 4 > bound):
+                raise self.failure(f"wrote logits of shape {shape!r} to the shared buffer")
+            n = shape[0] * shape[1] * shape[2]
+            return self.shared.tensor[:n].view(*shape)  # read in place, before the next batch
+        if len(arrays) != 1:
+            raise self.failure(f"sent {len(arrays)} arrays of logits where one was due")
+        return torch.from_numpy(arrays[0])
+
+    def close(self) -> None:
+        super().close()
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+
+
+def fingerprint_file(path: Path) -> tuple[str, int]:
+    """(sha256 of every tensor's name, dtype, shape and bytes in name order, parameter
+    count) of a weights file saved by a worker, read with torch's weights_only loader."""
+    import hashlib
+
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    digest, count = hashlib.sha256(), 0
+    for name in sorted(state):
+        t = state[name].detach().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        count += t.numel()
+    return digest.hexdigest(), count
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # gone
+    return state in ("T", "t", "Z", "X")
+
+
+def _pending(pid: int) -> set[signal.Signals]:
+    """Signals pending for the process (its own and its thread group's)."""
+    found: set[signal.Signals] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            lines = Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith(("SigPnd:", "ShdPnd:")):
+                mask = int(line.split()[1], 16)
+                for n in range(1, 65):
+                    if mask >> (n - 1) & 1:
+                        try:
+                            found.add(signal.Signals(n))
+                        except ValueError:
+                            found.add(n)  # a real-time signal without a name
+    return found
+
