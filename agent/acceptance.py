@@ -47,8 +47,10 @@ EVAL_REPRODUCE = "eval-reproduce"  # a run's val loss is not reproduced from its
 REPRODUCE_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
 UNTIMED_OVERHEAD = "untimed-overhead"  # wall minus timed seconds rose (threat 5)
 IMPLAUSIBLE_SPEEDUP = "implausible-speedup"  # held for a human (threat 8)
-# The harness's checks (train.py, bench/guards.py): each violation string starts with its
-# id and ": ", e.g. "restore: ...", "eval-unchanged: ...", "causality-probe: ...".
+# The harness's checks (train.py) name themselves in each violation record {"check",
+# "detail"}: "twins", "restore", "frozen-signals".
+TWINS = "twins"  # a twin row scored apart from its original (look-ahead, rows mixed, drift)
+SEED_IGNORED = "seed-ignored"  # runs given different seeds started from the same weights
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,26 @@ def overhead_test(
     return Check(UNTIMED_OVERHEAD, mine - theirs > limit, reason, numbers)
 
 
+def seed_test(runs: Sequence[dict]) -> Check:
+    """Did runs given different seeds start from different weights? The harness fingerprints
+    the weights the trainer starts from; a candidate that ignores the seed (fixed or
+    loaded weights) makes its replicates copies of one run, which the judge's statistics
+    would take for independent evidence."""
+    firsts: dict[str, int] = {}
+    for run in runs:
+        result = run.get("result") or {}
+        fp = result.get("init_fingerprint")
+        if fp is None:
+            continue
+        seed = result.get("seed", run.get("seed"))
+        if fp in firsts and firsts[fp] != seed:
+            reason = (f"runs with seeds {firsts[fp]} and {seed} started from the same weights "
+                      f"(fingerprint {fp[:12]}): the candidate ignores the seed")
+            return Check(SEED_IGNORED, True, reason, {"seeds": [firsts[fp], seed]})
+        firsts.setdefault(fp, seed)
+    return Check(SEED_IGNORED, False, "", {"distinct_starts": len(firsts)})
+
+
 def untimed_overhead(run: dict) -> float | None:
     """A ledger run's untimed seconds: the runner's wall time minus the harness's timed
     training and evaluation (import, data, warmup, checks, checkpoint, exit)."""
@@ -160,28 +182,17 @@ def untimed_overhead(run: dict) -> float | None:
     return wall - train - evaluation
 
 
-def violation_checks(error: str | None) -> list[str]:
-    """The check ids in an integrity-violation error: each violation starts with its id and
-    ": ", and violations are joined by "; " (an "exit 4: " before the first is skipped)."""
-    if not error:
-        return []
-    text = error.removeprefix("exit 4: ")
-    ids = []
-    for part in text.split("; "):
-        head, sep, _ = part.partition(": ")
-        head = head.strip()
-        if sep and head and all(ch.isalnum() or ch == "-" for ch in head) and head not in ids:
-            ids.append(head)
-    return ids
-
-
 def caught_by_runs(runs: Sequence[dict]) -> str | None:
     """caught_by for a candidate whose runs the harness or the loop failed as integrity
-    violations (None when none did)."""
+    violations: the checks their results name, in order (None when none did)."""
     ids: list[str] = []
     for run in runs:
-        if run["outcome"] == "integrity-violation":
-            ids += [i for i in violation_checks(run["error"]) if i not in ids]
+        if run["outcome"] != "integrity-violation":
+            continue
+        found = ((run.get("result") or {}).get("integrity") or {}).get("violations") or []
+        for v in found:
+            if isinstance(v, dict) and isinstance(v.get("check"), str) and v["check"] not in ids:
+                ids.append(v["check"])
     return ",".join(ids) or None
 
 
@@ -212,6 +223,10 @@ class EvaluationFailed(RuntimeError):
     """The fixed evaluator did not give numbers for every checkpoint; the message says why."""
 
 
+class TwinsFailed(EvaluationFailed):
+    """A checkpoint scored afresh failed its twin rows: the forward pass is not causal."""
+
+
 def evaluate(
     worktree: Path,
     checkpoints: Sequence[Path],
@@ -219,24 +234,27 @@ def evaluate(
     device: str,
     train_args: Sequence[str],
     timeout_s: float,
+    sandbox: bool = True,
 ) -> list[dict]:
-    """Run `python -m bench.eval_worker` in `worktree` (checked out at the commit that made
-    the checkpoints) on the val and holdout slices: one {'val', 'holdout'} per checkpoint,
-    in order, each {'loss', 'bpb'}."""
-    cmd = [sys.executable, "-m", "bench.eval_worker", "--preset", preset, "--device", device]
+    """Run `python -m bench.score` in `worktree` (checked out at the commit that made the
+    checkpoints): each checkpoint scored on the holdout and val slices by a fresh sandboxed
+    forward worker; one {'val', 'holdout'} per checkpoint, in order, each {'loss', 'bpb',
+    'twins_ok'}."""
+    cmd = [sys.executable, "-m", "bench.score", "--preset", preset, "--device", device]
     cmd += _flags(train_args, ("--data", "--kernels"))
-    cmd += ["--splits", "val,holdout", "--checkpoints", *map(str, checkpoints)]
+    cmd += ["--splits", "holdout,val", *([] if sandbox else ["--no-sandbox"])]
+    cmd += list(map(str, checkpoints))
     with runner.device_lock(device):
         try:
             proc = subprocess.run(
                 cmd, cwd=worktree, capture_output=True, text=True, timeout=timeout_s
             )
         except subprocess.TimeoutExpired:
-            raise EvaluationFailed(f"the evaluator took over {timeout_s:.0f} s") from None
+            raise EvaluationFailed(f"the scorer took over {timeout_s:.0f} s") from None
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
-        raise EvaluationFailed(f"the evaluator exited {proc.returncode}: {tail}")
+        raise EvaluationFailed(f"the scorer exited {proc.returncode}: {tail}")
     try:
         rows = {row["checkpoint"]: row for row in json.loads(lines[-1])}
         out = []
@@ -249,7 +267,7 @@ def evaluate(
             out.append({"val": row["val"], "holdout": row["holdout"]})
     except (ValueError, KeyError, TypeError) as e:
         raise EvaluationFailed(
-            f"the evaluator's output is not the contract's: {e!r}: {lines[-1][:200]}"
+            f"the scorer's output is not the contract's: {e!r}: {lines[-1][:200]}"
         ) from None
     return out
 
@@ -284,6 +302,11 @@ def judge_acceptance(session, candidate: dict, effect: float) -> Acceptance:
     theirs = ledger.runs_of(champion["id"], ok_only=True)
     checks: dict = {}
 
+    check = seed_test(mine)
+    checks[check.name] = check.numbers
+    if check.caught:
+        return Acceptance("reject", check.name, check.reason, checks)
+
     overheads = [o for o in map(untimed_overhead, mine) if o is not None]
     champion_overheads = [o for o in map(untimed_overhead, theirs) if o is not None]
     if overheads and champion_overheads:
@@ -296,6 +319,8 @@ def judge_acceptance(session, candidate: dict, effect: float) -> Acceptance:
 
     try:
         gaps = holdout_gaps(session, candidate, mine)
+    except TwinsFailed as e:
+        return Acceptance("reject", TWINS, str(e), checks)
     except EvaluationFailed as e:  # fail closed: no numbers, no acceptance
         return Acceptance("reject", HOLDOUT_GAP, f"holdout evaluation failed: {e}", checks)
     missing = [r["id"] for r in mine if r["id"] not in gaps]
@@ -377,10 +402,15 @@ def holdout_gaps(session, candidate: dict, runs: Sequence[dict]) -> dict[int, fl
                 cfg.device,
                 cfg.train_args,
                 session.run_timeout(),
+                sandbox=cfg.sandbox,
             )
         finally:
             ws.reset()
         for run, row in zip(todo, numbers):
+            failed = [split for split in ("val", "holdout") if row[split].get("twins_ok") is False]
+            if failed:
+                raise TwinsFailed(f"run {run['id']}'s final weights failed the twin rows when "
+                                  f"scored afresh on {' and '.join(failed)}")
             ledger.set_holdout(run["id"], row["val"], row["holdout"])
         drop_checkpoints(session.run_dir, todo)
         cached = ledger.holdout_of(r["id"] for r in runs)

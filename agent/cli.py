@@ -26,6 +26,8 @@ from agent.report import status_text, write_report
 from agent.review import ReviewError
 
 ROOT = Path(__file__).resolve().parent.parent
+UNTRUSTED = ("UNTRUSTED: candidate code runs without a sandbox (--no-sandbox); it can reach "
+             "what measures it, so no result of this session is evidence")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold a step faster than this over the champion for `review` (default 2.0)",
     )  # fmt: skip
     add_leaderboard_arguments(run)
+    add_trust_arguments(run)
 
     replay = sub.add_parser("replay", help="replay a leaderboard's ladder, rung by rung")
     replay.add_argument(
@@ -100,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run rungs the diff scan flags instead of stopping there (bench/INTEGRITY.md)",
     )  # fmt: skip
     add_leaderboard_arguments(replay)
+    add_trust_arguments(replay)
 
     review = sub.add_parser("review", help="list the candidates held for a human, or decide one")
     review.add_argument("--run-dir", type=Path, required=True, help="the session directory")
@@ -113,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("run_dir", type=Path, metavar="D", help="the session directory")
     return p
+
+
+def add_trust_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-sandbox", action="store_true",
+        help="run candidate code unconfined where bubblewrap cannot run: every result is "
+        "then marked untrusted (bench/INTEGRITY.md)",
+    )  # fmt: skip
+
+
+def check_sandbox(args: argparse.Namespace) -> None:
+    """Before anything is created: a session runs sandboxed, or says it will not."""
+    if args.no_sandbox:
+        return
+    from bench.sandbox import SandboxError, available
+
+    try:
+        available()
+    except SandboxError as e:
+        raise SessionStop(str(e)) from None
 
 
 def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,7 +156,7 @@ RESUME_FIXED = (
     "preset", "objective", "proposer", "proposer_arg", "deadline", "run_dir", "baseline_runs",
     "budget_tokens", "data", "target_loss", "wandb", "model", "max_usd_per_candidate",
     "max_turns", "thinking", "effort", "brief", "agent_timeout", "allow_flagged", "max_speedup",
-    "rules", "gpus",
+    "rules", "gpus", "no_sandbox",
 )  # fmt: skip
 
 
@@ -146,6 +170,8 @@ def proposer_options(args: argparse.Namespace, run_dir: Path) -> dict:
     if args.proposer not in ("anthropic", "command"):
         return {}
     options = {"brief": str(args.brief.resolve())} if args.brief else {}
+    if args.no_sandbox:
+        options["sandbox"] = False
     if args.proposer == "command":
         if args.agent_timeout is not None:
             options["timeout_s"] = args.agent_timeout
@@ -172,14 +198,14 @@ def gpus(args: argparse.Namespace) -> int:
 
 
 def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
-    import train  # the fixed harness knows each preset's device
+    from bench.presets import PRESETS  # the fixed side knows each preset's device
 
-    if args.preset not in train.PRESETS:
-        raise SessionStop(f"unknown preset '{args.preset}': choose one of {list(train.PRESETS)}")
+    if args.preset not in PRESETS:
+        raise SessionStop(f"unknown preset '{args.preset}': choose one of {list(PRESETS)}")
     if args.baseline_runs < 2:
         raise SessionStop("--baseline-runs must be at least 2: the judge needs the noise")
     target = args.target_loss
-    if args.rules and target is None and train.PRESETS[args.preset].target_loss is not None:
+    if args.rules and target is None and PRESETS[args.preset].target_loss is not None:
         target = RULES[args.rules].target_loss  # a preset made to reach the leaderboard's
     return SessionConfig(
         preset=args.preset,
@@ -193,13 +219,14 @@ def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
         baseline_runs=args.baseline_runs,
         train_args=train_args(args),
         target_loss=target,
-        device=train.PRESETS[args.preset].device,
+        device=PRESETS[args.preset].device,
         gpus=gpus(args),
         rules=args.rules,
         wandb=args.wandb,
         repo=str(ROOT),
         allow_flagged=args.allow_flagged,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
+        sandbox=not args.no_sandbox,
     )
 
 
@@ -233,10 +260,13 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
                 setattr(session.config, name, getattr(args, name))
     else:
         run_dir = args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        check_sandbox(args)
         config = session_config(args, run_dir)
         proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
         session = Session.create(run_dir, config, proposer, say=say, waiting=waiting)
     say(f"session {session.id} in {run_dir}: {session.config.preset}, {session.config.objective}")
+    if not session.config.sandbox:
+        say(UNTRUSTED)
     try:
         session.run()
     except KeyboardInterrupt:
@@ -266,10 +296,11 @@ def command_replay(args: argparse.Namespace, console: Console) -> int:
     if not args.ladder:
         raise SessionStop("name a ladder (e.g. nanogpt-speedrun) or --resume D")
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("replay-%Y%m%d-%H%M%S")
+    check_sandbox(args)
     config = replay.session_config(
         replay.load(args.ladder), args.preset, args.runs, args.rungs, args.rules,
         args.target_loss, train_args=train_args(args), gpus=gpus(args), wandb=args.wandb,
-        repo=str(ROOT), allow_flagged=args.allow_flagged,
+        repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
     )  # fmt: skip
     return run_replay(replay.create_replay(run_dir, config, say, waiting), say)
 

@@ -84,6 +84,8 @@ class SessionConfig:
     # and checked before every run; and whether candidates the diff scan flags may run.
     fixed_hashes: dict | None = None
     allow_flagged: bool = False
+    # False: candidate code runs unconfined (--no-sandbox), every result marked untrusted.
+    sandbox: bool = True
 
     @classmethod
     def from_dict(cls, data: dict) -> SessionConfig:
@@ -227,11 +229,10 @@ class Session:
         self.say(f"  run {name}: {candidate['description']}")
         changed = integrity.changed_fixed(ws.path, expected)
         if changed:
-            error = (
-                f"{acceptance.FIXED_HASH}: fixed files differ from the session start: "
-                f"{', '.join(changed[:10])}"
-            )
-            result = {"integrity": {"ok": False, "violations": [error], "changed": changed}}
+            detail = f"fixed files differ from the session start: {', '.join(changed[:10])}"
+            error = f"{acceptance.FIXED_HASH}: {detail}"
+            found = [{"check": acceptance.FIXED_HASH, "detail": detail}]
+            result = {"integrity": {"ok": False, "violations": found, "changed": changed}}
             outcome = runner.RunOutcome(
                 "integrity-violation", result, error, 0.0, str(log_path), None
             )
@@ -265,6 +266,7 @@ class Session:
             nproc=self.config.gpus,
             early_stop=early_stop,
             checkpoint=checkpoint,
+            sandbox=self.config.sandbox,
         )
         try:
             with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
@@ -474,6 +476,7 @@ class Session:
             ws.checkout(champion["commit_sha"])
             cmd = [sys.executable, "-m", "bench.profile", "--preset", self.config.preset]
             cmd += _data_flag(self.config.train_args) + ["--out", str(path)]
+            cmd += [] if self.config.sandbox else ["--no-sandbox"]  # it sandboxes itself
             path.parent.mkdir(parents=True, exist_ok=True)
             with runner.device_lock(self.config.device):
                 proc = subprocess.run(

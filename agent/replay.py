@@ -88,17 +88,17 @@ def session_config(
 ) -> SessionConfig:  # fmt: skip
     """The config of a replay session; `target_loss` overrides where the target comes from;
     `fields` are further SessionConfig fields (gpus, train_args, wandb, repo, ...)."""
-    import train  # the fixed harness knows each preset's device and target
+    from bench.presets import PRESETS  # the fixed side knows each preset's device and target
 
-    if preset not in train.PRESETS:
-        raise SessionStop(f"unknown preset '{preset}': choose one of {list(train.PRESETS)}")
+    if preset not in PRESETS:
+        raise SessionStop(f"unknown preset '{preset}': choose one of {list(PRESETS)}")
     if runs < 1:
         raise SessionStop(f"--runs {runs}: a replay needs at least one run per side and rung")
     board = leaderboard_rules(rules) if rules else None
     target = board.target_loss if board else ladder.target_loss
     # A preset made for the leaderboard's model reaches its target; a smaller one cannot,
     # so it races to the session's usual target, set by the baseline's replicates.
-    reachable = train.PRESETS[preset].target_loss is not None
+    reachable = PRESETS[preset].target_loss is not None
     source = "given" if target_loss is not None else "ladder" if reachable else "baseline"
     if source == "ladder":
         target_loss = target
@@ -113,7 +113,7 @@ def session_config(
         preset=preset, objective="time-to-loss", proposer=PROPOSER,
         proposer_arg=str(Path(ladder.root).resolve()), proposer_options=asdict(settings),
         baseline_runs=2 if target_loss is None else 0, target_loss=target_loss,
-        device=train.PRESETS[preset].device, overlap=False, rules=rules, **fields,
+        device=PRESETS[preset].device, overlap=False, rules=rules, **fields,
     )  # fmt: skip
 
 

@@ -3,20 +3,22 @@
     python -m bench.profile --preset P [--steps N] [--data NAME] [--device cpu|cuda]
                             [--kernels auto|torch|triton] [--[no-]compile] [--out PATH]
 
-Run from a worktree root: it profiles that worktree's model/ and kernels/ (they are
-imported from the current directory, like train.py does). The surface is built exactly as
-train.py builds it (train.py's presets, argument checks and warmup are imported, not
-copied), a few untimed warmup steps run, then N train steps run under torch.profiler
-(CPU activity always, CUDA activity on a GPU). The report names the preset, the device,
+Run from a worktree root: it profiles that worktree's model/ and kernels/. The surface is
+candidate code, so this command checks its arguments and then runs itself again inside the
+sandbox (bench/sandbox.py; `--no-sandbox` to skip), where the surface is built as the
+sandboxed trainer builds it (bench/worker.py), warmed up on random tokens, and N train
+steps on random tokens run under torch.profiler (CPU activity always, CUDA activity on a
+GPU); the tokens' values do not change where the time goes. The report names the preset, the device,
 the kernel backend and the tokens per step, then lists the top operations by self device
 time (CUDA time on a GPU, with a second table of the top kernels; CPU time on the CPU).
 It stays under MAX_CHARS characters, because it goes into the LLM's prompt
 (agent/context.py). The text goes to stdout and, with --out, to a file.
 
 What this must never do: affect a timed result. It runs in its own process, measures
-nothing that the judge uses, writes nothing of its own but --out, and never touches the
-ledger, the data cache or the worktree's files. Its numbers carry the profiler's overhead:
-they show where time goes and are never a speed measurement. Exit codes: 0 ok, 2 bad input
+nothing that the judge uses, writes nothing of its own but --out (from the trusted side),
+and its sandboxed part sees neither the ledger, nor the data cache, nor a writable file.
+Its numbers carry the profiler's overhead: they show where time goes and are never a speed
+measurement. Exit codes: 0 ok, 2 bad input
 or missing data (the message says how to prepare it), 1 anything else (a surface crash).
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,12 +35,9 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-import train
+from bench.presets import PRESETS, UsageError, add_setup_arguments, resolve_setup
+from bench.sandbox import Sandbox, SandboxError, available
 from data.cache import DataMissingError
-from data.loader import open_split
-from data.shards import ShardError
-from kernels import use as use_kernels
-from model import build_recipe
 
 MAX_CHARS = 3_000  # the whole report: it goes into an LLM prompt
 TOP_OPS = 15  # rows of the operations table (fewer when the text would be too long)
@@ -45,7 +45,8 @@ TOP_KERNELS = 10  # rows of the kernels table (CUDA only)
 NAME_CHARS = 56
 SEED = 0
 
-EXIT_OK, EXIT_USAGE = train.EXIT_OK, train.EXIT_USAGE
+EXIT_OK, EXIT_USAGE = 0, 2
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _self_us(evt, device: bool) -> float:
@@ -123,32 +124,26 @@ def _report(header: list[str], sections: list[tuple[str, list, float, int]]) -> 
         limits[limits.index(max(limits))] -= 1
 
 
-def profile_text(
-    preset: str,
-    steps: int = 5,
-    data: str | None = None,
-    device: str | None = None,
-    kernels: str = "auto",
-    compile: bool | None = None,
-) -> str:
+def profile_text(preset: str, device: str, vocab: int, kernels: str = "auto",
+                 compile: bool = False, steps: int = 5) -> str:
     """Profile `steps` train steps of the current directory's surface; the report as text.
+    Imports the surface: the sandboxed side of `main`, never the trusted one."""
+    import kernels as surface_kernels
+    from bench.worker import warmup
+    from model import build_recipe
 
-    Raises train.UsageError for bad input, DataMissingError when the data is not prepared.
-    compile=None is train.py's default (on for CUDA, off for CPU).
-    """
-    if steps < 1:
-        raise train.UsageError(f"--steps must be at least 1, got {steps}")
-    setup = train.resolve_setup(preset, device, data, kernels, compile)
-    dev, data_name, meta, backend = setup.device, setup.data, setup.meta, setup.kernels
-    compile_model = setup.compile
-
-    with use_kernels(backend):  # restores the previous backend after
+    dev = torch.device(device)
+    backend = surface_kernels.resolve(kernels, dev.type)
+    with surface_kernels.use(backend):  # restores the previous backend after
         torch.manual_seed(SEED)
-        recipe = build_recipe(preset, dev, meta["vocab_size"], compile_model)
-        loader = open_split(data_name, "train", SEED, dev)
-        train.warmup(recipe, loader, lambda: None)  # untimed: compiles, fills caches
+        recipe = build_recipe(preset, dev, vocab, compile)
+        warmup(recipe, vocab, dev, world=1)  # untimed: compiles, fills caches
+        g = torch.Generator().manual_seed(SEED)
         shapes = [recipe.batch_shape((i + 0.5) / steps) for i in range(steps)]
-        batches = [loader.next_batch(*shape) for shape in shapes]
+        batches = []
+        for batch_size, seq_len in shapes:
+            tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(dev)
+            batches.append((tokens[:, :-1], tokens[:, 1:]))
         cuda = dev.type == "cuda"
         activities = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
@@ -167,8 +162,8 @@ def profile_text(
         where = f"cpu: {platform.processor() or platform.machine()}, "
         where += f"{torch.get_num_threads()} threads"
     setup = f"device {where} | kernels {backend} | torch.compile "
-    setup += f"{'on' if compile_model else 'off'} | torch {torch.__version__}"
-    return format_report(prof.key_averages(), preset, setup, data_name, shapes, wall, cuda)
+    setup += f"{'on' if compile else 'off'} | torch {torch.__version__}"
+    return format_report(prof.key_averages(), preset, setup, "random tokens", shapes, wall, cuda)
 
 
 def format_report(
@@ -226,22 +221,46 @@ def format_report(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", required=True, help=f"one of: {', '.join(train.PRESETS)}")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--steps", type=int, default=5, help="profiled train steps (default 5)")
-    train.add_setup_arguments(p)  # the surface is built exactly as train.py builds it
+    add_setup_arguments(p)  # the run's settings, checked as train.py checks them
     p.add_argument("--out", type=Path, help="also write the report here")
+    p.add_argument("--timeout", type=float, default=900, help="seconds for the sandboxed part")
+    p.add_argument("--no-sandbox", action="store_true", help="run the surface unconfined")
+    p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.inside:  # the sandboxed part: build the surface and profile it
+        print(profile_text(args.preset, args.device, args.vocab, args.kernels,
+                           bool(args.compile), args.steps), end="", flush=True)
+        return EXIT_OK
     try:
-        text = profile_text(
-            args.preset, args.steps, args.data, args.device, args.kernels, args.compile
-        )
-    except (train.UsageError, DataMissingError, ShardError) as e:
+        if args.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {args.steps}")
+        setup = resolve_setup(args.preset, args.device, args.data, args.kernels, args.compile)
+        sandbox = Sandbox(None) if args.no_sandbox else available()
+    except (UsageError, DataMissingError, SandboxError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    inner = [sys.executable, "-m", "bench.profile", "--inside", "--preset", args.preset,
+             "--device", setup.device.type, "--vocab", str(setup.meta["vocab_size"]),
+             "--kernels", setup.kernels, "--steps", str(args.steps),
+             "--compile" if setup.compile else "--no-compile"]
+    proc = sandbox.popen(inner, REPO, gpu=setup.device.type == "cuda", text=True)
+    try:
+        text, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        print(f"error: the profile took over {args.timeout:g} s", file=sys.stderr)
+        return 1
+    if proc.returncode != 0:
+        print(err, end="", file=sys.stderr)
+        return 1
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

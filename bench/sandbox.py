@@ -17,6 +17,11 @@ On CUDA a process that exchanges GPU memory with the trusted side (the evaluatio
 forward pass) must share its PID namespace (`share_pid`): CUDA IPC fails across PID
 namespaces. bench/INTEGRITY.md says what that leaves open and how it is checked.
 
+An external coding agent that proposes candidates (`--proposer command`) gets another
+shape (`agent=True`): the whole filesystem read-only but for the surface folders of its
+worktree, the network (it calls its own model's API) and the caller's environment; it
+still cannot write the harness, the ledger, site-packages or anything else.
+
 Where no sandbox can be made, `Sandbox(None)` runs the same command unconfined; the
 harness then marks every result untrusted (`"sandbox": false`). This module must never
 bind a path writable that the caller did not ask for, nor pass the caller's environment
@@ -72,13 +77,17 @@ class Sandbox:
         env: dict[str, str] | None = None,
         gpu: bool = False,
         share_pid: bool = False,
+        agent: bool = False,
     ) -> tuple[list[str], dict[str, str]]:
         """The command line and environment that run `argv` in `cwd` inside the sandbox,
         seeing `read_only` and `writable` besides the system and Python (cwd is always
-        visible, read-only). `env` adds variables to the allow-listed ones."""
+        visible, read-only). `env` adds variables to the allow-listed ones. `agent`: the
+        coding agent's shape (see the module's docstring)."""
         extra = dict(env or {})
         if not self.enabled:
             return list(argv), {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+        if agent:
+            return self._agent_command(argv, cwd, writable, extra), {}
         inside = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         inside.update(HOME=PRIVATE_HOME, TMPDIR="/tmp", PYTHONUNBUFFERED="1",
                       PYTHONDONTWRITEBYTECODE="1", TRITON_CACHE_DIR=f"{PRIVATE_HOME}/.triton")
@@ -112,11 +121,24 @@ class Sandbox:
         args += ["--chdir", str(Path(cwd).resolve()), "--", *argv]
         return args, {}
 
+    def _agent_command(self, argv, cwd, writable, extra) -> list[str]:
+        # /tmp stays visible (read-only, like everything): an agent's tools may live there;
+        # the caller gives it a writable TMPDIR among `writable`.
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        for path in writable:
+            args += ["--bind", str(Path(path).resolve()), str(Path(path).resolve())]
+        args += ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                 "--unshare-cgroup-try", "--cap-drop", "ALL", "--die-with-parent",
+                 "--new-session"]
+        for key, value in extra.items():
+            args += ["--setenv", key, value]
+        return [*args, "--chdir", str(Path(cwd).resolve()), "--", *argv]
+
     def popen(self, argv: list[str], cwd: Path, **kw) -> subprocess.Popen:
         """Start `argv` in the sandbox (see `command`); stdin is closed, stdout and stderr
         are pipes unless given, and the process gets the sandbox's resource limits."""
-        sandbox_kw = {k: kw.pop(k) for k in ("read_only", "writable", "env", "gpu", "share_pid")
-                      if k in kw}
+        sandbox_kw = {k: kw.pop(k) for k in ("read_only", "writable", "env", "gpu", "share_pid",
+                                             "agent") if k in kw}
         cmd, env = self.command(argv, cwd, **sandbox_kw)
         kw.setdefault("stdin", subprocess.DEVNULL)
         kw.setdefault("stdout", subprocess.PIPE)

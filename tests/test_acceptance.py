@@ -11,7 +11,7 @@ import pytest
 from fakes.repo import git, working_tree_repo
 
 from agent import acceptance
-from agent.acceptance import AcceptanceConfig, gap_test, overhead_test, violation_checks
+from agent.acceptance import AcceptanceConfig, gap_test, overhead_test
 from agent.judge import Decision
 from agent.proposers import Proposal
 
@@ -101,22 +101,21 @@ def test_untimed_overhead_of_a_run():
     assert acceptance.untimed_overhead({"wall_seconds": 40.0, "result": None}) is None
 
 
-def test_violation_checks_read_the_check_ids():
-    error = "exit 4: restore: tensor w changed; eval-unchanged: tensor b changed during evaluation"
-    assert violation_checks(error) == ["restore", "eval-unchanged"]
-    assert violation_checks("clock: train took 9 s by the parent's clock; clock: again") == [
-        "clock"
-    ]
-    assert violation_checks("fixed-hash: fixed files differ from the session start: train.py") \
-        == ["fixed-hash"]  # fmt: skip
-    # Text that does not start with a check id names no check.
-    assert violation_checks("exit 4: causality probe {'causal': False}") == []
-    assert violation_checks(None) == []
-    runs = [{"outcome": "ok", "error": None},
-            {"outcome": "integrity-violation", "error": "causality-probe: moved; kernel-check: x"},
-            {"outcome": "crash", "error": "restore: not an integrity outcome"}]  # fmt: skip
-    assert acceptance.caught_by_runs(runs) == "causality-probe,kernel-check"
+def test_caught_by_names_the_checks_of_the_violation_records():
+    def violated(*checks):
+        return {"integrity": {"ok": False, "violations": [{"check": c, "detail": "x"}
+                                                          for c in checks]}}
+
+    runs = [{"outcome": "ok", "result": {"integrity": {"ok": True, "violations": []}}},
+            {"outcome": "integrity-violation", "result": violated("twins", "restore")},
+            {"outcome": "integrity-violation", "result": violated("twins", "fixed-hash")},
+            {"outcome": "crash", "result": violated("restore")}]  # not an integrity outcome
+    assert acceptance.caught_by_runs(runs) == "twins,restore,fixed-hash"
     assert acceptance.caught_by_runs(runs[:1]) is None
+    # A record that is not one names nothing: no check is invented from free text.
+    assert acceptance.caught_by_runs([{"outcome": "integrity-violation",
+                                       "result": {"integrity": {"violations": ["twins: x"]}}}]) \
+        is None
 
 
 def test_the_config_is_checked():

@@ -1,10 +1,11 @@
-"""train.py under torchrun: two CPU processes with the gloo backend.
+"""The trainer under torchrun: two CPU processes with the gloo backend.
 
 - The recipe's step has the same math on K processes as on one: each rank takes its half
   of the same batch, DistributedDataParallel averages the gradients, and the gradients
   that reach the optimizers equal the single-process ones.
-- A whole `torchrun --nproc_per_node=2 train.py` run through the runner: one result, from
-  rank 0, with one set of progress and clock lines, judged ok by the runner's checks.
+- A whole `train.py --nproc 2` run through the runner: the harness starts torchrun inside
+  the trainer's sandbox, rank 0 relays its batches to the other rank, and the run gives
+  one result with one line per evaluation, judged ok by the runner's checks.
 """
 
 import json
@@ -106,7 +107,6 @@ def test_torchrun_with_two_processes_gives_one_result(tmp_path, data_cache, lock
     result = outcome.result
     assert result["world_size"] == 2 and result["tokens"] == 8192
     assert json.loads((tmp_path / "r.json").read_text()) == result
-    # Rank 0 alone speaks: one start of the clock, one line per evaluation.
-    assert log.count("clock start") == len(result["curve"])
+    # The harness alone reports: one line per evaluation, whatever the trainer's ranks print.
     assert sum(line.startswith("eval ") for line in log.splitlines()) == len(result["curve"])
-    assert result["integrity"]["ok"] and result["val_loss"] < 8.0
+    assert result["integrity"]["ok"] and result["val_loss"] < 8.0 and result["sandbox"]

@@ -36,9 +36,18 @@ if mode == "describe":
     json.dump({"description": "schedule: longer warmdown", "hypothesis": "decay later",
                "expected_effect": "3% faster", "category": "schedule"},
               open(os.environ["SPEEDLOOP_PROPOSAL"], "w"))
-if mode == "commit":
-    subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "x"],
-                   check=True)
+if mode == "commit":  # the sandbox keeps git's files read-only: it fails, the edit stays
+    done = subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", "commit",
+                           "-qam", "x"], capture_output=True, text=True)
+    assert done.returncode != 0 and "Read-only file system" in done.stderr, done
+if mode == "escape":  # everything but the surface is read-only, for the agent too
+    for target in ("train.py", "bench/evaluator.py", os.environ["HOME"] + "/speedloop-x"):
+        try:
+            pathlib.Path(target).write_text("x")
+        except OSError as e:
+            print("refused:", target, e.strerror)
+        else:
+            sys.exit(f"wrote {target}")
 print("agent: edited the recipe")
 """
 
@@ -88,12 +97,21 @@ def test_agent_edits_the_surface_and_describes_it(worktree, brief, tmp_path):
     assert git(worktree, "status", "--porcelain").split() == ["M", RECIPE]
 
 
-def test_commits_are_undone_and_a_default_description_given(worktree, brief, tmp_path):
+def test_an_agent_cannot_commit_its_edit_is_taken_with_a_default_description(
+        worktree, brief, tmp_path):
     head = git(worktree, "rev-parse", "HEAD")
     proposal = make(agent(tmp_path, mode="commit"), brief).propose(worktree, [], CONTEXT)
     assert git(worktree, "rev-parse", "HEAD") == head
     assert NEW in (worktree / RECIPE).read_text()
     assert proposal.description == f"command: edit {RECIPE}" and proposal.category == "other"
+
+
+def test_the_agent_writes_the_surface_and_nothing_else(worktree, brief, tmp_path):
+    harness = (worktree / "train.py").read_text()
+    proposal = make(agent(tmp_path, mode="escape"), brief).propose(worktree, [], CONTEXT)
+    assert NEW in (worktree / RECIPE).read_text() and proposal is not None
+    assert (worktree / "train.py").read_text() == harness
+    assert not (Path.home() / "speedloop-x").exists()
 
 
 def test_a_timeout_kills_the_agent_and_fails_the_proposal(worktree, brief):

@@ -20,18 +20,12 @@ PREAMBLE = """\
 import json, os, signal, subprocess, sys, time
 OUT = sys.argv[sys.argv.index("--out") + 1]
 RESULT = {
-    "schema_version": 2, "status": "ok", "preset": "cpu-tiny", "tokens": 4096,
+    "schema_version": 3, "status": "ok", "sandbox": True, "preset": "cpu-tiny", "tokens": 4096,
     "tokens_per_sec": 1000.0, "train_seconds": 0.05, "val_loss": 5.5, "val_bpb": 1.9,
     "time_to_target": None, "mfu": None, "peak_memory_bytes": 123,
     "curve": [{"tokens": 4096, "seconds": 4.096, "val_loss": 5.5, "val_bpb": 1.9}],
 }
-def clock(seconds):  # the harness's clock lines around a timed region of `seconds`
-    print("clock start | timed 0s", flush=True)
-    time.sleep(seconds)
-    print(f"clock pause | timed {seconds}s", flush=True)
-def emit(result, code=0, write=True, clocked=True):
-    if clocked and result.get("status") == "ok":
-        clock(0.05)
+def emit(result, code=0, write=True):
     if write:
         with open(OUT, "w") as f:
             f.write(json.dumps(result, indent=2) + "\\n")
@@ -194,33 +188,22 @@ def test_exit_3_without_a_diverged_result_is_invalid(tmp_path):
 
 
 def test_integrity_violation(tmp_path):
-    found = ["causality-probe: a change after position 3 moved ...", "kernel-check: ..."]
+    found = [{"check": "twins", "detail": "a twin row's log-probabilities moved by 3"},
+             {"check": "restore", "detail": "warm-up progress was kept"}]
     result = f'dict(RESULT, status="integrity-violation", integrity={{"violations": {found}}})'
     outcome = run(fake_spec(tmp_path, f"emit({result}, 4)"))
     assert outcome.status == "integrity-violation" and outcome.returncode == 4
-    assert outcome.error == "; ".join(found)  # each starts with the check that failed
+    assert outcome.error == ("twins: a twin row's log-probabilities moved by 3; "
+                             "restore: warm-up progress was kept")
 
 
-@pytest.mark.parametrize(
-    "body, caught",
-    [
-        # A harness clock that ran slow: 0.05 s reported for ~1.5 s between the clock lines.
-        ("clock(1.5); emit(RESULT, clocked=False)", "saw 1.5"),
-        # A surface that stopped the clock lines (or the harness's prints) from arriving.
-        ("emit(RESULT, clocked=False)", "missing or unpaired"),
-        ('print("clock start | timed 0s", flush=True); emit(RESULT, clocked=False)', "unpaired"),
-    ],
-)
-def test_the_runner_times_the_timed_region_itself(tmp_path, body, caught):
+def test_the_harness_is_told_the_runner_holds_the_lock(tmp_path):
+    """train.py takes the device lock itself when run by hand; under the runner, which
+    holds it, it must not wait for it."""
+    body = 'print(os.environ.get("SPEEDLOOP_LOCK_HELD")); emit(RESULT)'
     outcome = run(fake_spec(tmp_path, body))
-    assert outcome.status == "integrity-violation"
-    assert outcome.error.startswith("clock: ") and caught in outcome.error
-
-
-def test_an_honest_clock_passes_within_tolerance(tmp_path):
-    # 1.0 s between the lines and 0.98 s reported: the pipe's latency is not a violation.
-    body = "clock(1.0); emit(dict(RESULT, train_seconds=0.98), clocked=False)"
-    assert run(fake_spec(tmp_path, body)).status == "ok"
+    assert outcome.status == "ok"
+    assert "cpu\n" in Path(outcome.log_path).read_text()
 
 
 @pytest.mark.parametrize(
@@ -238,6 +221,7 @@ def test_an_honest_clock_passes_within_tolerance(tmp_path):
         ("emit(dict(RESULT, curve=[]))", "curve is empty"),
         ('emit(dict(RESULT, tokens_per_sec="fast"))', "not of type int or float"),
         ("emit(dict(RESULT, val_loss=True))", "not of type int or float"),
+        ('emit(dict(RESULT, sandbox="yes"))', "not of type bool"),
         ("emit(dict(RESULT, schema_version=1))", "schema_version 1"),
         ('emit(dict(RESULT, status="diverged"))', "status is 'diverged'"),
         ("emit(RESULT, write=False)", "wrote none"),
@@ -249,7 +233,7 @@ def test_an_honest_clock_passes_within_tolerance(tmp_path):
     ],
     ids=(
         "garbage not-object missing-field nan inf-in-curve bad-curve-row empty-curve wrong-type "
-        "bool schema status no-out-file out-differs"
+        "bool not-bool schema status no-out-file out-differs"
     ).split(),
 )
 def test_invalid_result(tmp_path, body, error):
@@ -391,10 +375,11 @@ def test_real_cpu_tiny_run(data_cache, tmp_path):
     assert [round(v, 4) for _, v in seen] == [round(r["val_loss"], 4) for r in result["curve"]]
 
 
-def test_a_multi_gpu_run_goes_through_torchrun_on_its_gpus(tmp_path, locks_dir):
-    """nproc > 1: `python -m torch.distributed.run --standalone --nproc_per_node=K train.py
-    ...`, K GPUs visible from gpu_index on, each of their locks held. A stand-in for the
-    interpreter records how it was called, then runs train.py with the real one."""
+def test_a_multi_gpu_run_asks_the_harness_for_k_processes_on_its_gpus(tmp_path, locks_dir):
+    """nproc > 1: `python train.py ... --nproc K` (the harness runs torchrun inside the
+    trainer's sandbox), K GPUs visible from gpu_index on, each of their locks held. A
+    stand-in for the interpreter records how it was called, then runs train.py with the
+    real one."""
     import stat
     import sys
 
@@ -415,9 +400,8 @@ def test_a_multi_gpu_run_goes_through_torchrun_on_its_gpus(tmp_path, locks_dir):
     outcome = run(spec)
     assert outcome.status == "ok", outcome.error
     assert outcome.result["launched"] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-        "--preset", "cpu-tiny", "--seed", "0", "--out", str(spec.out_path.resolve()),
-        "--budget-tokens", "4096",
+        "train.py", "--preset", "cpu-tiny", "--seed", "0", "--out", str(spec.out_path.resolve()),
+        "--nproc", "2", "--budget-tokens", "4096",
     ]  # fmt: skip
     assert outcome.result["cvd"] == "2,3"
     assert {p.name for p in locks_dir.iterdir()} == {"gpu2.lock", "gpu3.lock"}

@@ -75,6 +75,7 @@ class LLMConfig:
     require_checks: bool = True  # submit only after passing checks on the final edit
     base_url: str | None = None  # None: the SDK's (ANTHROPIC_BASE_URL or the public API)
     transcript_dir: str | None = None  # write each conversation here as JSON
+    sandbox: bool = True  # run the quick checks (they import the edited surface) sandboxed
 
     @classmethod
     def from_dict(cls, data: dict) -> LLMConfig:
@@ -164,7 +165,7 @@ class AnthropicProposer:
         tools = SurfaceTools(
             worktree, history, context.get("preset", "cpu-tiny"),
             CheckSettings(cfg.check_timeout_s, cfg.checks_device, cfg.kernel_tests,
-                          cfg.require_checks),
+                          cfg.require_checks, cfg.sandbox),
         )
         system = stable_prompt(read_brief(cfg.brief)) + WORKFLOW.format(max_turns=cfg.max_turns)
         first = research_context(context, history, cfg.n_diffs) + (

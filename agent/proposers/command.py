@@ -30,7 +30,9 @@ from agent.proposers.tools import (
     run_command,
     tail,
 )
+from agent.surface import SURFACE_DIRS
 from agent.workspace import git
+from bench.sandbox import available
 
 WORKFLOW = """
 # How to work
@@ -57,6 +59,9 @@ class CommandConfig:
     n_diffs: int = 3  # accepted diffs shown in full
     checks: bool = True  # run the quick CPU smoke on the edit before the engine takes it
     check_timeout_s: float = 300.0
+    # The agent runs with the filesystem read-only but for its worktree's surface folders
+    # (bench/sandbox.py, agent=True), with the network and this process's environment.
+    sandbox: bool = True
 
     @classmethod
     def from_dict(cls, data: dict) -> CommandConfig:
@@ -99,8 +104,13 @@ class CommandProposer:
             prompt_path, proposal_path = Path(tmp) / "prompt.md", Path(tmp) / "proposal.json"
             prompt_path.write_text(prompt)
             env = {**os.environ, "SPEEDLOOP_PROMPT": str(prompt_path),
-                   "SPEEDLOOP_PROPOSAL": str(proposal_path), "SPEEDLOOP_WORKTREE": str(worktree)}
-            code, out = run_command(self.command, worktree, cfg.timeout_s, env, stdin=prompt)
+                   "SPEEDLOOP_PROPOSAL": str(proposal_path), "SPEEDLOOP_WORKTREE": str(worktree),
+                   "TMPDIR": tmp}
+            writable = [worktree / d for d in SURFACE_DIRS if (worktree / d).is_dir()]
+            sandbox = available() if cfg.sandbox else None
+            code, out = run_command(self.command, worktree, cfg.timeout_s, env, stdin=prompt,
+                                    sandbox=sandbox, agent=True,
+                                    writable=(*writable, Path(tmp)))
             if code is None:
                 raise ProposalFailed(short, f"timed out after {cfg.timeout_s:.0f} s; its last "
                                             f"output:\n{tail(out, 2000)}")
@@ -121,7 +131,8 @@ class CommandProposer:
                                               + digest_line(twin))
         if cfg.checks and diff.strip():
             tools = SurfaceTools(worktree, history, context.get("preset", "cpu-tiny"),
-                                 CheckSettings(timeout_s=cfg.check_timeout_s))
+                                 CheckSettings(timeout_s=cfg.check_timeout_s,
+                                               sandbox=cfg.sandbox))
             try:
                 tools.tool_run_checks()
             except ToolError as e:

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from agent.context import digest_line
 from agent.proposers.base import CATEGORIES
 from agent.surface import SURFACE_DIRS, in_surface
+from bench.sandbox import Sandbox, SandboxError, available
 
 MAX_READ_LINES = 400  # lines per read_file answer; the model pages with start_line
 MAX_MATCHES = 60  # search_surface answers
@@ -31,14 +32,16 @@ MAX_OUTPUT_CHARS = 6000  # tail of a check's output sent back to the model
 SKIP_DIRS = {"__pycache__", ".pytest_cache"}
 
 # The quick CPU smoke (argv[1]: the session's preset): two train steps of the cpu-tiny
-# recipe on random tokens, finite losses, fp32 logits of the right shape, the fixed
-# evaluator's causality probe, and the session preset's recipe built on the meta device
-# (its shapes and optimizers, without memory or time).
+# recipe on random tokens, finite losses, fp32 logits of the right shape, the evaluator's
+# twin rows on random text (a look at the future or across rows shows there), and the
+# session preset's recipe built on the meta device (its shapes and optimizers, without
+# memory or time). It runs sandboxed like every process that imports the surface.
 SMOKE = r"""
 import math, sys
+import numpy as np
 import torch
 import kernels
-from bench.evaluator import causality_probe
+from bench.evaluator import EvalSet, evaluate
 from model import build_recipe
 
 preset, vocab, cpu = sys.argv[1], 256, torch.device("cpu")
@@ -56,11 +59,15 @@ logits = recipe.logits(x)
 if tuple(logits.shape) != (2, T, vocab) or logits.dtype != torch.float32:
     sys.exit(f"recipe.logits gave {logits.dtype} {tuple(logits.shape)}, "
              f"expected float32 {(2, T, vocab)}")
-probe = causality_probe(recipe.logits, vocab, T, cpu, torch.Generator().manual_seed(0))
-if not probe.causal:
-    sys.exit(f"the model is not causal: logits at or before position {probe.position} moved "
-             f"by {probe.max_change:.3g} when later tokens changed")
-print(f"causality probe: ok (max change {probe.max_change:.2g})")
+text = np.random.default_rng(0).integers(0, vocab, 8 * (T + 1))
+rows = EvalSet(text, T, 4, 8 * T, vocab)
+with torch.no_grad():
+    ev = evaluate(lambda x: recipe.logits(torch.from_numpy(x)), rows, cpu,
+                  np.random.default_rng(0))
+if not ev.twins.ok:
+    sys.exit(f"the model is not causal: a row's log-probabilities moved by "
+             f"{ev.twins.max_change:.3g} when later tokens or other rows changed")
+print(f"twin rows: ok (max change {ev.twins.max_change:.2g})")
 if preset != "cpu-tiny":
     build_recipe(preset, torch.device("meta"), 50257, compile=False)
     print(f"{preset}: the recipe builds (meta device)")
@@ -86,6 +93,7 @@ class CheckSettings:
     device: str = "cpu"  # "cpu": hide GPUs, so checks never disturb a benchmark running there
     kernel_tests: bool = True  # whether run_checks may run tests/test_kernels_*.py
     require_checks: bool = True  # submit needs passing checks after the last edit
+    sandbox: bool = True  # the checks import the surface: they run sandboxed
 
 
 TOOL_SPECS = [
@@ -205,16 +213,22 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def run_command(cmd: list[str] | str, cwd: Path, timeout_s: float, env: dict | None = None,
-                stdin: str | None = None) -> tuple[int | None, str]:
+                stdin: str | None = None, sandbox: Sandbox | None = None,
+                **confine) -> tuple[int | None, str]:
     """Run a command in its own process group; (exit code or None on timeout, output).
+    With `sandbox`, inside it (`confine`: Sandbox.command's keywords; `env` is then what
+    the sandboxed process may see besides the allow-list).
 
     On timeout the whole group is killed, so no grandchild outlives it.
     """
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, shell=isinstance(cmd, str), text=True,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    streams = dict(stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                   text=True)
+    if sandbox is not None:
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
+        proc = sandbox.popen(argv, cwd, env=env or {}, **confine, **streams)
+    else:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, shell=isinstance(cmd, str), **streams)
     try:
         out, _ = proc.communicate(stdin, timeout=timeout_s)
         return proc.returncode, out
@@ -462,10 +476,14 @@ class SurfaceTools:
     # -- checking and submitting -----------------------------------------------------------
 
     def check_env(self) -> dict:
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        """What the sandboxed checks see besides the sandbox's allow-list."""
+        env = {"PYTHONDONTWRITEBYTECODE": "1"}
         if self.checks.device == "cpu":
             env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
         return env
+
+    def sandbox(self) -> Sandbox:
+        return available() if self.checks.sandbox else Sandbox(None)
 
     def tool_run_checks(self, kernel_tests: bool = False) -> str:
         commands = [[sys.executable, "-c", SMOKE, self.preset]]
@@ -482,7 +500,12 @@ class SurfaceTools:
         reports = []
         for cmd in commands:
             name = "smoke" if cmd[1] == "-c" else "kernel tests"
-            code, out = run_command(cmd, self.root, self.checks.timeout_s, self.check_env())
+            try:
+                sandbox = self.sandbox()
+            except SandboxError as e:
+                raise ToolError(f"{name}: cannot run sandboxed here: {e}") from None
+            code, out = run_command(cmd, self.root, self.checks.timeout_s, self.check_env(),
+                                    sandbox=sandbox, gpu=self.checks.device != "cpu")
             if code is None:
                 raise ToolError(f"{name}: timed out after {self.checks.timeout_s:.0f} s "
                                 f"(a hang, or far too slow?)\n{tail(out)}")
