@@ -40,7 +40,14 @@ import numpy as np
 import torch
 
 from bench import protocol
-from bench.candidate import Forward, Trainer, WorkerFailed, WorkerUsageError, fingerprint_file
+from bench.candidate import (
+    Forward,
+    Trainer,
+    WorkerFailed,
+    WorkerUsageError,
+    extra_cpu,
+    fingerprint_file,
+)
 from bench.curves import eval_points, interpolate_target
 from bench.evaluator import EvalSet, evaluate
 from bench.hardware import mfu
@@ -53,6 +60,9 @@ from data.shards import ShardError
 
 REPO = Path(__file__).resolve().parent
 WORK_PREFIX = "speedloop-run-"  # then this process's pid: folders of killed runs are swept
+# CPU a trainer's threads beyond its --cpu-threads may use (a share of the timed seconds and
+# a fixed allowance): an honest trainer's other threads are idle (measured: bench/RESULTS.md).
+CPU_EXTRA_FRACTION, CPU_EXTRA_S = 0.05, 0.25
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_setup_arguments(p)
     p.add_argument("--nproc", type=int, default=1,
                    help="trainer processes (torchrun inside the sandbox), one per GPU")
+    p.add_argument("--cpu-threads", type=int,
+                   help="intra-op threads of each trainer process on the CPU (default: 1 there, "
+                   "torch's own on CUDA); the trainer may not use more CPU time than this")
     p.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
     p.add_argument("--no-sandbox", action="store_true",
                    help="run the surface unconfined: the result is marked untrusted")
@@ -91,6 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--log-every must be at least 1, got {args.log_every}")
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise UsageError(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
     for flag in ("out", "checkpoint"):
         path = getattr(args, flag)
         if path is not None:
@@ -172,13 +187,17 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
                           preset.eval_batch_size, preset.eval_tokens, vocab, token_bytes)
     except ValueError as e:  # too short, or token ids outside the vocabulary
         raise UsageError(f"dataset {setup.data!r}: {e}") from None
-    wall0 = time.perf_counter()
+    # One thread per trainer process on the CPU: measured steadier on a shared machine than
+    # one per core (bench/RESULTS.md); on CUDA the host threads barely matter.
+    threads = args.cpu_threads or (1 if device.type == "cpu" else 0)
+    wall0, load_start = time.perf_counter(), os.getloadavg()
     work = work_dir()
     weights = work / "weights"
     weights.mkdir()
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        kw = dict(preset=args.preset, device=device, kernels=setup.kernels, vocab=vocab)
+        kw = dict(preset=args.preset, device=device, kernels=setup.kernels, vocab=vocab,
+                  threads=threads)
         trainer = stack.enter_context(contextlib.closing(Trainer(
             sandbox, REPO, weights, seed=args.seed, compile=setup.compile, nproc=args.nproc,
             **kw)))
@@ -195,8 +214,17 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
                 "warm-up progress was kept"))
         startup_seconds = time.perf_counter() - wall0
 
+        cpu_before = trainer.cpu_times()
         measured = train_and_evaluate(args, setup, loader, evalset, trainer, forward, info,
                                       violations)
+        cpu_seconds, extra = extra_cpu(cpu_before, trainer.cpu_times(), threads or 1 << 16)
+        allowed = CPU_EXTRA_FRACTION * measured["train_seconds"] + CPU_EXTRA_S
+        if device.type == "cpu" and args.nproc == 1 and extra > allowed:
+            violations.append(protocol.violation(
+                "cpu-threads", f"besides its {threads} thread(s), the trainer's other threads "
+                f"and processes used {extra:.2f} CPU seconds in "
+                f"{measured['train_seconds']:.1f} timed seconds (allowed {allowed:.2f})"))
+            measured["status"] = "integrity-violation"
         if args.checkpoint and measured["status"] == "ok":
             shutil.copyfile(measured.pop("final_weights"), args.checkpoint)
         measured.pop("final_weights", None)
@@ -240,6 +268,9 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
             "other": wall_seconds - startup_seconds - train_seconds - measured["eval_seconds"],
         },
         "tokens_per_sec": tokens_per_sec,
+        "cpu_usage": {"threads": threads, "trainer_cpu_seconds": cpu_seconds,
+                      "beyond_threads_seconds": extra,
+                "load_start": load_start[0], "load_end": os.getloadavg()[0]},
         "val_loss": final["val_loss"] if final else None,
         "val_bpb": final["val_bpb"] if final else None,
         "time_to_target": (interpolate_target(curve, args.target_loss)
@@ -321,8 +352,10 @@ def train_and_evaluate(args, setup, loader, evalset, trainer, forward, info, vio
         return x.numpy().astype(np.int32), y.numpy().astype(np.int32)
 
     last = None
+    if violations:  # found before the clock (the restore check): nothing is timed
+        status = "integrity-violation"
     clock.start()
-    while True:
+    while status == "ok":
         progress = budget.progress(tokens, clock)
         if progress >= 1.0:
             break

@@ -52,7 +52,7 @@ class Worker:
     role = "worker"
 
     def __init__(self, sandbox: Sandbox, worktree: Path, argv: list[str], *,
-                 read_only=(), writable=(), gpu: bool = False, nproc: int = 1):
+                 read_only=(), writable=(), gpu: bool = False, nproc: int = 1, threads: int = 0):
         self.dir = Path(tempfile.mkdtemp(prefix=f"speedloop-{self.role}-"))
         self.socket_path = self.dir / "sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -62,10 +62,12 @@ class Worker:
         if nproc > 1:
             launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                       f"--nproc_per_node={nproc}", "-m", "bench.worker"]
-        argv = [*launch, self.role, "--socket", str(self.socket_path), *argv]
+        argv = [*launch, self.role, "--socket", str(self.socket_path), "--threads", str(threads),
+                *argv]
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.proc = sandbox.popen(argv, worktree, read_only=(self.dir, *read_only),
-                                  writable=tuple(writable), gpu=gpu)
+                                  writable=tuple(writable), gpu=gpu, env=env)
         self._pumps = [threading.Thread(target=self._pump, args=(stream,), daemon=True)
                        for stream in (self.proc.stdout, self.proc.stderr)]
         for pump in self._pumps:
@@ -123,6 +125,23 @@ class Worker:
         if header.get("op") != expect:
             raise self.failure(f"sent {header.get('op')!r} where {expect!r} was due")
         return header, arrays
+
+    def cpu_times(self) -> dict:
+        """CPU seconds of every process of the sandbox, as the kernel counts them (nothing
+        the worker says): {pid: (process total with its reaped children, {tid: thread})}."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for pid in self.processes():
+            try:
+                fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+                threads = {}
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    task = _stat_fields(Path(f"/proc/{pid}/task/{tid}/stat"))
+                    threads[int(tid)] = (int(task[11]) + int(task[12])) / tick
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            out[pid] = (sum(int(f) for f in fields[11:15]) / tick, threads)
+        return out
 
     # -- freezing --------------------------------------------------------------------------
 
@@ -182,18 +201,14 @@ class Worker:
         return found
 
     def close(self) -> None:
-        """Ask the worker to exit, then make sure that every process of it is gone."""
-        if self.frozen:
-            self.thaw()
-        try:
-            wire.send(self.sock, {"op": "exit"})
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # bwrap --die-with-parent takes the sandbox with it
-            self.proc.wait()
+        """End the worker and every process of its sandbox: killed, not asked (nothing of it
+        is needed any more, and an interpreter's teardown costs a second a worker)."""
+        for pid in self.processes():  # unconfined (--no-sandbox), a worker's children too
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
         self.sock.close()
         for pump in self._pumps:
             pump.join(timeout=2)
@@ -211,13 +226,13 @@ class Trainer(Worker):
 
     def __init__(self, sandbox: Sandbox, worktree: Path, out: Path, *, preset: str,
                  device: torch.device, kernels: str, vocab: int, seed: int, compile: bool,
-                 nproc: int = 1):
+                 nproc: int = 1, threads: int = 0):
         self.out = Path(out)
         argv = ["--preset", preset, "--device", device.type, "--kernels", kernels,
                 "--vocab", str(vocab), "--seed", str(seed), "--out", str(self.out)]
         argv += ["--compile"] if compile else []
         super().__init__(sandbox, worktree, argv, writable=(self.out,),
-                         gpu=device.type == "cuda", nproc=nproc)
+                         gpu=device.type == "cuda", nproc=nproc, threads=threads)
 
     def ready(self) -> dict:
         """Wait for the warm-up to end: {kernels, flops_per_token, shape, warmup_steps}."""
@@ -247,12 +262,13 @@ class Forward(Worker):
     role = "forward"
 
     def __init__(self, sandbox: Sandbox, worktree: Path, weights_dir: Path, *, preset: str,
-                 device: torch.device, kernels: str, vocab: int, batch: tuple[int, int] = (0, 0)):
+                 device: torch.device, kernels: str, vocab: int, batch: tuple[int, int] = (0, 0),
+                 threads: int = 0):
         self.vocab, self.device, self.batch = vocab, device, batch
         argv = ["--preset", preset, "--device", device.type, "--kernels", kernels,
                 "--vocab", str(vocab)]
         super().__init__(sandbox, worktree, argv, read_only=(weights_dir,),
-                         gpu=device.type == "cuda")
+                         gpu=device.type == "cuda", threads=threads)
         self.shared = None  # on CUDA, the GPU buffer the worker writes logits into
 
     def ready(self) -> None:
@@ -327,6 +343,26 @@ def fingerprint_file(path: Path) -> tuple[str, int]:
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         count += t.numel()
     return digest.hexdigest(), count
+
+
+def extra_cpu(before: dict, after: dict, threads: int) -> tuple[float, float]:
+    """(all CPU seconds, CPU seconds beyond each process's `threads` busiest threads)
+    between two `cpu_times` readings. Judged by threads, not by CPU against wall time: on a
+    busy machine an extra thread gets less than a core, but it still shows as a thread."""
+    total = extra = 0.0
+    for pid, (process, tasks) in after.items():
+        was_process, was_tasks = before.get(pid, (0.0, {}))
+        used = process - was_process
+        per_thread = sorted((t - was_tasks.get(tid, 0.0) for tid, t in tasks.items()),
+                            reverse=True)
+        total += used
+        extra += max(0.0, used - sum(per_thread[:threads]))
+    return total, extra
+
+
+def _stat_fields(path: Path) -> list[str]:
+    """The fields of a /proc stat file after the command name (which may hold spaces)."""
+    return path.read_text().rsplit(")", 1)[1].split()
 
 
 def _is_stopped(pid: int) -> bool:

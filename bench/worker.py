@@ -211,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="train: the folder the weights are saved to")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's own)")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
