@@ -1,18 +1,14 @@
-"""Integrity: cheating candidates, each a small real patch of the surface, each caught by the
-defence meant for it (bench/INTEGRITY.md), and an honest candidate that passes them all.
+"""The engine's checks before a run (bench/INTEGRITY.md): the advisory diff scan and the
+fixed-file hashes, each on small real patches of the surface, and an honest candidate that
+passes them. (What a run itself cannot be fooled by is tests/test_adversarial.py's.)
 
-- The diff scan (threats 4, 5, 7) runs through the real engine: a proposer edits the
-  session's worktree, `Session.draft` captures the commit, `Session.take` refuses it with
-  the rule named in the ledger.
-- The fixed-file hashes (threat 1) run through `Session.benchmark`: a commit that changes a
-  fixed file fails as an integrity violation without train.py ever starting.
-- The harness's own checks (threat 5) run train.py on cpu-tiny on a patched copy.
+- The diff scan runs through the real engine: a proposer edits the session's worktree,
+  `Session.draft` captures the commit, `Session.take` refuses it with the rule named in the
+  ledger. It is an early refusal of the obvious; nothing relies on it.
+- The fixed-file hashes run through `Session.benchmark`: a commit that changes a fixed file
+  fails as an integrity violation without train.py ever starting.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,6 @@ from fakes.repo import git, working_tree_repo
 
 from agent import integrity
 from agent.proposers import Proposal
-from bench import guards
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE, GPT, INIT = "model/recipe.py", "model/gpt.py", "model/__init__.py"
@@ -153,7 +148,8 @@ def test_a_changed_fixed_file_fails_the_run_without_running_it(session):
     such a change) is caught by the hashes of session start, with the path named."""
     ws = session.workspace
     ws.checkout(session.champion()["commit_sha"])
-    edit(ws.path / "train.py", "SCHEMA_VERSION = 2", "SCHEMA_VERSION = 2  # harmless?")
+    edit(ws.path / "train.py", "CPU_EXTRA_FRACTION, CPU_EXTRA_S = ",
+         "CPU_EXTRA_FRACTION, CPU_EXTRA_S = 9.0, 9.0  # a kinder check: ")
     git(ws.path, "commit", "-qam", "edit the harness")
     commit = git(ws.path, "rev-parse", "HEAD").strip()
     ws.reset()
@@ -203,87 +199,3 @@ def test_local_names_and_generators_are_not_flagged():
     diff = "diff --git a/model/x.py b/model/x.py\n--- /dev/null\n+++ b/model/x.py\n"
     diff += f"@@ -0,0 +1,{len(lines)} @@\n" + "".join(f"+{line}\n" for line in lines)
     assert integrity.scan_diff(diff, lambda path: text) == []
-
-
-# -- the harness's own checks (threat 5): train.py on cpu-tiny on a patched copy -------------
-
-KEEP_PROGRESS = """
-
-def _keep_warmup_progress(self, state_dict, strict=True, assign=False):
-    return None  # cheat: the harness's restore after warmup does nothing
-
-
-GPT.load_state_dict = _keep_warmup_progress
-"""
-
-TRAIN_ON_EVAL = (
-    RECIPE_LOGITS
-    + """\
-        with torch.enable_grad():  # cheat: a training step on the evaluation batch
-            self.model.requires_grad_(True)  # undo the evaluator's freezing
-            with self._autocast():
-                loss = self._forward(x[:, :-1], x[:, 1:])
-            loss.backward()
-            for opt in self.optimizers:
-                opt.step()
-            self.model.zero_grad(set_to_none=True)
-"""
-)
-
-
-@pytest.fixture(scope="module")
-def data_env(data_cache) -> dict:
-    return {**os.environ, "SPEEDLOOP_DATA": str(data_cache), "PYTHONUNBUFFERED": "1"}
-
-
-def run_train(repo: Path, env: dict) -> tuple[int, dict]:
-    proc = subprocess.run(
-        [sys.executable, "train.py", "--preset", "cpu-tiny", "--budget-tokens", "4096"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.stdout.strip(), proc.stderr
-    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def patched_scan(repo: Path) -> list:
-    diff = git(repo, "diff")
-    return integrity.scan_diff(diff, lambda path: (repo / path).read_text())
-
-
-HARNESS_CASES = [
-    pytest.param(GPT, lambda p: append(p, KEEP_PROGRESS), "restore: ",
-                 id="keeps-warmup-progress"),
-    pytest.param(RECIPE, lambda p: edit(p, RECIPE_LOGITS, TRAIN_ON_EVAL),
-                 "eval-unchanged: ", id="trains-on-eval"),
-    pytest.param(RECIPE, honest_edit, None, id="honest"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("path, change, reason", HARNESS_CASES)
-def test_the_harness_checks(tmp_path, data_env, path, change, reason):
-    repo = working_tree_repo(tmp_path / "repo")
-    change(repo / path)
-    assert patched_scan(repo) == []  # none of these is the scan's to catch
-    code, result = run_train(repo, data_env)
-    if reason is None:
-        assert code == 0 and result["status"] == "ok", result["integrity"]
-        assert result["integrity"] == {**result["integrity"], "ok": True, "violations": []}
-        return
-    assert code == 4 and result["status"] == "integrity-violation"
-    assert result["integrity"]["ok"] is False
-    assert result["integrity"]["violations"][0].startswith(reason), result["integrity"]
-
-
-def test_the_fingerprint_sees_a_change_but_not_a_nan_twice():
-    import torch
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    before = guards.fingerprint(model)
-    assert guards.fingerprint_change(before, guards.fingerprint(model)) is None
-    with torch.no_grad():
-        model[0].weight[1, 2] += 1e-6  # the smallest of nudges
-    change = guards.fingerprint_change(before, guards.fingerprint(model))
-    assert change == "tensor 0.weight changed during evaluation"
-    model[1].running_mean.fill_(float("nan"))  # a diverged model stays diverged, not cheating
-    nan = guards.fingerprint(model)
-    assert guards.fingerprint_change(nan, guards.fingerprint(model)) is None
