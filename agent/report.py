@@ -147,6 +147,15 @@ class _Session:
     n_experiments: int  # decided or refused, as the budget counts them
     spend: dict  # the LLM requests paid for (Ledger.spend)
 
+    def untrusted(self) -> str:
+        """A warning when candidate code ran outside the sandbox, else ""."""
+        runs = [r for e in [self.base, *self.rows] if e for r in e.runs]
+        unconfined = sum((r.get("result") or {}).get("sandbox") is False for r in runs)
+        if self.session["config"].get("sandbox", True) and not unconfined:
+            return ""
+        return (f"UNTRUSTED: candidate code ran without a sandbox ({unconfined} of {len(runs)} "
+                "runs): it could reach what measured it, so these numbers are not evidence")
+
     def busy_text(self, until: float) -> str:
         """`benchmarks ran 87% of the session's 2h 10m (the device idled 13%)`."""
         runs = [r for e in [self.base, *self.rows] if e for r in e.runs]
@@ -242,8 +251,10 @@ def _reason(decision: dict) -> str:
 
 def _markdown(s: _Session) -> str:
     metric = OBJECTIVES[s.objective][0]
-    lines = [f"# speedloop session {s.session['id']}", "",
-             f"Started {_when(s.session['created'])}; objective `{s.objective}` (primary "
+    lines = [f"# speedloop session {s.session['id']}", ""]
+    if s.untrusted():
+        lines += [f"**{s.untrusted()}**", ""]
+    lines += [f"Started {_when(s.session['created'])}; objective `{s.objective}` (primary "
              f"metric `{metric}`). Speedups are against the baseline, measured from the "
              "ledger's runs (95% CI); effects, intervals and p-values are the judge's, against "
              "the champion of their time.", "",
@@ -460,6 +471,8 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     now, cfg = time.time(), s.session["config"]
     console = Console(record=True, width=width, file=io.StringIO(), color_system=None,
                       markup=False, highlight=False)  # descriptions may hold [brackets]
+    if s.untrusted():
+        console.print(s.untrusted())
     console.print(f"speedloop session {s.session['id']}, started {_when(s.session['created'])} "
                   f"({_duration(now - s.session['created'])} ago)")
     console.print(f"preset {cfg.get('preset', '?')}, objective {s.objective}, proposer "

@@ -135,9 +135,12 @@ class Tracker:
         session = self.ledger.session()
         if session is None:
             raise RuntimeError("the ledger has no session yet: call set_session first")
+        config = config or session["config"]
+        trusted = config.get("sandbox", True)
         self._session_run = self._init(
             id=f"{session['id']}-session", name=f"session {session['id']}",
-            job_type="session", config=config or session["config"])
+            job_type="session", config=config, tags=[] if trusted else ["untrusted"],
+            notes=None if trusted else "candidate code ran without a sandbox: not evidence")
         self._session_run.define_metric("decision/*", step_metric="decision/experiment")
         where = "W&B online" if self.mode == "online" else (
             f"W&B offline in {Path(self._session_run.dir).parent.parent}; upload later "
@@ -158,10 +161,13 @@ class Tracker:
             "parent": cand["parent_id"], "experiment": cand["experiment"],
             "description": cand["description"], "hypothesis": cand["hypothesis"],
             "category": cand["category"], "proposer": cand["proposer"],
-            "commit": cand["commit_sha"], "log_path": run_row["log_path"]}
+            "commit": cand["commit_sha"], "log_path": run_row["log_path"],
+            "sandbox": result.get("sandbox")}
+        untrusted = result.get("sandbox") is False
         run = self._init(id=f"{session['id']}-run{run_row['id']}",
                          name=f"c{cand['id']} {run_row['role']} seed {run_row['seed']}",
-                         job_type=JOB_TYPES[run_row["role"]], config=config)
+                         job_type=JOB_TYPES[run_row["role"]], config=config,
+                         tags=["untrusted"] if untrusted else [])
         try:
             run.define_metric("curve/*", step_metric="curve/tokens")
             for point in result.get("curve") or []:

