@@ -31,11 +31,14 @@ is not worse. Each candidate is one focused edit of the research surface ({SURFA
 made on top of the current champion.
 
 How the benchmark works:
-- train.py (fixed) builds the surface through model/__init__.py (build_recipe, Recipe:
-  model, optimizers, batch_shape, train_step, logits, flops_per_token), owns the clock and
-  the data, and stops the clock for evaluation.
-- bench/ (fixed) computes the validation loss itself, in fp32, from recipe.logits, and
-  probes causality: the logits at a position must not depend on later tokens.
+- train.py (fixed) runs the surface in a sandbox through model/__init__.py (build_recipe,
+  Recipe: model, optimizers, batch_shape, train_step, logits, flops_per_token): it sends
+  every training batch, owns the clock, and freezes training during evaluation. The
+  sandbox has no data, no network and no writable files but the weights it hands over;
+  one trainer thread on the CPU.
+- bench/ (fixed) computes the validation loss itself, in fp32, from recipe.logits on
+  input rows only, and checks with twin rows that the logits at a position depend on
+  nothing but that row's earlier tokens, and do not change as evaluation goes on.
 - kernels/ holds Triton kernels with pure-torch references; the harness picks the backend
   (triton on CUDA). A kernel must match its reference.
 - Only {SURFACE} may change. Anything else (train.py, bench/, data/, agent/, tests/) is
