@@ -206,6 +206,7 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
         info = trainer.ready()
         forward.ready()
         forward.freeze()  # idle until the first evaluation: it takes nothing from training
+        logits_via = "gpu-buffer" if forward.shared is not None else "socket"
         init_fingerprint, n_params = fingerprint_file(weights / "init.pt")
         violations = []
         if fingerprint_file(weights / "start.pt")[0] != init_fingerprint:
@@ -277,6 +278,8 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
                            if args.target_loss is not None else None),
         "mfu": mfu(info["flops_per_token"], tokens_per_sec, gpu_name)
         if isinstance(info.get("flops_per_token"), (int, float)) else None,
+        "peak_memory_bytes": trainer.reported_peak_memory,  # as the trainer reports it
+        "logits_via": logits_via,
         "twins": measured["twins"],
         "integrity": {"ok": not violations, "violations": violations},
         "checkpoint": str(args.checkpoint) if args.checkpoint and status == "ok" else None,

@@ -233,6 +233,7 @@ class Trainer(Worker):
         argv += ["--compile"] if compile else []
         super().__init__(sandbox, worktree, argv, writable=(self.out,),
                          gpu=device.type == "cuda", nproc=nproc, threads=threads)
+        self.reported_peak_memory = None
 
     def ready(self) -> dict:
         """Wait for the warm-up to end: {kernels, flops_per_token, shape, warmup_steps}."""
@@ -253,6 +254,7 @@ class Trainer(Worker):
         header, _ = self.recv("saved")
         if header.get("name") != name:
             raise self.failure(f"saved {header.get('name')!r} where {name!r} was asked")
+        self.reported_peak_memory = header.get("peak_memory_bytes")  # its word: shown only
         return self.out / name
 
 

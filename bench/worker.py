@@ -156,7 +156,8 @@ def train(args, link: Link, device: torch.device) -> None:
         elif op == "save":
             if link.rank == 0:
                 save_weights(recipe.model, out / header["name"])
-            link.send({"op": "saved", "name": header["name"]})
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            link.send({"op": "saved", "name": header["name"], "peak_memory_bytes": peak})
         elif op == "exit":
             return
         else:
