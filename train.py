@@ -206,7 +206,8 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
         info = trainer.ready()
         forward.ready()
         forward.freeze()  # idle until the first evaluation: it takes nothing from training
-        logits_via = "gpu-buffer" if forward.shared is not None else "socket"
+        logits_via = ("gpu-buffer" if forward.shared is not None
+                      else "shared-memory" if forward.mapped is not None else "socket")
         init_fingerprint, n_params = fingerprint_file(weights / "init.pt")
         violations = []
         if fingerprint_file(weights / "start.pt")[0] != init_fingerprint:

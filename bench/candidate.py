@@ -269,9 +269,21 @@ class Forward(Worker):
         self.vocab, self.device, self.batch = vocab, device, batch
         argv = ["--preset", preset, "--device", device.type, "--kernels", kernels,
                 "--vocab", str(vocab)]
-        super().__init__(sandbox, worktree, argv, read_only=(weights_dir,),
+        # On the CPU the logits come back through a file in memory that both map: the one
+        # thing the worker may write. It is frozen while the harness reads them, so what
+        # is scored and what is checked are one and the same snapshot.
+        self.mapped, writable = None, ()
+        if device.type == "cpu" and batch[0]:
+            self.mapped_path = Path(tempfile.mkstemp(prefix="speedloop-logits-",
+                                                     dir=_memory_dir())[1])
+            os.truncate(self.mapped_path, batch[0] * batch[1] * (vocab + 1024) * 4)
+            self.mapped = np.memmap(self.mapped_path, dtype=np.float32, mode="r+")
+            argv += ["--logits-file", str(self.mapped_path)]
+            writable = (self.mapped_path,)
+        super().__init__(sandbox, worktree, argv, read_only=(weights_dir,), writable=writable,
                          gpu=device.type == "cuda", threads=threads)
         self.shared = None  # on CUDA, the GPU buffer the worker writes logits into
+        self.holding = False  # frozen after its logits arrived, until asked again
 
     def ready(self) -> None:
         self.recv("ready")
@@ -303,33 +315,50 @@ class Forward(Worker):
             return
         self.shared = buffer
 
+    def _release(self) -> None:
+        if self.holding:
+            self.thaw()
+            self.holding = False
+
     def load(self, path: Path) -> None:
+        self._release()
         self.send({"op": "load", "path": str(path)})
         self.recv("loaded")
 
     def logits(self, x: np.ndarray) -> torch.Tensor:
         """The model's logits for the token ids x (B, T): a float32 (B, T, >= vocab) tensor
-        on the harness's side, checked for shape."""
+        on the harness's side, checked for shape. Valid until the next call: it may be the
+        shared memory itself."""
+        self._release()
         self.send({"op": "logits"}, [x.astype(np.int32)])
         bound = x.size * 4 * (self.vocab + 1024)  # a padded vocabulary, not a flood
         header, arrays = self.recv("logits", max_array_bytes=bound)
-        if self.shared is not None and not arrays:
-            shape = header.get("shape")
-            if (not isinstance(shape, list) or len(shape) != 3
-                    or not all(isinstance(n, int) and n > 0 for n in shape)
-                    or shape[0] * shape[1] * shape[2] * 4 > bound):
-                raise self.failure(f"wrote logits of shape {shape!r} to the shared buffer")
-            n = shape[0] * shape[1] * shape[2]
-            return self.shared.tensor[:n].view(*shape)  # read in place, before the next batch
-        if len(arrays) != 1:
-            raise self.failure(f"sent {len(arrays)} arrays of logits where one was due")
-        return torch.from_numpy(arrays[0])
+        if arrays:
+            if len(arrays) != 1:
+                raise self.failure(f"sent {len(arrays)} arrays of logits where one was due")
+            return torch.from_numpy(arrays[0])
+        shape = header.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 3
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                           for n in shape) or shape[0] * shape[1] * shape[2] * 4 > bound):
+            raise self.failure(f"wrote logits of shape {shape!r} to the shared memory")
+        n = shape[0] * shape[1] * shape[2]
+        if self.shared is not None:  # one snapshot on the GPU: kernels it queued run on
+            return self.shared.tensor[:n].view(*shape).clone()
+        if self.mapped is None:
+            raise self.failure("wrote logits to shared memory it was never given")
+        self.freeze()  # until the next request: nothing changes them while they are read
+        self.holding = True
+        return torch.from_numpy(self.mapped[:n]).view(*shape)
 
     def close(self) -> None:
         super().close()
         if self.shared is not None:
             self.shared.close()
             self.shared = None
+        if self.mapped is not None:
+            self.mapped = None
+            self.mapped_path.unlink(missing_ok=True)
 
 
 def fingerprint_file(path: Path) -> tuple[str, int]:
@@ -365,6 +394,12 @@ def extra_cpu(before: dict, after: dict, threads: int) -> tuple[float, float]:
 def _stat_fields(path: Path) -> list[str]:
     """The fields of a /proc stat file after the command name (which may hold spaces)."""
     return path.read_text().rsplit(")", 1)[1].split()
+
+
+def _memory_dir() -> str | None:
+    """/dev/shm when it is there (RAM, no disk writes), else the temporary folder."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _is_stopped(pid: int) -> bool:

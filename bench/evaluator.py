@@ -110,15 +110,16 @@ def evaluate(forward: ForwardFn, evalset: EvalSet, device: torch.device,
         rows = order[start : start + B]
         x = evalset.rows[rows, :-1]
         y = torch.from_numpy(evalset.rows[rows, 1:]).to(device)
-        logp = _log_probs(forward, x, V, device)
-        loss_sum -= logp.gather(-1, y.unsqueeze(-1)).sum().item()
+        logits, lse = _scored(forward, x, V, device)
+        loss_sum -= (logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse).sum().item()
         count += y.numel()
         for i, row in enumerate(rows):
             where = np.flatnonzero(sources == row)
             if where.size:
                 k = int(where[0])
                 p = int(splits[k])
-                kept[k] = logp[i, : p + 1].gather(-1, compared[k][: p + 1].to(device))
+                ids = compared[k][: p + 1].to(device)
+                kept[k] = logits[i, : p + 1].gather(-1, ids) - lse[i, : p + 1, None]
     loss = loss_sum / count
     if not math.isfinite(loss):
         raise FloatingPointError(f"{evalset.name} loss is {loss}")
@@ -150,23 +151,27 @@ def _check_twins(forward, evalset, sources, splits, compared, kept, device, g) -
     x = evalset.rows[sources, :-1].copy()
     for i, (p, donor) in enumerate(zip(splits, donors)):
         x[i, p + 1 :] = evalset.rows[donor, p + 1 : -1]
-    logp = _log_probs(forward, x, evalset.vocab_size, device)
+    logits, lse = _scored(forward, x, evalset.vocab_size, device)
     worst, positions = 0.0, 0
     for i, p in enumerate(splits):
-        again = logp[i, : p + 1].gather(-1, compared[i][: p + 1].to(device))
+        ids = compared[i][: p + 1].to(device)
+        again = logits[i, : p + 1].gather(-1, ids) - lse[i, : p + 1, None]
         change = (again - kept[i]).abs().max().item()
         worst = max(worst, change) if math.isfinite(change) else math.inf
         positions += int(p) + 1
     return TwinCheck(len(sources), positions, worst, tol)
 
 
-def _log_probs(forward: ForwardFn, x: np.ndarray, vocab_size: int,
-               device: torch.device) -> torch.Tensor:
+def _scored(forward: ForwardFn, x: np.ndarray, vocab_size: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of x cut to the vocabulary, in fp32, and their log-sum-exp per position:
+    log-probabilities are logit - lse (in nats; a constant added to every logit changes
+    nothing), without writing out a whole (B, T, V) log-softmax."""
     logits = forward(x)
     if logits.dim() != 3 or tuple(logits.shape[:2]) != x.shape or logits.size(-1) < vocab_size:
         raise ValueError(
             f"the forward pass returned logits of shape {tuple(logits.shape)} for input "
             f"{x.shape}; expected (B, T, >= {vocab_size})"
         )
-    # In nats, as log-probabilities: a constant added to every logit changes nothing here.
-    return logits[..., :vocab_size].to(device, torch.float32).log_softmax(-1)
+    logits = logits[..., :vocab_size].to(device, torch.float32)
+    return logits, torch.logsumexp(logits, dim=-1)

@@ -175,6 +175,8 @@ def forward(args, link: Link, device: torch.device) -> None:
     for param in torch.nn.Module.parameters(recipe.model):
         param.requires_grad_(False)
     shared = None  # a CUDA buffer the harness reads the logits from
+    if args.logits_file:  # on the CPU: a file in memory the harness maps too
+        shared = torch.from_numpy(np.memmap(args.logits_file, dtype=np.float32, mode="r+"))
     link.send({"op": "ready"})
     while True:
         header, arrays = link.recv()
@@ -200,7 +202,8 @@ def forward(args, link: Link, device: torch.device) -> None:
                 logits = recipe.logits(x)
             if shared is not None and logits.numel() <= shared.numel():
                 shared[: logits.numel()].copy_(logits.detach().reshape(-1).float())
-                torch.cuda.synchronize(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 link.send({"op": "logits", "shape": list(logits.shape)})
             else:
                 link.send({"op": "logits"}, [logits.detach().float().cpu().numpy()])
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="train: the folder the weights are saved to")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's own)")
+    p.add_argument("--logits-file", help="forward, CPU: write logits into this mapped file")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
