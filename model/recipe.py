@@ -126,8 +126,10 @@ class Recipe:
                 group["lr"] = lr * max(lr_scale, 0.0)
         frac = min(1.0, progress / hp.momentum_warmup) if hp.momentum_warmup > 0 else 1.0
         lo, hi = hp.muon_momentum
-        for group in self.optimizers[1].param_groups:
-            group["momentum"] = (1 - frac) * lo + frac * hi
+        for opt in self.optimizers:  # found by type: the list may grow
+            if isinstance(opt, Muon):
+                for group in opt.param_groups:
+                    group["momentum"] = (1 - frac) * lo + frac * hi
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, progress: float) -> torch.Tensor:
         """One optimizer step on the batch (x, y): this rank's rows of it under torchrun.

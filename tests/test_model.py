@@ -89,3 +89,18 @@ def test_muon_matches_torch_muon(shape):
 def test_muon_refuses_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.randn(5))])
+
+
+def test_muon_momentum_warms_up_wherever_muon_is_in_the_list():
+    """The schedule finds Muon by its type: a change that adds an optimizer in front of it
+    must not warm up the wrong one's momentum (or fail on it)."""
+    recipe = build_recipe("cpu-tiny", torch.device("cpu"), 64, compile=False)
+    extra = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.5)
+    recipe.optimizers.insert(0, extra)
+    recipe._initial_lrs.insert(0, [0.1])
+    recipe._set_schedules(0.0)
+    (muon,) = [opt for opt in recipe.optimizers if isinstance(opt, Muon)]
+    assert muon.param_groups[0]["momentum"] == pytest.approx(recipe.hp.muon_momentum[0])
+    assert extra.param_groups[0]["momentum"] == 0.5
+    recipe._set_schedules(1.0)
+    assert muon.param_groups[0]["momentum"] == pytest.approx(recipe.hp.muon_momentum[1])

@@ -38,6 +38,23 @@ def test_sweep_edits_the_recipe_and_the_edit_takes_effect(worktree):
     assert float(out.stdout) == after, out.stderr
 
 
+def test_sweep_leaves_alone_the_knobs_a_preset_sets_itself(worktree):
+    """gpt2-124m sets embed_lr and matrix_lr in its PRESETS entry: a new default of either
+    would be a no-op on that preset that still costs a whole judge cycle."""
+    from agent.proposers.sweep import overridden
+
+    recipe = worktree / "model" / "recipe.py"
+    assert overridden(recipe, "gpt2-124m") >= {"embed_lr", "matrix_lr"}
+    assert overridden(recipe, "cpu-tiny") & set(read_knobs(recipe)) == set()
+    original = recipe.read_text()
+    history, turned = [], set()
+    while (proposal := SweepProposer().propose(worktree, history, {"preset": "gpt2-124m"})):
+        turned.add(proposal.description.split()[1])
+        history.append({"description": proposal.description})
+        recipe.write_text(original)  # each proposal is made on the champion
+    assert turned and not turned & {"embed_lr", "matrix_lr"}
+
+
 def test_sweep_skips_what_was_tried_and_ends(worktree):
     recipe = worktree / "model" / "recipe.py"
     original = recipe.read_text()

@@ -4,7 +4,8 @@ Each proposal is a real edit of the surface file: the knob's default in the
 Hyperparameters dataclass is rewritten, so the edit reaches the benchmark exactly as an
 LLM's edit would. Knobs are visited in turn, each tried one step up and one step down
 from the champion's value (x2 / /2 on a log scale, +/- a fifth of the range on a linear
-one), skipping values already tried in this session.
+one), skipping values already tried in this session, and knobs that the session's preset
+sets itself in PRESETS (a new default would not reach its runs).
 """
 
 import ast
@@ -25,6 +26,19 @@ def read_knobs(recipe: Path) -> dict[str, tuple[float, float, str]]:
         ):
             return ast.literal_eval(node.value)
     raise ValueError(f"{recipe} declares no KNOBS: the sweep proposer has nothing to turn")
+
+
+def overridden(recipe: Path, preset: str) -> set[str]:
+    """The Hyperparameters fields that the preset's entry in PRESETS sets itself: an edit of
+    such a field's default would not reach that preset's runs."""
+    for node in ast.parse(recipe.read_text()).body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                and any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in node.targets)):
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(key, ast.Constant) and key.value == preset:
+                    if isinstance(value, ast.Call):
+                        return {k.arg for k in value.keywords if k.arg}
+    return set()
 
 
 def _field_pattern(name: str) -> re.Pattern:
@@ -81,7 +95,10 @@ class SweepProposer:
     def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
         recipe = worktree / RECIPE
         done = tried(history)
+        fixed = overridden(recipe, context.get("preset", "cpu-tiny"))
         for name, (low, high, scale) in read_knobs(recipe).items():
+            if name in fixed:
+                continue
             current = read_value(recipe, name)
             for value in steps(current, low, high, scale):
                 if (name, value) in done:
