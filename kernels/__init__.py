@@ -3,7 +3,7 @@
 The model calls the functional entry points below; each one routes on the single switch
 in kernels.dispatch ("torch": the reference, "triton": the kernel). One file per op:
 kernels, launchers (torch custom ops), an autograd.Function, the entry point and its
-`*_reference`. kernels.testing checks a kernel against its reference.
+`*_reference`. bench/kernel_testing.py checks a kernel against its reference.
 """
 
 from .cross_entropy import cross_entropy, cross_entropy_reference

@@ -6,8 +6,8 @@ import importlib
 import pytest
 import torch
 
+from bench.kernel_testing import TOLERANCES, Tolerance, assert_runs_close, compare_backends
 from kernels import cross_entropy, linear_cross_entropy, use
-from kernels.testing import TOLERANCES, Tolerance, assert_runs_close, compare_backends
 
 linear_ce_module = importlib.import_module("kernels.linear_cross_entropy")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kernels
+from bench.kernel_testing import counting_launches
 from kernels import dispatch
-from kernels.testing import counting_launches
 
 
 def _inputs(device):

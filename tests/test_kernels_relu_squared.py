@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from bench.kernel_testing import TOLERANCES, Tolerance, assert_runs_close, compare_backends
 from kernels import relu_squared, use
-from kernels.testing import TOLERANCES, Tolerance, assert_runs_close, compare_backends
 
 SHAPES = [(5, 13), (1023,), (3, 7, 256), (2, 1, 1)]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from bench.kernel_testing import assert_runs_close, compare_backends
 from kernels import rms_norm, use
 from kernels.rms_norm import MAX_FUSED_SIZE_BYTES, _as_rows
-from kernels.testing import assert_runs_close, compare_backends
 
 SHAPES = [(1, 1, 1023), (3, 7, 256), (5, 13), (2, 3, 5, 64), (17, 100)]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from bench.kernel_testing import assert_runs_close, compare_backends
 from kernels import apply_rotary, use
-from kernels.testing import assert_runs_close, compare_backends
 
 # (B, T, H, Dh): single element, odd T and H, a half head dim that is not a power of two.
 SHAPES = [(1, 1, 1, 2), (2, 5, 3, 16), (3, 7, 2, 6), (2, 9, 4, 64)]

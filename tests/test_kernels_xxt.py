@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from bench.kernel_testing import TOLERANCES, Tolerance, assert_runs_close, compare_backends
 from kernels import xxt
-from kernels.testing import TOLERANCES, Tolerance, assert_runs_close, compare_backends
 
 # (M, K) and batched (B, M, K): below one tile, several tiles with ragged edges, exactly
 # two tiles (the interpreter's tiles are 16 wide).

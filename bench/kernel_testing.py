@@ -1,6 +1,9 @@
 """Checking a kernel against its reference: run both backends on the same inputs and
 compare outputs and gradients with per-dtype tolerances.
 
+On the fixed side, so that the tolerances the kernel tests hold a kernel to cannot be
+loosened by the change under test.
+
 The triton side runs on the inputs as given, with poisoned output buffers; the torch side
 runs the reference on copies upcast to fp32 (or fp64), so bf16 kernels are checked against
 an exact-enough answer, never against bf16 torch. Used by tests/test_kernels_*.py; use it
@@ -14,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from triton.runtime import KernelInterface
 
-from . import dispatch
-from .utils import poison_outputs
+from kernels import dispatch
+from kernels.utils import poison_outputs
 
 
 @dataclass(frozen=True)
