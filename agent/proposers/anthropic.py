@@ -103,6 +103,11 @@ class MissingApiKey(ValueError):
     """No credentials for the API: said before the session starts, not at 3 a.m."""
 
 
+class NoAccess(ValueError):
+    """The Messages API cannot be used with these settings (URL, key, model): said before
+    the session starts."""
+
+
 class ConversationFailed(ProposalFailed):
     """A candidate's conversation ended without a submission; `usage` is what it cost."""
 
@@ -135,6 +140,14 @@ class AnthropicProposer:
         self.config.validate()
         self.price = price_for(self.config.model, self.config.prices)
         read_brief(self.config.brief)  # a missing brief fails now, not at the first candidate
+        least = self._request_bound(self._prompt_tokens())
+        if self.config.max_usd_per_candidate < least:
+            raise ValueError(
+                f"--max-usd-per-candidate {self.config.max_usd_per_candidate:g} is below the "
+                f"worst case of one request (${least:.3f}: the prompt and "
+                f"{self.config.max_tokens} output tokens of {self.config.model}), so no "
+                "candidate could start: raise it"
+            )
         missing = ("--proposer anthropic needs an API key: export ANTHROPIC_API_KEY=... (or "
                    "ANTHROPIC_AUTH_TOKEN) before starting the session")
         try:
@@ -154,6 +167,41 @@ class AnthropicProposer:
         self.session_usage = Usage()  # every request of this process, all candidates
         self.last_usage: dict | None = None  # the last candidate's, submitted or not
 
+    def _prompt_tokens(self, system: str | None = None) -> float:
+        """The estimated tokens of the stable prompt: system text and tool definitions."""
+        if system is None:
+            system = self._system()
+        return (len(system) + len(json.dumps(TOOL_SPECS))) / CHARS_PER_TOKEN
+
+    def _system(self) -> str:
+        return stable_prompt(read_brief(self.config.brief)) + WORKFLOW.format(
+            max_turns=self.config.max_turns)
+
+    def check_access(self) -> dict:
+        """One request of one output token that proves the key, the URL and the model
+        before the session starts; returns its usage. NoAccess says what to fix."""
+        cfg, url = self.config, self.client.base_url
+        try:
+            response = self.client.with_options(max_retries=1).messages.create(
+                model=cfg.model, max_tokens=1, messages=[{"role": "user", "content": "ping"}])
+        except anthropic.APIConnectionError as e:
+            raise NoAccess(f"--proposer anthropic: cannot reach the Messages API at {url} "
+                              f"({_short_error(e)}): check ANTHROPIC_BASE_URL and the "
+                              "network") from None
+        except anthropic.AuthenticationError as e:
+            raise NoAccess(f"--proposer anthropic: the Messages API at {url} refuses the "
+                              f"key ({_short_error(e)}): check ANTHROPIC_API_KEY") from None
+        except anthropic.NotFoundError as e:
+            raise NoAccess(f"--model {cfg.model}: the Messages API at {url} does not "
+                              f"serve it ({_short_error(e)}): check the model name") from None
+        except anthropic.APIStatusError as e:
+            raise NoAccess(f"--proposer anthropic: a one-token test request to {url} "
+                              f"failed ({_short_error(e)}): check the key's permissions and "
+                              "billing, or try again later") from None
+        usage = Usage()
+        usage.add(response.usage)
+        return {"model": cfg.model, **usage.as_dict(self.price)}
+
     # -- the proposer interface --------------------------------------------------------------
 
     def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
@@ -166,7 +214,7 @@ class AnthropicProposer:
             CheckSettings(cfg.check_timeout_s, cfg.checks_device, cfg.kernel_tests,
                           cfg.require_checks),
         )
-        system = stable_prompt(read_brief(cfg.brief)) + WORKFLOW.format(max_turns=cfg.max_turns)
+        system = self._system()
         first = research_context(context, history, cfg.n_diffs) + (
             "\nPropose the next candidate: study the code, edit, check, submit."
         )
@@ -206,7 +254,7 @@ class AnthropicProposer:
     def _converse(self, tools: SurfaceTools, system: str, messages: list[dict],
                   usage: Usage) -> Submission:
         cfg = self.config
-        prompt_tokens = (len(system) + len(json.dumps(TOOL_SPECS))) / CHARS_PER_TOKEN
+        prompt_tokens = self._prompt_tokens(system)
         pending_chars = len(json.dumps(messages))
         for turn in range(1, cfg.max_turns + 1):
             bound = self._request_bound(prompt_tokens + pending_chars / CHARS_PER_TOKEN)
