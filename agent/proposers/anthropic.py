@@ -163,6 +163,8 @@ class AnthropicProposer:
         # Called with each response's usage ({"model", tokens..., "cost_usd"}) as soon as it
         # arrives, so the session's ledger holds every request paid for, drafts included.
         self.on_request = None
+        self.stop_at: float | None = None  # unix time the session ends (--hours, --deadline)
+        self.answered = 0  # requests the API answered, in this process
         self.sleep = sleep
         self.session_usage = Usage()  # every request of this process, all candidates
         self.last_usage: dict | None = None  # the last candidate's, submitted or not
@@ -264,6 +266,7 @@ class AnthropicProposer:
                     f"next turn could pass max_usd_per_candidate ${cfg.max_usd_per_candidate:g}"
                 )
             response = self._create(system, messages, first=turn == 1)
+            self.answered += 1
             usage.add(response.usage)
             if self.on_request is not None:
                 one = Usage()
@@ -323,10 +326,12 @@ class AnthropicProposer:
                 + self.config.max_tokens * p.output) / 1e6
 
     def _create(self, system: str, messages: list[dict], first: bool = False):
-        """One Messages API call; transient failures are retried until outage_max_wait_s.
+        """One Messages API call; transient failures are retried until outage_max_wait_s,
+        or until the session ends (`stop_at`), whichever comes first.
 
         A request refused on the first turn of a conversation is refused for its settings
-        (model, thinking, effort), which every candidate shares: that stops the session.
+        (model, thinking, effort), which every candidate shares: that stops the session. So
+        does a refused connection before the API ever answered: the URL is wrong.
         """
         cfg = self.config
         _cache_last_block(messages)
@@ -342,18 +347,34 @@ class AnthropicProposer:
         if cfg.effort is not None:
             kwargs["output_config"] = {"effort": cfg.effort}
         waited, pause = 0.0, cfg.retry_initial_s
+        limit = cfg.outage_max_wait_s
+        left = None if self.stop_at is None else max(0.0, self.stop_at - time.time())
+        if left is not None and left < limit:
+            limit = left
         while True:
             try:
                 return self.client.messages.create(**kwargs)
             except TRANSIENT as e:
-                if waited >= cfg.outage_max_wait_s:
+                refused = isinstance(e, anthropic.APIConnectionError) and not isinstance(
+                    e, anthropic.APITimeoutError)
+                if refused and self.answered == 0:
+                    raise ProposerStop(
+                        f"cannot connect to the Messages API at {self.client.base_url} "
+                        f"({_short_error(e)}): check ANTHROPIC_BASE_URL and the network"
+                    ) from e
+                if waited >= limit and limit < cfg.outage_max_wait_s:
+                    raise ProposerStop(
+                        f"the API was unavailable until the session's end (--hours or "
+                        f"--deadline): {_short_error(e)}"
+                    ) from e
+                if waited >= limit:
                     raise ConversationFailed(
                         f"the API was unavailable for {waited:.0f} s (outage_max_wait_s): "
                         f"{_short_error(e)}"
                     ) from e
-                step = min(pause, cfg.retry_max_s, cfg.outage_max_wait_s - waited)
+                step = min(pause, cfg.retry_max_s, limit - waited)
                 self.say(f"llm: {_short_error(e)}; pausing {step:.0f} s "
-                         f"({waited:.0f} of {cfg.outage_max_wait_s:.0f} s waited)")
+                         f"({waited:.0f} of {limit:.0f} s waited)")
                 self.sleep(step)
                 waited, pause = waited + step, pause * 2
             except FATAL as e:
