@@ -7,7 +7,8 @@ derived from it and nothing else, so a session killed at any instant (`kill -9`)
 resumed from it.
 
 Each public write is one transaction (BEGIN IMMEDIATE ... COMMIT): after a kill it is
-either wholly in the file or not at all. A run that was in flight when the session died is
+either wholly in the file or not at all; so is a new ledger with its session row
+(`Ledger.create` builds it beside its place and renames it there). A run that was in flight when the session died is
 left in state 'running'; `discard_unfinished_runs` marks such runs 'discarded' with the
 reason on resume, and discarded runs are never counted (not in `runs_of`, `results_of`,
 `used_seeds`). A candidate moves proposed -> running -> decided, or proposed -> refused,

@@ -5,7 +5,8 @@ killed at any instant and resumed (`python -m agent run --resume D`): runs that 
 flight are discarded and re-run, and nothing decided is decided again. The loop never
 runs candidate code in its own process (the runner does, in a child process group), never
 trusts a proposer's edit (the workspace checks it) and never decides on its own (the
-judge does).
+judge does). A proposer that fails the same way `max_failures` times in a row stops the
+session with that cause (the brake), instead of cycling until the budget ends.
 """
 
 from __future__ import annotations
