@@ -8,14 +8,14 @@ resumed from it.
 
 Each public write is one transaction (BEGIN IMMEDIATE ... COMMIT): after a kill it is
 either wholly in the file or not at all; so is a new ledger with its session row
-(`Ledger.create` builds it beside its place and renames it there). A run that was in flight when the session died is
-left in state 'running'; `discard_unfinished_runs` marks such runs 'discarded' with the
-reason on resume, and discarded runs are never counted (not in `runs_of`, `results_of`,
-`used_seeds`). A candidate moves proposed -> running -> decided, or proposed -> refused,
-or running -> held -> decided (a step too large to believe is held for a human, who
-decides it with `python -m agent review`), never back: it cannot be decided (or counted)
-twice. A candidate an integrity check caught names that check in `caught_by`
-(bench/INTEGRITY.md lists the names).
+(`Ledger.create` builds it beside its place and renames it there). A run that was in
+flight when the session died is left in state 'running'; `discard_unfinished_runs` marks
+such runs 'discarded' with the reason on resume, and discarded runs are never counted
+(not in `runs_of`, `results_of`, `used_seeds`). A candidate moves proposed -> running ->
+decided, or proposed -> refused, or running -> held -> decided (a step too large to
+believe is held for a human, who decides it with `python -m agent review`), never back:
+it cannot be decided (or counted) twice. A candidate an integrity check caught names that
+check in `caught_by` (bench/INTEGRITY.md lists the names).
 
 What the ledger must never do: hold state outside the file, delete or rewrite a finished
 run or a decision, or let a reader see half of a write.
