@@ -199,17 +199,20 @@ def caught_by_runs(runs: Sequence[dict]) -> str | None:
 # -- checkpoints and the evaluator ---------------------------------------------------------
 
 
-def run_name(candidate_id: int, role: str, seed: int) -> str:
-    """`c004-confirm-s12`: the name of a run's log, result and checkpoint files."""
-    return f"c{candidate_id:03d}-{role}-s{seed}"
+def run_name(run_id: int, candidate_id: int, role: str, seed: int) -> str:
+    """`r0031-c004-confirm-s12`: the name of a run's log, result and checkpoint files. The
+    ledger's run id makes it unique: a run discarded on resume and its re-run (same
+    candidate, role and seed) keep a log each."""
+    return f"r{run_id:04d}-c{candidate_id:03d}-{role}-s{seed}"
 
 
-def checkpoint_path(run_dir: Path, candidate_id: int, role: str, seed: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{run_name(candidate_id, role, seed)}.pt"
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{name}.pt"
 
 
 def run_checkpoint(run_dir: Path, run: dict) -> Path:
-    return checkpoint_path(run_dir, run["candidate_id"], run["role"], run["seed"])
+    name = run_name(run["id"], run["candidate_id"], run["role"], run["seed"])
+    return checkpoint_path(run_dir, name)
 
 
 def drop_checkpoints(run_dir: Path, runs: Sequence[dict]) -> None:

@@ -1,33 +1,48 @@
 """Command line of the experiment engine.
 
     python -m agent run [--preset P] [--objective O] [--proposer sweep|patches] ...
-    python -m agent run --resume D
+    python -m agent run --resume D [--experiments N] [--hours H] [--deadline T] [--budget-usd X]
     python -m agent replay LADDER [--preset P] [--runs N] [--rungs FROM:TO] ...
     python -m agent replay --resume D
     python -m agent status D
     python -m agent report D
     python -m agent review --run-dir D [ID --accept|--reject [--note TEXT]]
+    python -m agent clean [--repo R] [--dry-run]
+
+Every bad input is one line on stderr and exit status 2: `run` and `replay` check what
+they are given (agent/preflight.py) before they create a run directory, a worktree or a
+branch. Flags that fix a session's settings default to None here, so that a resume knows
+what the user gave and compares it with the session's own settings.
 """
 
 import argparse
 import sys
 import time
-from datetime import datetime
+from argparse import Namespace
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 
-from agent import replay, review
+from agent import preflight, replay, review
 from agent.judge import OBJECTIVES, RULES
 from agent.ledger import LEDGER_FILE, Ledger, LedgerError
 from agent.loop import Session, SessionConfig, SessionStop
 from agent.proposers import make_proposer
 from agent.report import status_text, write_report
 from agent.review import ReviewError
+from agent.tracking import resolve_mode
+from agent.workspace import GitError
+from bench.leaderboards import LadderError
 
 ROOT = Path(__file__).resolve().parent.parent
 UNTRUSTED = ("UNTRUSTED: candidate code runs without a sandbox (--no-sandbox); it can reach "
              "what measures it, so no result of this session is evidence")
+# What a new session takes for the flags that were not given.
+RUN_DEFAULTS = {"preset": "cpu-tiny", "objective": "time-to-loss", "proposer": "sweep",
+                "baseline_runs": 3, "wandb": "auto", "gpus": 1, "allow_flagged": False}
+REPLAY_DEFAULTS = {"preset": "cpu-tiny", "runs": 3, "wandb": "auto", "gpus": 1,
+                   "allow_flagged": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="start a session, or resume one with --resume D")
     run.add_argument("--resume", type=Path, metavar="D", help="resume the session in D")
-    run.add_argument("--preset", default="cpu-tiny", help="benchmark preset (train.py --preset)")
+    run.add_argument("--preset", help="benchmark preset (train.py --preset; default cpu-tiny)")
     run.add_argument(
-        "--objective", default="time-to-loss", choices=list(OBJECTIVES), help="what 'faster' means"
+        "--objective", choices=list(OBJECTIVES), help="what 'faster' means (default time-to-loss)"
     )
-    run.add_argument("--proposer", default="sweep", help="sweep | patches | anthropic | command")
+    run.add_argument("--proposer", help="sweep (default) | patches | anthropic | command")
     run.add_argument(
         "--proposer-arg", help="the proposer's argument (patches: the directory; command: CMD)"
     )
@@ -57,17 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hours", type=float, help="stop after H hours")
     run.add_argument("--deadline", help="stop at this local time, e.g. 2026-11-28T07:00")
     run.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
-    run.add_argument("--baseline-runs", type=int, default=3, help="baseline replicates (>= 2)")
+    run.add_argument("--baseline-runs", type=int, help="baseline replicates (>= 2; default 3)")
     run.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens for every run")
     run.add_argument("--data", help="train.py --data for every run (default: the preset's)")
     run.add_argument(
         "--target-loss", type=float, help="time-to-loss target (default: set by the baseline)"
     )
     run.add_argument(
-        "--wandb", default="auto", choices=["auto", "offline", "disabled"], help="W&B tracking"
+        "--wandb", choices=["auto", "offline", "disabled"], help="W&B tracking (default auto)"
     )
     run.add_argument(
-        "--allow-flagged", action="store_true",
+        "--allow-flagged", action="store_true", default=None,
         help="run candidates the diff scan flags instead of refusing them (bench/INTEGRITY.md)",
     )  # fmt: skip
     run.add_argument(
@@ -82,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ladder", nargs="?", help="a ladder's name (bench/leaderboards/NAME) or its directory"
     )
     replay.add_argument("--resume", type=Path, metavar="D", help="resume the replay in D")
-    replay.add_argument("--preset", default="cpu-tiny", help="benchmark preset (train.py --preset)")
+    replay.add_argument("--preset", help="benchmark preset (train.py --preset; default cpu-tiny)")
     replay.add_argument(
-        "--runs", type=int, default=3, help="timed runs of each rung and of its predecessor"
+        "--runs", type=int, help="timed runs of each rung and of its predecessor (default 3)"
     )
     replay.add_argument("--rungs", metavar="FROM:TO", help="replay only these rungs (1-based)")
     replay.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
@@ -96,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "else set by the baseline's replicates)",
     )  # fmt: skip
     replay.add_argument(
-        "--wandb", default="auto", choices=["auto", "offline", "disabled"], help="W&B tracking"
+        "--wandb", choices=["auto", "offline", "disabled"], help="W&B tracking (default auto)"
     )
     replay.add_argument(
-        "--allow-flagged", action="store_true",
+        "--allow-flagged", action="store_true", default=None,
         help="run rungs the diff scan flags instead of stopping there (bench/INTEGRITY.md)",
     )  # fmt: skip
     add_leaderboard_arguments(replay)
@@ -116,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "where a session stands"), ("report", "write the report")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("run_dir", type=Path, metavar="D", help="the session directory")
+
+    clean = sub.add_parser(
+        "clean", help="remove the worktrees, branches and refs of finished or abandoned sessions"
+    )
+    clean.add_argument("--repo", type=Path, default=ROOT, help="the repository (default: this)")
+    clean.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     return p
 
 
@@ -127,9 +148,9 @@ def add_trust_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def check_sandbox(args: argparse.Namespace) -> None:
-    """Before anything is created: a session runs sandboxed, or says it will not."""
-    if args.no_sandbox:
+def check_sandbox(config: SessionConfig) -> None:
+    """Before anything is created or resumed: a session runs sandboxed, or says it will not."""
+    if not config.sandbox:
         return
     from bench.sandbox import SandboxError, available
 
@@ -146,26 +167,19 @@ def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
         "its p-value for the loss test, its waiver for systems changes",
     )  # fmt: skip
     p.add_argument(
-        "--gpus", type=int, default=1, metavar="K",
-        help="GPUs (processes) of every benchmark run: torchrun --nproc_per_node=K when K > 1",
+        "--gpus", type=int, metavar="K",
+        help="GPUs (processes) of every benchmark run: torchrun --nproc_per_node=K when K > 1 "
+        "(default 1)",
     )  # fmt: skip
 
 
-# Flags that a resumed session takes from its ledger, not from the command line.
-RESUME_FIXED = (
-    "preset", "objective", "proposer", "proposer_arg", "deadline", "run_dir", "baseline_runs",
-    "budget_tokens", "data", "target_loss", "wandb", "model", "max_usd_per_candidate",
-    "max_turns", "thinking", "effort", "brief", "agent_timeout", "allow_flagged", "max_speedup",
-    "rules", "gpus", "no_sandbox",
-)  # fmt: skip
+def with_defaults(args: Namespace, defaults: dict) -> Namespace:
+    """`args` with each flag that was not given set to its default, for a new session."""
+    return Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
+                                         if getattr(args, k, None) is None}})
 
 
-def build_defaults() -> dict:
-    """The `run` command's default value of every flag."""
-    return vars(build_parser().parse_args(["run"]))
-
-
-def proposer_options(args: argparse.Namespace, run_dir: Path) -> dict:
+def proposer_options(args: Namespace, run_dir: Path) -> dict:
     """The LLM proposers' settings from the flags that were given."""
     if args.proposer not in ("anthropic", "command"):
         return {}
@@ -185,25 +199,21 @@ def proposer_options(args: argparse.Namespace, run_dir: Path) -> dict:
     return options
 
 
-def train_args(args: argparse.Namespace) -> list[str]:
+def train_args(args: Namespace) -> list[str]:
     """train.py flags for every run, from --budget-tokens and --data."""
     extra = ["--budget-tokens", str(args.budget_tokens)] if args.budget_tokens else []
     return extra + (["--data", args.data] if args.data else [])
 
 
-def gpus(args: argparse.Namespace) -> int:
-    if args.gpus < 1:
-        raise SessionStop(f"--gpus {args.gpus}: a run needs at least one GPU (or process)")
-    return args.gpus
-
-
-def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
+def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
+    """A new session's config from its flags (the defaults for those not given)."""
     from bench.presets import PRESETS  # the fixed side knows each preset's device
 
+    args = with_defaults(args, RUN_DEFAULTS)
+    preflight.check_values(args)
     if args.preset not in PRESETS:
-        raise SessionStop(f"unknown preset '{args.preset}': choose one of {list(PRESETS)}")
-    if args.baseline_runs < 2:
-        raise SessionStop("--baseline-runs must be at least 2: the judge needs the noise")
+        raise SessionStop(f"--preset {args.preset}: unknown; choose one of "
+                          f"{', '.join(PRESETS)}")
     target = args.target_loss
     if args.rules and target is None and PRESETS[args.preset].target_loss is not None:
         target = RULES[args.rules].target_loss  # a preset made to reach the leaderboard's
@@ -215,12 +225,12 @@ def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
         proposer_options=proposer_options(args, run_dir),
         experiments=args.experiments,
         hours=args.hours,
-        deadline=datetime.fromisoformat(args.deadline).timestamp() if args.deadline else None,
+        deadline=preflight.deadline(args.deadline) if args.deadline else None,
         baseline_runs=args.baseline_runs,
         train_args=train_args(args),
         target_loss=target,
         device=PRESETS[args.preset].device,
-        gpus=gpus(args),
+        gpus=args.gpus,
         rules=args.rules,
         wandb=args.wandb,
         repo=str(ROOT),
@@ -230,40 +240,106 @@ def session_config(args: argparse.Namespace, run_dir: Path) -> SessionConfig:
     )
 
 
-def command_run(args: argparse.Namespace, console: Console) -> int:
+def printers(console: Console):
     def say(text: str) -> None:
         console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}", highlight=False)
 
     def waiting(text: str):
         return console.status(text)
 
+    return say, waiting
+
+
+def check_new(run_dir: Path, config: SessionConfig, say) -> None:
+    """The checks of a new session that need its config: the run directory, the
+    repository, the machine and data; and a warning for edits the session will not see."""
+    preflight.check_run_dir(run_dir)
+    preflight.check_repo(ROOT)
+    check_sandbox(config)
+    preflight.check_machine(config.preset, config.gpus, config.train_args)
+    resolve_mode(config.wandb)  # a bad WANDB_MODE fails here, not in the new session
+    edits = preflight.uncommitted_surface(ROOT)
+    if edits:
+        say(f"warning: uncommitted changes to {', '.join(edits)} are not in the session, which "
+            "starts from HEAD: commit them to include them")
+
+
+def command_run(args: Namespace, console: Console) -> int:
+    say, waiting = printers(console)
     if args.resume:
-        run_dir = args.resume
-        if not (run_dir / LEDGER_FILE).exists():
-            raise SessionStop(f"{run_dir} holds no session ({LEDGER_FILE} missing)")
-        fixed = [flag for flag in RESUME_FIXED if getattr(args, flag) != build_defaults()[flag]]
-        if fixed:  # the session's settings are in its ledger; changing them would mix runs
-            names = ", ".join("--" + flag.replace("_", "-") for flag in fixed)
-            raise SessionStop(
-                f"{names} cannot change on --resume (the session keeps its own settings); "
-                "only --experiments, --hours and --budget-usd can"
-            )
-        config = SessionConfig.from_dict(Ledger(run_dir / LEDGER_FILE).session()["config"])
-        if config.proposer == replay.PROPOSER:  # a replay resumes as one
-            return run_replay(replay.open_replay(run_dir, say, waiting), say)
-        if args.budget_usd is not None:  # a resume may raise the LLM budget
-            config.proposer_options["budget_usd"] = args.budget_usd
+        return resume(args, say, waiting)
+    run_dir = args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    config = session_config(args, run_dir)
+    check_new(run_dir, config, say)
+    proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
+    access = preflight.check_proposer(proposer)
+    session = Session.create(run_dir, config, proposer, say=say, waiting=waiting)
+    if access is not None:  # the request that proved the key was paid for too
+        session.ledger.add_spend(access["model"], access)
+    return run_session(session, say)
+
+
+def stored_config(run_dir: Path) -> SessionConfig:
+    """The config of the session in `run_dir`; SessionStop when it holds none."""
+    path = Path(run_dir) / LEDGER_FILE
+    if not path.exists():
+        raise SessionStop(f"{run_dir} holds no session ({LEDGER_FILE} missing): start one "
+                          f"with `python -m agent run --run-dir {run_dir}`")
+    with Ledger(path, create=False) as ledger:
+        session = ledger.session()
+    if session is None:
+        raise SessionStop(f"{path} holds no session row (its creation was interrupted): "
+                          f"remove {run_dir} and start the session again")
+    return SessionConfig.from_dict(session["config"])
+
+
+def apply_budgets(args: Namespace, config: SessionConfig) -> bool:
+    """The budgets a resume was given, into `config`; True when one changed."""
+    changed = False
+    for name in ("experiments", "hours"):
+        if getattr(args, name, None) is not None and getattr(args, name) != getattr(config, name):
+            setattr(config, name, getattr(args, name))
+            changed = True
+    if getattr(args, "deadline", None) is not None:
+        config.deadline, changed = preflight.deadline(args.deadline), True
+    if getattr(args, "budget_usd", None) is not None:
+        if config.proposer != "anthropic":
+            raise SessionStop(f"--budget-usd {args.budget_usd}: this session's proposer "
+                              f"({config.proposer}) pays for no LLM requests")
+        config.proposer_options["budget_usd"], changed = args.budget_usd, True
+    return changed
+
+
+def resume(args: Namespace, say, waiting) -> int:
+    """Resume a session (`run --resume D`) or a replay (`replay --resume D`, or run's): the
+    flags given must be the session's own settings, or budgets, which are stored."""
+    run_dir = args.resume
+    config = stored_config(run_dir)
+    is_replay = config.proposer == replay.PROPOSER
+    if args.command == "replay" and not is_replay:
+        raise SessionStop(f"{run_dir} holds a `python -m agent run` session, not a replay: "
+                          f"resume it with `python -m agent run --resume {run_dir}`")
+    preflight.resume_conflicts(args, config)
+    preflight.check_values(args)
+    changed = apply_budgets(args, config)
+    preflight.check_machine(config.preset, config.gpus, config.train_args)
+    check_sandbox(config)
+    access = None
+    if not is_replay:
         proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
-        session = Session(run_dir, proposer, say=say, waiting=waiting)
-        for name in ("experiments", "hours"):  # a resume may extend the budgets
-            if getattr(args, name) is not None:
-                setattr(session.config, name, getattr(args, name))
-    else:
-        run_dir = args.run_dir or ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
-        check_sandbox(args)
-        config = session_config(args, run_dir)
-        proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
-        session = Session.create(run_dir, config, proposer, say=say, waiting=waiting)
+        access = preflight.check_proposer(proposer)
+    with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
+        if changed:  # so that status, and the next resume, see the new budgets
+            ledger.set_session(asdict(config))
+        if access is not None:
+            ledger.add_spend(access["model"], access)
+    if is_replay:
+        return run_replay(replay.open_replay(run_dir, say, waiting), say)
+    return run_session(Session(run_dir, proposer, say=say, waiting=waiting), say)
+
+
+def run_session(session: Session, say) -> int:
+    run_dir = session.run_dir
     say(f"session {session.id} in {run_dir}: {session.config.preset}, {session.config.objective}")
     if not session.config.sandbox:
         say(UNTRUSTED)
@@ -280,28 +356,24 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def command_replay(args: argparse.Namespace, console: Console) -> int:
-    def say(text: str) -> None:
-        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}", highlight=False)
-
-    def waiting(text: str):
-        return console.status(text)
-
+def command_replay(args: Namespace, console: Console) -> int:
+    say, waiting = printers(console)
     if args.resume:
         if args.ladder:
             raise SessionStop("give a ladder or --resume D, not both: a replay keeps its ladder")
-        if not (args.resume / LEDGER_FILE).exists():
-            raise SessionStop(f"{args.resume} holds no session ({LEDGER_FILE} missing)")
-        return run_replay(replay.open_replay(args.resume, say, waiting), say)
+        return resume(args, say, waiting)
     if not args.ladder:
         raise SessionStop("name a ladder (e.g. nanogpt-speedrun) or --resume D")
+    args = with_defaults(args, REPLAY_DEFAULTS)
+    preflight.check_values(args)
+    ladder = replay.load(args.ladder)
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("replay-%Y%m%d-%H%M%S")
-    check_sandbox(args)
     config = replay.session_config(
-        replay.load(args.ladder), args.preset, args.runs, args.rungs, args.rules,
-        args.target_loss, train_args=train_args(args), gpus=gpus(args), wandb=args.wandb,
+        ladder, args.preset, args.runs, args.rungs, args.rules,
+        args.target_loss, train_args=train_args(args), gpus=args.gpus, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
     )  # fmt: skip
+    check_new(run_dir, config, say)
     return run_replay(replay.create_replay(run_dir, config, say, waiting), say)
 
 
@@ -321,7 +393,7 @@ def run_replay(r: replay.Replay, say) -> int:
     return 0
 
 
-def command_review(args: argparse.Namespace) -> int:
+def command_review(args: Namespace) -> int:
     if not (args.run_dir / LEDGER_FILE).exists():
         raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
     if args.candidate is None:
@@ -345,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             return command_review(args)
         if args.command == "replay":
             return command_replay(args, console)
+        if args.command == "clean":
+            from agent.clean import clean
+
+            print(clean(args.repo, dry_run=args.dry_run))
+            return 0
         if not (args.run_dir / LEDGER_FILE).exists():
             raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
         if args.command == "status":
@@ -358,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                 for path in write_replay(args.run_dir):
                     print(path)
         return 0
-    except (SessionStop, LedgerError, ReviewError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (SessionStop, LedgerError, ReviewError, LadderError, GitError, ValueError,
+            FileNotFoundError) as e:  # fmt: skip
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: {' | '.join(lines)}", file=sys.stderr)
         return 2

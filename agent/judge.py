@@ -285,6 +285,9 @@ def decide(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
 
     sign, values, losses = OBJECTIVES[cfg.objective][1], [], []
     for r in candidate_runs:
+        if r.get("status") == "early-stopped":
+            return _reject(f"run with seed {r.get('seed')} fell behind the champion and was "
+                           "stopped early", m, n)
         if r.get("status") != "ok":
             return _reject(f"run with seed {r.get('seed')} failed: {r.get('status')}", m, n)
         try:
@@ -327,14 +330,23 @@ def decide(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
     if n >= cfg.min_replicates and p < level and p_loss < level_loss:
         return verdict("accept", f"{ratio} ({ci}), p={p:.2g} < {level:.3g}, and {dloss} "
                        f"non-inferior (p={p_loss:.2g}) after {n} runs")
+    # Futility is decided on its own one-sided bounds, so the reason quotes those, not the
+    # repeated interval above (wider: it may hold the very value futility rules out).
+    futile = f"{100 * (1 - cfg.futility_alpha):.0f}%"
     if loss.bound(cfg.futility_alpha) > cfg.loss_margin:
-        return verdict("reject", f"{dloss}: clearly worse than the margin after {n} runs")
-    if speed.bound(1.0 - cfg.futility_alpha) <= math.log(cfg.min_speedup):
-        return verdict("reject", f"{ratio} ({ci}): a ratio above {cfg.min_speedup} is no longer "
-                       f"plausible after {n} runs")
+        return verdict("reject", f"{dloss}: its {futile} lower bound "
+                       f"{loss.bound(cfg.futility_alpha):+.4f} > {cfg.loss_margin} after {n} runs")
+    upper = math.exp(speed.bound(1.0 - cfg.futility_alpha))
+    if upper <= cfg.min_speedup:
+        return verdict("reject", f"{ratio}: its {futile} upper bound {upper:.3f} <= "
+                       f"{cfg.min_speedup:g}, no gain is left plausible after {n} runs")
     if n >= cfg.max_replicates:
-        return verdict("reject", f"{ratio} ({ci}), p={p:.2g}, {dloss}: no significant gain "
-                       f"after the maximum {n} runs")
+        if p < level:
+            return verdict("reject", f"{ratio} ({ci}), p={p:.2g} < {level:.3g}, but {dloss} "
+                           f"not shown non-inferior (p={p_loss:.2g} >= {level_loss:.3g}) after "
+                           f"the maximum {n} runs")
+        return verdict("reject", f"{ratio} ({ci}), p={p:.2g} >= {level:.3g}: no significant "
+                       f"gain after the maximum {n} runs")
     return verdict("more", f"{ratio} ({ci}), p={p:.2g}: not yet conclusive")
 
 

@@ -7,14 +7,15 @@ derived from it and nothing else, so a session killed at any instant (`kill -9`)
 resumed from it.
 
 Each public write is one transaction (BEGIN IMMEDIATE ... COMMIT): after a kill it is
-either wholly in the file or not at all. A run that was in flight when the session died is
-left in state 'running'; `discard_unfinished_runs` marks such runs 'discarded' with the
-reason on resume, and discarded runs are never counted (not in `runs_of`, `results_of`,
-`used_seeds`). A candidate moves proposed -> running -> decided, or proposed -> refused,
-or running -> held -> decided (a step too large to believe is held for a human, who
-decides it with `python -m agent review`), never back: it cannot be decided (or counted)
-twice. A candidate an integrity check caught names that check in `caught_by`
-(bench/INTEGRITY.md lists the names).
+either wholly in the file or not at all; so is a new ledger with its session row
+(`Ledger.create` builds it beside its place and renames it there). A run that was in
+flight when the session died is left in state 'running'; `discard_unfinished_runs` marks
+such runs 'discarded' with the reason on resume, and discarded runs are never counted
+(not in `runs_of`, `results_of`, `used_seeds`). A candidate moves proposed -> running ->
+decided, or proposed -> refused, or running -> held -> decided (a step too large to
+believe is held for a human, who decides it with `python -m agent review`), never back:
+it cannot be decided (or counted) twice. A candidate an integrity check caught names that
+check in `caught_by` (bench/INTEGRITY.md lists the names).
 
 What the ledger must never do: hold state outside the file, delete or rewrite a finished
 run or a decision, or let a reader see half of a write.
@@ -25,17 +26,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from agent import faults
+
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 ROLES = ("baseline", "screen", "confirm", "champion")
 # How the runner classifies one benchmark run; every outcome but "ok" is a failed run.
@@ -87,6 +91,9 @@ CREATE TABLE runs (
     wall_seconds REAL,
     started_at REAL NOT NULL,
     finished_at REAL,
+    lock_path TEXT,             -- the device lock the run needs
+    lock_at REAL,               -- when it got it; NULL while it waits (or never took one)
+    lock_wait_s REAL,           -- how long it waited for it (another process held it)
     CHECK ((state = 'finished') = (outcome IS NOT NULL))
 );
 CREATE INDEX runs_of_candidate ON runs(candidate_id);
@@ -242,6 +249,7 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        faults.boundary(lambda: "ledger " + faults.caller(("<lambda>", "boundary", "_write")))
         self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
         try:
             yield self._db
@@ -295,6 +303,12 @@ class Ledger:
         if version == 2:
             with self._write() as db:  # 2 -> 3 adds a table; every row stays as it was
                 db.execute(_statement("CREATE TABLE spend ("))
+                db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+            version = 3
+        if version == 3:
+            with self._write() as db:  # 3 -> 4 adds the runs' lock columns, NULL before
+                for column in ("lock_path TEXT", "lock_at REAL", "lock_wait_s REAL"):
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {column}")
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                            (str(SCHEMA_VERSION),))
         elif version != SCHEMA_VERSION:
@@ -325,6 +339,25 @@ class Ledger:
         finally:
             self._db.execute("PRAGMA foreign_keys = ON")
 
+    @classmethod
+    def create(cls, path: str | Path, config: Mapping[str, Any]) -> Ledger:
+        """A new ledger at `path` with its session row, or none at all: it is built beside
+        `path` and renamed into place, so a kill at any moment leaves either no ledger (the
+        session can be started again) or one with its session (it can be resumed)."""
+        path = Path(path)
+        if path.exists():
+            raise LedgerError(f"{path} exists already: resume its session, or choose another "
+                              "run directory")
+        building = path.with_name(path.name + ".new")
+        for leftover in (building, *(building.with_name(building.name + x)
+                                     for x in ("-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)  # a creation that was killed half-way
+        with cls(building) as ledger:
+            ledger.set_session(config)
+            ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in the main file
+        os.replace(building, path)
+        return cls(path, create=False)
+
     # -- session --------------------------------------------------------------------------
 
     def set_session(self, config: Mapping[str, Any]) -> dict:
@@ -354,16 +387,25 @@ class Ledger:
                       usage: Mapping[str, Any] | None = None) -> int:
         """A new candidate in state 'proposed'; parent_id=None makes it the session's one
         baseline. Returns its id."""
+        with self._write() as db:
+            return self._insert_candidate(db, description, parent_id=parent_id, diff=diff,
+                                          commit_sha=commit_sha, ref=ref,
+                                          hypothesis=hypothesis, category=category,
+                                          proposer=proposer, usage=usage)
+
+    def _insert_candidate(self, db: sqlite3.Connection, description: str, *,
+                          parent_id: int | None, diff: str = "", commit_sha: str | None = None,
+                          ref: str | None = None, hypothesis: str = "", category: str = "",
+                          proposer: str = "", usage: Mapping[str, Any] | None = None) -> int:
         if not description.strip():
             raise LedgerError("a candidate needs a description (one line for the report)")
         try:
-            with self._write() as db:
-                cur = db.execute(
-                    "INSERT INTO candidates (parent_id, commit_sha, ref, diff, description, "
-                    "hypothesis, category, proposer, created, state, usage) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'proposed', ?)",
-                    (parent_id, commit_sha, ref, diff, description, hypothesis, category,
-                     proposer, _now(), None if usage is None else json.dumps(dict(usage))))
+            cur = db.execute(
+                "INSERT INTO candidates (parent_id, commit_sha, ref, diff, description, "
+                "hypothesis, category, proposer, created, state, usage) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'proposed', ?)",
+                (parent_id, commit_sha, ref, diff, description, hypothesis, category,
+                 proposer, _now(), None if usage is None else json.dumps(dict(usage))))
         except sqlite3.IntegrityError as err:
             what = "a baseline exists already" if parent_id is None else \
                 f"parent {parent_id} is not a candidate"
@@ -446,6 +488,19 @@ class Ledger:
             self._set_verdict(db, candidate_id, "refused", "refused",
                               {"verdict": "refused", "reason": reason}, caught_by)
 
+    def add_refused(self, description: str, reason: str, *, parent_id: int, diff: str = "",
+                    proposer: str = "", usage: Mapping[str, Any] | None = None,
+                    caught_by: str | None = None) -> int:
+        """A candidate refused before it could run, added and refused in one transaction (a
+        kill between the two would leave a 'proposed' candidate with no commit to run).
+        Returns its id."""
+        with self._write() as db:
+            cid = self._insert_candidate(db, description, parent_id=parent_id, diff=diff,
+                                         proposer=proposer, usage=usage)
+            self._set_verdict(db, cid, "refused", "refused",
+                              {"verdict": "refused", "reason": reason}, caught_by)
+        return cid
+
     def held(self) -> list[dict]:
         """Candidates held for a human's review, oldest first."""
         return self.candidates(["held"])
@@ -488,9 +543,12 @@ class Ledger:
     # -- runs -----------------------------------------------------------------------------
 
     def start_run(self, candidate_id: int, role: str, seed: int,
-                  log_path: str | Path | None = None) -> int:
+                  log_path: str | Path | Callable[[int], str | Path] | None = None,
+                  lock_path: str | Path | None = None) -> int:
         """A benchmark run about to start (state 'running'); moves a proposed candidate to
-        'running'. Returns the run's id."""
+        'running'. Returns the run's id. `log_path` may be a function of that id, so that
+        a run's files are named by it (a re-run with the same seed gets files of its own).
+        `lock_path`: the device lock it will wait for (`lock_taken` says when it has it)."""
         if role not in ROLES:
             raise LedgerError(f"role {role!r}: choose one of {ROLES}")
         with self._write() as db:
@@ -508,13 +566,25 @@ class Ledger:
             if role != "champion" and row["state"] not in ("proposed", "running"):
                 raise LedgerError(f"candidate {candidate_id} is {row['state']}: no more "
                                   f"{role} runs")
-            cur = db.execute("INSERT INTO runs (candidate_id, role, seed, state, log_path, "
-                             "started_at) VALUES (?, ?, ?, 'running', ?, ?)",
-                             (candidate_id, role, int(seed),
-                              None if log_path is None else str(log_path), _now()))
+            run_id = db.execute("INSERT INTO runs (candidate_id, role, seed, state, "
+                                "started_at, lock_path) VALUES (?, ?, ?, 'running', ?, ?)",
+                                (candidate_id, role, int(seed), _now(),
+                                 None if lock_path is None else str(lock_path))).lastrowid
+            if callable(log_path):
+                log_path = log_path(run_id)
+            db.execute("UPDATE runs SET log_path = ? WHERE id = ?",
+                       (None if log_path is None else str(log_path), run_id))
             db.execute("UPDATE candidates SET state = 'running' WHERE id = ? AND "
                        "state = 'proposed'", (candidate_id,))
-        return int(cur.lastrowid)
+        return int(run_id)
+
+    def lock_taken(self, run_id: int, waited_s: float) -> None:
+        """A running run got its device lock, after waiting `waited_s` seconds for it: from
+        now on it runs, before it waited (status tells them apart; the wait was not the
+        device idling)."""
+        with self._write() as db:
+            db.execute("UPDATE runs SET lock_at = ?, lock_wait_s = ? WHERE id = ? AND "
+                       "state = 'running'", (_now(), float(waited_s), run_id))
 
     def finish_run(self, run_id: int, outcome: str, result: Mapping | None = None,
                    error: str | None = None, wall_seconds: float | None = None) -> None:
@@ -637,6 +707,12 @@ class Ledger:
     def log_event(self, text: str) -> None:
         with self._write() as db:
             db.execute("INSERT INTO events (time, text) VALUES (?, ?)", (_now(), text))
+
+    def last_event(self, prefix: str) -> dict | None:
+        """The latest event whose text starts with `prefix`: {'id', 'time', 'text'}."""
+        row = self._one("SELECT * FROM events WHERE substr(text, 1, ?) = ? ORDER BY id DESC "
+                        "LIMIT 1", (len(prefix), prefix))
+        return None if row is None else dict(row)
 
     def events(self, limit: int = 20) -> list[dict]:
         """The last `limit` events, oldest first: {'id', 'time', 'text'}."""

@@ -5,12 +5,16 @@ killed at any instant and resumed (`python -m agent run --resume D`): runs that 
 flight are discarded and re-run, and nothing decided is decided again. The loop never
 runs candidate code in its own process (the runner does, in a child process group), never
 trusts a proposer's edit (the workspace checks it) and never decides on its own (the
-judge does).
+judge does). A proposer that fails the same way `max_failures` times in a row stops the
+session with that cause (the brake), instead of cycling until the budget ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from agent import acceptance, integrity, runner
+from agent import acceptance, integrity, liveness, runner
 from agent.acceptance import AcceptanceConfig
 from agent.costs import ProposerStop
 from agent.judge import (
@@ -44,9 +48,12 @@ from agent.workspace import (
     Workspace,
     apply_patch,
 )
+from bench import protocol
+from bench.locks import lock_path
 
 # Proposers that read the research context (and so the champion's profile).
 LLM_PROPOSERS = ("anthropic", "command")
+
 
 # Expected wall time of a first run, before any run was measured (runner timeouts scale it).
 FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
@@ -64,6 +71,7 @@ class SessionConfig:
     deadline: float | None = None  # stop at this unix time
     baseline_runs: int = 3  # baseline replicates that measure the noise (>= 2)
     remeasure_every: int = 3  # re-measure the champion after this many candidates
+    max_failures: int = 5  # proposer failures in a row, with one cause, that stop the session
     train_args: list[str] = field(default_factory=list)  # extra train.py flags, every run
     target_loss: float | None = None  # time-to-loss target; None: from the baseline replicates
     target_slack: float = 0.01  # least nats above the worst baseline replicate's final loss
@@ -119,7 +127,7 @@ class SessionStop(Exception):
 class Session:
     def __init__(self, run_dir: Path, proposer: Proposer, say=print, waiting=None):
         self.run_dir = Path(run_dir)
-        self.ledger = Ledger(self.run_dir / LEDGER_FILE)
+        self.ledger = Ledger(self.run_dir / LEDGER_FILE, create=False)
         self.proposer = proposer
         self.say = say  # prints one line of progress
         self.waiting = waiting or (lambda text: contextlib.nullcontext())  # a live spinner
@@ -137,21 +145,33 @@ class Session:
         self.started = session["created"]  # --hours counts from the session's start
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposer")
         self._next: Future | None = None  # the draft being made in the background
+        self._failures: list[str] = []  # causes of the proposer's failures in a row
+        if hasattr(proposer, "stop_at"):  # an LLM proposer's pauses end with the session
+            proposer.stop_at = self.ends_at()
 
     # -- setting up ----------------------------------------------------------------------
 
     @classmethod
     def create(cls, run_dir: Path, config: SessionConfig, proposer: Proposer, **kw) -> Session:
+        """A new session in `run_dir`: its ledger appears whole (Ledger.create) or not at
+        all, and a failed create leaves no directory it made."""
         run_dir = Path(run_dir)
         if (run_dir / LEDGER_FILE).exists():
             raise SessionStop(f"{run_dir} already holds a session: use --resume {run_dir}")
-        run_dir.mkdir(parents=True, exist_ok=True)
         config.judge_config()  # validate before anything is written
         config.acceptance_config()
-        ledger = Ledger(run_dir / LEDGER_FILE)
-        ledger.set_session(asdict(config))
-        ledger.close()
-        return cls(run_dir, proposer, **kw)
+        made = run_dir  # the first directory this call makes, with all below it
+        while not made.parent.exists():
+            made = made.parent
+        made = None if made.exists() else made
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            Ledger.create(run_dir / LEDGER_FILE, asdict(config)).close()
+            return cls(run_dir, proposer, **kw)
+        except BaseException:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
 
     @property
     def workspace(self) -> Workspace:
@@ -166,6 +186,12 @@ class Session:
         self.say(text)
 
     # -- budgets -------------------------------------------------------------------------
+
+    def ends_at(self) -> float | None:
+        """When --hours or --deadline ends the session (unix time), or None."""
+        cfg = self.config
+        ends = [t for t in (cfg.hours and self.started + cfg.hours * 3600, cfg.deadline) if t]
+        return min(ends) if ends else None
 
     def out_of_budget(self) -> str | None:
         cfg = self.config
@@ -215,15 +241,18 @@ class Session:
         expected = self.fixed_hashes()  # integrity: taken once, at session start
         ws = self.workspace
         ws.checkout(candidate["commit_sha"])
-        seed = self.fresh_seed()
-        name = acceptance.run_name(candidate["id"], role, seed)
-        log_path = self.run_dir / "logs" / f"{name}.log"
+        seed, cid = self.fresh_seed(), candidate["id"]
+        run_id = self.ledger.start_run(
+            cid, role, seed, lambda i: self.log_path(acceptance.run_name(i, cid, role, seed)),
+            lock_path=lock_path(self.config.device),
+        )
+        name = acceptance.run_name(run_id, cid, role, seed)
+        log_path = self.log_path(name)
         # The final weights, for the holdout check at acceptance (threat 3); a champion's
         # re-measurements are evaluated at the next check too: more runs, more power.
-        checkpoint = acceptance.checkpoint_path(self.run_dir, candidate["id"], role, seed)
+        checkpoint = acceptance.checkpoint_path(self.run_dir, name)
         checkpoint.unlink(missing_ok=True)  # a stale one must never pass for this run's
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        run_id = self.ledger.start_run(candidate["id"], role, seed, log_path)
         # Integrity (threat 1): a fixed file that differs from its hash at session start
         # fails the run as an integrity violation, without running train.py.
         self.say(f"  run {name}: {candidate['description']}")
@@ -237,23 +266,34 @@ class Session:
                 "integrity-violation", result, error, 0.0, str(log_path), None
             )
         else:
-            outcome = self.run_train(ws, seed, name, log_path, early_stop, checkpoint)
+            outcome = self.run_train(ws, run_id, seed, name, log_path, early_stop, checkpoint)
         if outcome.status != "ok":
             checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
         self.ledger.finish_run(
             run_id, outcome.status, outcome.result, outcome.error, outcome.wall_seconds
         )
         self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(candidate["id"]))
+        if outcome.returncode == protocol.EXIT_USAGE and role in ("baseline", "champion"):
+            # The champion's own code refused the session's settings (a dataset gone, say):
+            # every run would, so stop now and say why. A candidate's exit 2 is its crash.
+            lines = (outcome.error or "").splitlines()
+            raise SessionStop(f"train.py refused its input: {lines[-1] if lines else ''} "
+                              f"(exit {protocol.EXIT_USAGE}; log {log_path})")
         result = {**(outcome.result or {}), "status": outcome.status, "seed": seed}
         self.say(f"  -> {outcome.status}{_summary(result, self.judge.objective)}")
         if outcome.error and outcome.status == "integrity-violation":
             self.say(f"     {outcome.error}")
         return result
 
+    def log_path(self, name: str) -> Path:
+        return self.run_dir / "logs" / f"{name}.log"
+
     def run_train(
-        self, ws: Workspace, seed: int, name: str, log_path: Path, early_stop, checkpoint=None
-    ):
-        """train.py in the worktree through the runner, with the session's settings."""
+        self, ws: Workspace, run_id: int, seed: int, name: str, log_path: Path, early_stop,
+        checkpoint=None,
+    ):  # fmt: skip
+        """train.py in the worktree through the runner, with the session's settings; the
+        ledger hears when the run has its device lock (until then it waits, not runs)."""
         spec = runner.RunSpec(
             worktree=ws.path,
             preset=self.config.preset,
@@ -267,6 +307,7 @@ class Session:
             early_stop=early_stop,
             checkpoint=checkpoint,
             sandbox=self.config.sandbox,
+            on_lock=lambda lock: self.ledger.lock_taken(run_id, lock.waited_s),
         )
         try:
             with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
@@ -599,21 +640,19 @@ class Session:
         self, champion: dict, description: str, reason: str, diff: str = "", usage=None,
         caught_by: str | None = None,
     ) -> None:  # fmt: skip
-        cid = self.ledger.add_candidate(
-            description,
-            parent_id=champion["id"],
-            diff=diff,
-            proposer=self.proposer.name,
-            usage=usage,
-        )
-        self.ledger.refuse(cid, reason, caught_by)
+        cid = self.ledger.add_refused(
+            description, reason, parent_id=champion["id"], diff=diff,
+            proposer=self.proposer.name, usage=usage, caught_by=caught_by,
+        )  # fmt: skip
         self.tracker.log_decision(self.ledger.candidate(cid))
         self.event(f"refused {description}: {reason}")
 
     def remeasure_due(self) -> bool:
+        """After every `remeasure_every` candidates that ran (refusals ran nothing) since
+        the champion was last measured."""
         champion = self.champion()
         since = [
-            c for c in self.ledger.candidates(["decided", "held", "refused"])
+            c for c in self.ledger.candidates(["decided", "held"])
             if c["decided_at"] and c["decided_at"] > champion["champion_since"]
         ]
         champion_runs = self.ledger.runs_of(champion["id"], roles=["champion"])
@@ -627,10 +666,29 @@ class Session:
         shown = {k: v for k, v in asdict(self.config).items() if k != "fixed_hashes"}
         self.tracker.start_session(shown)  # the file hashes are for the checks, not a chart
         try:
-            with session_lock(self.run_dir):  # `agent review` waits for no running loop
+            with self.running():
                 return self._run()
         finally:
             self.tracker.finish()
+
+    @contextlib.contextmanager
+    def running(self):
+        """While the loop runs: hold the run directory's lock (`agent review` waits for no
+        running loop; `status` sees it alive), and record in the ledger when it started and
+        why it stopped, so `status` tells a stopped session from a killed one."""
+        with session_lock(self.run_dir):
+            self.ledger.log_event(f"{liveness.STARTED} (pid {os.getpid()})")
+            try:
+                yield
+            except KeyboardInterrupt:
+                self.ledger.log_event(f"{liveness.STOPPED}interrupted by the user (Ctrl-C)")
+                raise
+            except SessionStop as e:
+                self.ledger.log_event(f"{liveness.STOPPED}{e}")
+                raise
+            except Exception as e:
+                self.ledger.log_event(f"{liveness.STOPPED}an error: {type(e).__name__}: {e}")
+                raise
 
     def resume_state(self) -> None:
         """Session start or resume: drop runs a kill left unfinished, put the champion
@@ -638,6 +696,10 @@ class Session:
         discarded = self.ledger.discard_unfinished_runs()
         if discarded:
             self.event(f"resumed: discarded unfinished run(s) {discarded}; they will be re-run")
+        for c in self.ledger.candidates(["proposed"]):
+            if c["commit_sha"] is None:  # nothing to run: a ledger from a session killed
+                # between adding a candidate and refusing it
+                self.ledger.refuse(c["id"], "left without a commit by a killed session")
         champion = self.ledger.champion()
         if champion is not None:  # a kill between the ledger's accept and the git update
             self.workspace.promote(champion["commit_sha"])
@@ -666,6 +728,9 @@ class Session:
                 if candidate is None:
                     why = "the proposer has nothing more to propose"
                     break
+                why = self.brake(candidate)
+                if why:
+                    break
                 if candidate["state"] == "refused":
                     continue
             self.event(f"experiment #{candidate['experiment']}: {candidate['description']}")
@@ -673,8 +738,20 @@ class Session:
             self.record(candidate, self.judge_candidate(candidate))
         self.keep_pending_draft()
         self.workspace.reset()
-        self.event(f"session stopped: {why}")
+        self.event(f"{liveness.STOPPED}{why}")
         return why
+
+    def brake(self, candidate: dict) -> str | None:
+        """Why the session must stop after this proposal, or None: a proposer that failed
+        `max_failures` times in a row with the same cause (a command that exits 1 or
+        hangs, patches that do not apply, an API that is down) will not do better before
+        the budget ends, and cycling through it costs the night's device time."""
+        cause = failure_cause(candidate) if candidate["state"] == "refused" else None
+        self._failures = self._failures + [cause] if cause is not None else []
+        recent = self._failures[-self.config.max_failures:]
+        if len(recent) == self.config.max_failures and len(set(recent)) == 1:
+            return f"the proposer failed {len(recent)} times in a row: {cause}"
+        return None
 
     def keep_pending_draft(self) -> None:
         """A draft still in the making when the session stops is waited for and recorded
@@ -685,6 +762,16 @@ class Session:
         draft = future.result()
         if draft.made is not None and draft.champion["id"] == self.champion()["id"]:
             self.take(draft)
+
+
+def failure_cause(candidate: dict) -> str:
+    """What made a refused proposal fail, the same for each repeat: the check that refused
+    it, or the first clause of the reason ("exited with status 1", "does not apply to the
+    champion", "timed out after 600 s")."""
+    if candidate["caught_by"]:
+        return candidate["caught_by"]
+    reason = (candidate["decision"] or {}).get("reason", "")
+    return re.split(r"[:;\n]", reason, maxsplit=1)[0].strip() or "no reason given"
 
 
 def _round(value: float | None) -> float | None:

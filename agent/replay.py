@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent import acceptance
+from agent import acceptance, liveness
 from agent.judge import Decision, comparable, leaderboard_rules
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.loop import Session, SessionConfig, SessionStop
@@ -182,7 +182,8 @@ class Replay:
         shown = {k: v for k, v in asdict(s.config).items() if k != "fixed_hashes"}
         s.tracker.start_session(shown)
         try:
-            why = self._run()
+            with s.running():
+                why = self._run()
             paths = replay_report.write_replay(s.run_dir)
             s.tracker.log_replay(*replay_report.replay_table(s.run_dir), paths.plot)
             s.event(f"replay table: {paths.table}; plot: {paths.plot}")
@@ -214,7 +215,7 @@ class Replay:
             self.measure(candidate)
             self.decide(candidate, rung)
         s.workspace.reset()
-        s.event(f"replay stopped: {why}")
+        s.event(f"{liveness.STOPPED}{why}")
         return why
 
     def broken(self) -> str | None:

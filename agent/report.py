@@ -31,6 +31,7 @@ import numpy as np
 
 from agent.judge import OBJECTIVES, comparable, measure_noise, primary_metric
 from agent.ledger import LEDGER_FILE, Ledger
+from agent.liveness import STARTED, STOPPED, Liveness, liveness, lock_holder
 
 # Candidate classes: the colours of progress.png and the status column of results.tsv.
 CLASSES = {  # class -> (colour, marker, autoresearch status)
@@ -146,6 +147,7 @@ class _Session:
     events: list[dict]
     n_experiments: int  # decided or refused, as the budget counts them
     spend: dict  # the LLM requests paid for (Ledger.spend)
+    life: Liveness  # alive, stopped or killed, and when it ended
 
     def untrusted(self) -> str:
         """A warning when candidate code ran outside the sandbox, else ""."""
@@ -156,15 +158,25 @@ class _Session:
         return (f"UNTRUSTED: candidate code ran without a sandbox ({unconfined} of {len(runs)} "
                 "runs): it could reach what measured it, so these numbers are not evidence")
 
-    def busy_text(self, until: float) -> str:
-        """`benchmarks ran 87% of the session's 2h 10m (the device idled 13%)`."""
+    @property
+    def until(self) -> float:
+        """The end of the session's time: now while it runs, else when it stopped (or was
+        last seen), so a finished session's shares do not shrink as days pass."""
+        return self.life.end if self.life.end is not None else time.time()
+
+    def busy_text(self) -> str:
+        """`benchmarks ran 80% of the session's 2h 10m; they waited 7% for the device lock
+        (other processes' runs); the device idled 13%`."""
         runs = [r for e in [self.base, *self.rows] if e for r in e.runs]
-        busy = device_busy(runs, self.session["created"], until)
-        if busy is None or not runs:
+        shares = device_busy(runs, self.session["created"], self.until)
+        if shares is None or not runs:
             return ""
-        span = _duration(until - self.session["created"])
-        idle = f"the device idled {1 - busy:.0%}"
-        return f"benchmarks ran {busy:.0%} of the session's {span} ({idle})"
+        busy, waited = shares
+        span = _duration(self.until - self.session["created"])
+        wait = (f"; they waited {waited:.0%} for the device lock (other processes' runs)"
+                if waited >= 0.005 else "")
+        return (f"benchmarks ran {busy:.0%} of the session's {span}{wait}; the device idled "
+                f"{max(0.0, 1 - busy - waited):.0%}")
 
     def candidate(self, candidate_id: int) -> dict:
         return next(e.candidate for e in [self.base, *self.rows]
@@ -179,11 +191,16 @@ def _collect(run_dir: str | Path) -> _Session:
         base = ledger.baseline()
         base_results = comparable(ledger.results_of(base["id"]), config) if base else []
         rows = [_experiment(ledger, c, base_results, config) for c in ledger.candidates()]
+        events = ledger.events(10)
+        last_seen = max([session["created"], *(e["time"] for e in events),
+                         *(r["finished_at"] or r["started_at"] for e in rows for r in e.runs)])
+        life = liveness(run_dir, ledger.last_event(STARTED), ledger.last_event(STOPPED),
+                        last_seen)
         return _Session(session, config.get("objective", "time-to-loss"),
                         next((e for e in rows if e.candidate["experiment"] is None), None),
                         [e for e in rows if e.candidate["experiment"] is not None],
                         ledger.champion(), ledger.champions(), ledger.running_runs(),
-                        ledger.events(10), ledger.n_experiments(), ledger.spend())
+                        events, ledger.n_experiments(), ledger.spend(), life)
 
 
 def _f(value, spec: str = ".3f", none: str = "–") -> str:
@@ -268,9 +285,8 @@ def _markdown(s: _Session) -> str:
     spend = llm_spend(s.spend, [e.candidate for e in s.rows])
     if spend:
         lines += ["", spend + "."]
-    last = s.events[-1]["time"] if s.events else time.time()
-    if s.busy_text(last):
-        lines += ["", s.busy_text(last).capitalize() + "."]
+    if s.busy_text():
+        lines += ["", s.busy_text().capitalize() + "."]
     lines += ["", "## Baseline noise", "", _noise(s), "", "## Champion", ""]
     champ = s.champion
     if champ is None:
@@ -436,13 +452,17 @@ def write_report(run_dir: str | Path) -> ReportPaths:
     return paths
 
 
-def device_busy(runs: Sequence[dict], since: float, until: float) -> float | None:
-    """Fraction of the session's time in which a benchmark ran (the rest the GPU, or CPU,
-    waited: on the proposer, the judge, the session's own overhead)."""
+def device_busy(runs: Sequence[dict], since: float,
+                until: float) -> tuple[float, float] | None:
+    """Fractions of the session's time in which a benchmark ran, and in which one waited
+    for the device lock (another process's benchmark had the device: not idle time). The
+    rest the device idled: waiting on the proposer, the judge, the session's overhead."""
     span = until - since
     if span <= 0:
         return None
-    return min(1.0, sum(r["wall_seconds"] or 0.0 for r in runs) / span)
+    busy = min(1.0, sum(r["wall_seconds"] or 0.0 for r in runs) / span)
+    waited = min(1.0 - busy, sum(r.get("lock_wait_s") or 0.0 for r in runs) / span)
+    return busy, waited
 
 
 def llm_spend(spend: dict, candidates: Sequence[dict]) -> str:
@@ -475,6 +495,7 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
         console.print(s.untrusted())
     console.print(f"speedloop session {s.session['id']}, started {_when(s.session['created'])} "
                   f"({_duration(now - s.session['created'])} ago)")
+    console.print(s.life.text)
     console.print(f"preset {cfg.get('preset', '?')}, objective {s.objective}, proposer "
                   f"{cfg.get('proposer', '?')}")
     budget = cfg.get("experiments")
@@ -483,8 +504,8 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     spend = llm_spend(s.spend, [e.candidate for e in s.rows])
     if spend:
         console.print(spend)
-    if s.busy_text(now):
-        console.print(s.busy_text(now))
+    if s.busy_text():
+        console.print(s.busy_text())
     if s.champion is None:
         console.print("champion: none yet (the baseline is being measured)")
     else:
@@ -514,9 +535,19 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
                       "--accept|--reject`")
     for r in s.running:
         c = s.candidate(r["candidate_id"])
-        console.print(f"running now: candidate {c['id']} ({c['description']}), {r['role']} "
-                      f"run {r['id']}, seed {r['seed']}, for {_duration(now - r['started_at'])}"
-                      f"; log {r['log_path'] or '-'}")
+        what = f"candidate {c['id']} ({c['description']}), {r['role']} run {r['id']}, seed " \
+            f"{r['seed']}"
+        if s.life.state != "alive":
+            console.print(f"left running by the ended process: {what}; a resume discards and "
+                          "re-runs it")
+        elif r["lock_at"] is None and r["lock_path"]:
+            held = lock_holder(r["lock_path"]).removeprefix("held by ")
+            console.print(f"waiting now: {what}, for the lock held by {held} "
+                          f"({r['lock_path']}), for {_duration(now - r['started_at'])}")
+        else:
+            since = r["lock_at"] or r["started_at"]
+            console.print(f"running now: {what}, for {_duration(now - since)}; log "
+                          f"{r['log_path'] or '-'}")
     if not s.running:
         console.print("running now: nothing")
     if s.events:

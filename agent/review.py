@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,18 +38,26 @@ class SessionBusy(ReviewError):
 @contextlib.contextmanager
 def session_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run directory's lock: the loop while it runs, a review while it decides;
-    SessionBusy at once when another process holds it. An flock, so the kernel releases it
-    when its holder dies (even by kill -9)."""
+    SessionBusy when another process holds it. An flock, so the kernel releases it when its
+    holder dies (even by kill -9). The file says who holds it (`status` reads it); a lock
+    held for an instant (`status` probing it) is waited for, briefly."""
     path = Path(run_dir) / LOCK_FILE
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with open(path, "a+") as f:
+        for _ in range(10):
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        else:
             raise SessionBusy(
                 f"another process works in {run_dir} (it holds {path}): a "
                 "running session? Stop it (Ctrl-C) or wait for it to end"
             ) from None
         try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -73,6 +73,7 @@ class RunSpec:
     checkpoint: Path | None = None  # train.py saves the final weights here when the run is ok
     sandbox: bool = True  # False: train.py --no-sandbox (the result is marked untrusted)
     kill_grace_s: float = 5.0  # between SIGTERM and SIGKILL, for the run to release its GPU
+    on_lock: Callable[[DeviceLock], None] | None = None  # called once the lock is held
 
 
 @dataclass
@@ -99,6 +100,8 @@ def run(spec: RunSpec) -> RunOutcome:
     cmd = command(spec, out_path)
 
     with open(log_path, "wb") as log, device_locks(spec) as lock:
+        if spec.on_lock is not None:
+            spec.on_lock(lock)
         _log_note(log, f"$ {' '.join(cmd)}  (in {worktree})")
         if lock.waited_s > 0:
             _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")

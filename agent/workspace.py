@@ -7,10 +7,12 @@ so nothing is lost. A change that touches anything outside the research surface 
 refused before it can run, with the paths named.
 """
 
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import faults
 from agent.surface import outside_surface
 
 # Commits are made by the engine, so they must not depend on the user's git identity.
@@ -49,6 +51,7 @@ class Candidate:
 
 
 def git(cwd: Path, *args: str, input: str | None = None) -> str:
+    faults.boundary(lambda: f"git {args[0]} in {faults.caller(('<lambda>', 'boundary', 'git'))}")
     proc = subprocess.run(
         ["git", *IDENTITY, *args], cwd=cwd, capture_output=True, text=True, input=input
     )
@@ -65,6 +68,18 @@ def apply_patch(worktree: Path, patch: str) -> None:
         raise PatchError(str(e)) from None
 
 
+def _add_worktree(repo: Path, path: Path, commit: str) -> None:
+    """A worktree of `repo` at `path`, detached at `commit` (so the champion branch can move
+    while the worktree holds any commit). What a killed `worktree add` left is cleared
+    first: a folder without its .git, a registration without its folder."""
+    if (path / ".git").exists():
+        return
+    if path.exists():
+        shutil.rmtree(path)
+    git(repo, "worktree", "prune")
+    git(repo, "worktree", "add", "--detach", str(path), commit)
+
+
 class Workspace:
     """The worktree at `path` of the repository `repo`, for session `session`."""
 
@@ -75,18 +90,22 @@ class Workspace:
 
     @classmethod
     def create(cls, repo: Path, path: Path, session: str, start: str = "HEAD") -> "Workspace":
+        """The session's champion branch (at `start`) and its worktree. Idempotent: a
+        creation killed between its steps is finished, from the branch it made."""
         ws = cls(repo, path, session)
-        commit = git(ws.repo, "rev-parse", "--verify", f"{start}^{{commit}}").strip()
-        git(ws.repo, "branch", ws.champion_branch, commit)
-        # Detached, so the champion branch can move while the worktree holds any commit.
-        git(ws.repo, "worktree", "add", "--detach", str(ws.path), commit)
+        try:
+            commit = git(ws.repo, "rev-parse", "--verify", f"{ws.champion_branch}^{{commit}}")
+        except GitError:
+            commit = git(ws.repo, "rev-parse", "--verify", f"{start}^{{commit}}")
+            git(ws.repo, "branch", ws.champion_branch, commit.strip())
+        _add_worktree(ws.repo, ws.path, commit.strip())
         return ws
 
     def second(self, path: Path) -> "Workspace":
         """Another worktree of the same session (for proposing while this one runs)."""
         other = Workspace(self.repo, path, self.session)
         if not (other.path / ".git").exists():
-            git(self.repo, "worktree", "add", "--detach", str(other.path), self.champion)
+            _add_worktree(self.repo, other.path, self.champion)
         return other
 
     @classmethod

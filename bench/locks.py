@@ -29,6 +29,17 @@ class DeviceLock:
     holder: str  # what the lock file said about the previous holder, when we had to wait
 
 
+def lock_path(device: str, gpu_index: int | None = None) -> Path:
+    """The file of a device's lock (it says who holds it)."""
+    if device == "cpu":
+        name = "cpu.lock"
+    elif device == "cuda":
+        name = f"gpu{0 if gpu_index is None else gpu_index}.lock"
+    else:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    return Path(os.environ.get(LOCKS_ENV) or "~/.cache/speedloop/locks").expanduser() / name
+
+
 @contextlib.contextmanager
 def device_lock(
     device: str, gpu_index: int | None = None, announce: Callable[[str], None] | None = None
@@ -41,15 +52,8 @@ def device_lock(
     leaves a device locked. Sessions of different users share it only through a common
     $SPEEDLOOP_LOCKS.
     """
-    if device == "cpu":
-        name = "cpu.lock"
-    elif device == "cuda":
-        name = f"gpu{0 if gpu_index is None else gpu_index}.lock"
-    else:
-        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
-    root = Path(os.environ.get(LOCKS_ENV) or "~/.cache/speedloop/locks").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / name
+    path = lock_path(device, gpu_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         waited_s, holder = 0.0, ""
         try:

@@ -46,3 +46,13 @@ def data_cache(tmp_path_factory) -> Path:
         mp.setenv("SPEEDLOOP_DATA", str(cache))
         prepare_embedded()
     return cache
+
+
+@pytest.fixture(scope="session")
+def fake_repo(tmp_path_factory) -> Path:
+    """This working tree as a repository whose harness is the fast fake of
+    tests/fakes/harness.py, for tests that run whole sessions. Sessions add their branches
+    and worktrees to it; a test that needs a repository of its own makes one."""
+    from fakes.harness import fake_harness_repo
+
+    return fake_harness_repo(tmp_path_factory.mktemp("fake-harness") / "repo")

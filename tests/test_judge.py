@@ -215,3 +215,21 @@ def test_comparable_reads_the_crossing_off_a_curve_that_ran_to_its_end():
     timed = {"status": "ok", "budget_seconds": 10.0}
     untimed = {"status": "ok", "budget_seconds": None}
     assert comparable([timed, untimed], {"objective": "loss-at-time", "seconds": 10.0}) == [timed]
+
+
+def test_a_futility_reject_quotes_the_bound_it_used():
+    """Futility rejects on the 80% upper bound of the speed ratio; the reason says so, and
+    does not quote the wider repeated interval, which here still holds 1.0."""
+    cfg = JudgeConfig(objective="throughput")
+    champion = runs("throughput", 5)
+    decision = decide(champion, runs("throughput", 3, log_gain=-0.02, seed0=100), cfg)
+    assert decision.verdict == "reject" and decision.ci_high > 1.0
+    bound = float(decision.reason.split("80% upper bound ")[1].split()[0])
+    assert bound <= 1.0 and "<= 1," in decision.reason
+    assert "CI" not in decision.reason
+
+
+def test_an_early_stop_reads_as_falling_behind_not_failing():
+    decision = decide(runs("time-to-loss", 5), [{"status": "early-stopped", "seed": 9}], CFG)
+    assert decision.verdict == "reject"
+    assert decision.reason == "run with seed 9 fell behind the champion and was stopped early"

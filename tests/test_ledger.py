@@ -462,3 +462,33 @@ def test_a_schema_1_ledger_is_migrated_with_every_row(tmp_path):
             ledger.add_candidate("b2", parent_id=None)  # the index came back
     with Ledger(path) as again:  # reopening a migrated ledger changes nothing
         assert again.candidate(2)["state"] == "held"
+
+
+def test_a_new_ledger_appears_with_its_session_or_not_at_all(tmp_path):
+    """Ledger.create builds the file beside its place and renames it there: what a killed
+    creation left (ledger.sqlite.new) is cleared, and an existing ledger is never reused."""
+    path = tmp_path / LEDGER_FILE
+    (tmp_path / (LEDGER_FILE + ".new")).write_text("a creation that was killed")
+    with Ledger.create(path, {"preset": "cpu-tiny"}) as ledger:
+        assert ledger.session()["config"] == {"preset": "cpu-tiny"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER_FILE]
+    with pytest.raises(LedgerError, match="exists already"):
+        Ledger.create(path, {"preset": "cpu-tiny"})
+
+
+def test_a_refused_candidate_is_added_and_refused_in_one_write(ledger):
+    base = with_baseline(ledger)
+    cid = ledger.add_refused("edits train.py", "outside the surface", parent_id=base,
+                             diff="+x", proposer="command", caught_by="surface")
+    c = ledger.candidate(cid)
+    assert (c["state"], c["verdict"], c["caught_by"]) == ("refused", "refused", "surface")
+    assert c["decision"]["reason"] == "outside the surface" and c["experiment"] == 1
+    with pytest.raises(LedgerError):  # a bad parent: nothing is written, not even half
+        ledger.add_refused("orphan", "x", parent_id=99)
+    assert [c["id"] for c in ledger.candidates()] == [base, cid]
+
+
+def test_a_runs_log_path_may_name_it_by_its_id(ledger):
+    cid = ledger.add_candidate("c", parent_id=with_baseline(ledger), commit_sha="1" * 40)
+    run = ledger.start_run(cid, "screen", 7, lambda run_id: f"logs/r{run_id}.log")
+    assert ledger.run(run)["log_path"] == f"logs/r{run}.log"

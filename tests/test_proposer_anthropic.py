@@ -273,6 +273,40 @@ def test_a_long_outage_fails_the_candidate_not_the_session(api, brief, worktree)
                               capture_output=True, text=True).stdout
 
 
+def test_outage_pauses_end_with_the_session(api, brief, worktree):
+    """An outage near --hours or --deadline: the pauses stop at the session's end, and the
+    session stops (not one more candidate that waits as long again)."""
+    import time
+
+    api.default = (529, api.error_body(529, "overloaded"))
+    sleeps = []
+    proposer = make(api, brief, sleeps=sleeps, retry_initial_s=10, outage_max_wait_s=3600)
+    proposer.stop_at = time.time() + 25
+    with pytest.raises(ProposerStop, match="until the session's end.*overloaded"):
+        proposer.propose(worktree, [], CONTEXT)
+    assert sum(sleeps) <= 25 and len(sleeps) == 2  # 10, then the 15 or so that are left
+    proposer.stop_at = time.time() - 1  # the session's time is up: not one pause
+    sleeps.clear()
+    with pytest.raises(ProposerStop, match="until the session's end"):
+        proposer.propose(worktree, [], CONTEXT)
+    assert sleeps == []
+
+
+def test_a_refused_connection_before_any_answer_stops_the_session(brief, worktree):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    sleeps = []
+    proposer = AnthropicProposer(
+        LLMConfig(base_url=url, brief=str(brief), sdk_max_retries=0), api_key="test-key",
+        say=lambda s: None, sleep=sleeps.append)  # fmt: skip
+    with pytest.raises(ProposerStop, match=f"cannot connect to the Messages API at {url}"):
+        proposer.propose(worktree, [], CONTEXT)
+    assert sleeps == []  # no pause: the URL is wrong, not the API down
+
+
 def test_a_rejected_key_stops_the_session(api, brief, worktree):
     api.fail(401, "invalid x-api-key")
     with pytest.raises(ProposerStop, match="invalid x-api-key.*ANTHROPIC_API_KEY"):

@@ -171,8 +171,11 @@ def test_progress_png(session):
 
 
 def test_status_text(session):
+    from agent.review import session_lock
+
     run_dir, ids, _ = session
-    text = status_text(run_dir, last=4, width=120)
+    with session_lock(run_dir):  # as a running session holds it
+        text = status_text(run_dir, last=4, width=120)
     assert "preset cpu-tiny, objective time-to-loss, proposer sweep" in text
     assert "experiments decided: 5 of 8" in text
     assert f"champion: candidate {ids['fast']} (lr 0.02 | wider [warmup]), speedup ×2.000" \

@@ -156,6 +156,34 @@ def test_ctrl_c_in_the_runner_still_kills_the_group(tmp_path):
     assert_group_gone(spec)
 
 
+def test_a_run_dies_with_its_runner_even_by_kill_9(tmp_path):
+    """The session killed by SIGKILL runs no cleanup, yet its benchmark dies with it (the
+    kernel's parent-death signal): no orphan keeps the device busy under the next run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    spec = fake_spec(tmp_path, "open('train.pid', 'w').write(str(os.getpid())); time.sleep(1000)")
+    runner = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from agent.runner import RunSpec, run; "
+        f"run(RunSpec(Path({str(spec.worktree)!r}), 'cpu-tiny', 0, Path({str(spec.out_path)!r}),"
+        f" Path({str(spec.log_path)!r}), 60.0))")], cwd=ROOT, env=os.environ)  # fmt: skip
+    pid_file = spec.worktree / "train.pid"
+    for _ in range(3000):  # a loaded machine may take a while to start python
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.02)
+    child = int(pid_file.read_text())
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    for _ in range(250):
+        if not alive(child):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"train.py ({child}) outlived its runner killed by SIGKILL")
+
+
 @pytest.mark.parametrize(
     "body, error",
     [

@@ -93,3 +93,20 @@ def test_open_for_resume(repo):
     assert Workspace.open(repo, path, "s4").champion
     with pytest.raises(FileNotFoundError, match="cannot be resumed"):
         Workspace.open(repo, repo / "runs" / "nope", "s4")
+
+
+def test_a_creation_killed_half_way_is_finished_from_the_branch_it_made(repo):
+    """A kill between `git branch` and `git worktree add` (or during the add) left the
+    branch without its worktree: creating again finishes the job from that branch, even
+    when the user's HEAD has moved since."""
+    start = git(repo, "rev-parse", "HEAD").strip()
+    git(repo, "branch", "speedloop/s5/champion", start)
+    (repo / "model" / "recipe.py").write_text("lr = 0.7\n")
+    git(repo, "commit", "-q", "-am", "the user goes on")
+    path = repo / "runs" / "s5" / "worktree"
+    path.mkdir(parents=True)
+    (path / "half.py").write_text("a worktree add that was killed\n")
+    ws = Workspace.create(repo, path, "s5")
+    assert ws.champion == start and ws.file("model/recipe.py").read_text() == "lr = 0.1\n"
+    assert not ws.file("half.py").exists()
+    assert Workspace.create(repo, path, "s5").champion == start  # and again: nothing to do

@@ -104,6 +104,11 @@ class MissingApiKey(ValueError):
     """No credentials for the API: said before the session starts, not at 3 a.m."""
 
 
+class NoAccess(ValueError):
+    """The Messages API cannot be used with these settings (URL, key, model): said before
+    the session starts."""
+
+
 class ConversationFailed(ProposalFailed):
     """A candidate's conversation ended without a submission; `usage` is what it cost."""
 
@@ -136,6 +141,14 @@ class AnthropicProposer:
         self.config.validate()
         self.price = price_for(self.config.model, self.config.prices)
         read_brief(self.config.brief)  # a missing brief fails now, not at the first candidate
+        least = self._request_bound(self._prompt_tokens())
+        if self.config.max_usd_per_candidate < least:
+            raise ValueError(
+                f"--max-usd-per-candidate {self.config.max_usd_per_candidate:g} is below the "
+                f"worst case of one request (${least:.3f}: the prompt and "
+                f"{self.config.max_tokens} output tokens of {self.config.model}), so no "
+                "candidate could start: raise it"
+            )
         missing = ("--proposer anthropic needs an API key: export ANTHROPIC_API_KEY=... (or "
                    "ANTHROPIC_AUTH_TOKEN) before starting the session")
         try:
@@ -151,9 +164,46 @@ class AnthropicProposer:
         # Called with each response's usage ({"model", tokens..., "cost_usd"}) as soon as it
         # arrives, so the session's ledger holds every request paid for, drafts included.
         self.on_request = None
+        self.stop_at: float | None = None  # unix time the session ends (--hours, --deadline)
+        self.answered = 0  # requests the API answered, in this process
         self.sleep = sleep
         self.session_usage = Usage()  # every request of this process, all candidates
         self.last_usage: dict | None = None  # the last candidate's, submitted or not
+
+    def _prompt_tokens(self, system: str | None = None) -> float:
+        """The estimated tokens of the stable prompt: system text and tool definitions."""
+        if system is None:
+            system = self._system()
+        return (len(system) + len(json.dumps(TOOL_SPECS))) / CHARS_PER_TOKEN
+
+    def _system(self) -> str:
+        return stable_prompt(read_brief(self.config.brief)) + WORKFLOW.format(
+            max_turns=self.config.max_turns)
+
+    def check_access(self) -> dict:
+        """One request of one output token that proves the key, the URL and the model
+        before the session starts; returns its usage. NoAccess says what to fix."""
+        cfg, url = self.config, self.client.base_url
+        try:
+            response = self.client.with_options(max_retries=1).messages.create(
+                model=cfg.model, max_tokens=1, messages=[{"role": "user", "content": "ping"}])
+        except anthropic.APIConnectionError as e:
+            raise NoAccess(f"--proposer anthropic: cannot reach the Messages API at {url} "
+                              f"({_short_error(e)}): check ANTHROPIC_BASE_URL and the "
+                              "network") from None
+        except anthropic.AuthenticationError as e:
+            raise NoAccess(f"--proposer anthropic: the Messages API at {url} refuses the "
+                              f"key ({_short_error(e)}): check ANTHROPIC_API_KEY") from None
+        except anthropic.NotFoundError as e:
+            raise NoAccess(f"--model {cfg.model}: the Messages API at {url} does not "
+                              f"serve it ({_short_error(e)}): check the model name") from None
+        except anthropic.APIStatusError as e:
+            raise NoAccess(f"--proposer anthropic: a one-token test request to {url} "
+                              f"failed ({_short_error(e)}): check the key's permissions and "
+                              "billing, or try again later") from None
+        usage = Usage()
+        usage.add(response.usage)
+        return {"model": cfg.model, **usage.as_dict(self.price)}
 
     # -- the proposer interface --------------------------------------------------------------
 
@@ -167,7 +217,7 @@ class AnthropicProposer:
             CheckSettings(cfg.check_timeout_s, cfg.checks_device, cfg.kernel_tests,
                           cfg.require_checks, cfg.sandbox),
         )
-        system = stable_prompt(read_brief(cfg.brief)) + WORKFLOW.format(max_turns=cfg.max_turns)
+        system = self._system()
         first = research_context(context, history, cfg.n_diffs) + (
             "\nPropose the next candidate: study the code, edit, check, submit."
         )
@@ -207,7 +257,7 @@ class AnthropicProposer:
     def _converse(self, tools: SurfaceTools, system: str, messages: list[dict],
                   usage: Usage) -> Submission:
         cfg = self.config
-        prompt_tokens = (len(system) + len(json.dumps(TOOL_SPECS))) / CHARS_PER_TOKEN
+        prompt_tokens = self._prompt_tokens(system)
         pending_chars = len(json.dumps(messages))
         for turn in range(1, cfg.max_turns + 1):
             bound = self._request_bound(prompt_tokens + pending_chars / CHARS_PER_TOKEN)
@@ -217,6 +267,7 @@ class AnthropicProposer:
                     f"next turn could pass max_usd_per_candidate ${cfg.max_usd_per_candidate:g}"
                 )
             response = self._create(system, messages, first=turn == 1)
+            self.answered += 1
             usage.add(response.usage)
             if self.on_request is not None:
                 one = Usage()
@@ -276,10 +327,12 @@ class AnthropicProposer:
                 + self.config.max_tokens * p.output) / 1e6
 
     def _create(self, system: str, messages: list[dict], first: bool = False):
-        """One Messages API call; transient failures are retried until outage_max_wait_s.
+        """One Messages API call; transient failures are retried until outage_max_wait_s,
+        or until the session ends (`stop_at`), whichever comes first.
 
         A request refused on the first turn of a conversation is refused for its settings
-        (model, thinking, effort), which every candidate shares: that stops the session.
+        (model, thinking, effort), which every candidate shares: that stops the session. So
+        does a refused connection before the API ever answered: the URL is wrong.
         """
         cfg = self.config
         _cache_last_block(messages)
@@ -295,18 +348,34 @@ class AnthropicProposer:
         if cfg.effort is not None:
             kwargs["output_config"] = {"effort": cfg.effort}
         waited, pause = 0.0, cfg.retry_initial_s
+        limit = cfg.outage_max_wait_s
+        left = None if self.stop_at is None else max(0.0, self.stop_at - time.time())
+        if left is not None and left < limit:
+            limit = left
         while True:
             try:
                 return self.client.messages.create(**kwargs)
             except TRANSIENT as e:
-                if waited >= cfg.outage_max_wait_s:
+                refused = isinstance(e, anthropic.APIConnectionError) and not isinstance(
+                    e, anthropic.APITimeoutError)
+                if refused and self.answered == 0:
+                    raise ProposerStop(
+                        f"cannot connect to the Messages API at {self.client.base_url} "
+                        f"({_short_error(e)}): check ANTHROPIC_BASE_URL and the network"
+                    ) from e
+                if waited >= limit and limit < cfg.outage_max_wait_s:
+                    raise ProposerStop(
+                        f"the API was unavailable until the session's end (--hours or "
+                        f"--deadline): {_short_error(e)}"
+                    ) from e
+                if waited >= limit:
                     raise ConversationFailed(
                         f"the API was unavailable for {waited:.0f} s (outage_max_wait_s): "
                         f"{_short_error(e)}"
                     ) from e
-                step = min(pause, cfg.retry_max_s, cfg.outage_max_wait_s - waited)
+                step = min(pause, cfg.retry_max_s, limit - waited)
                 self.say(f"llm: {_short_error(e)}; pausing {step:.0f} s "
-                         f"({waited:.0f} of {cfg.outage_max_wait_s:.0f} s waited)")
+                         f"({waited:.0f} of {limit:.0f} s waited)")
                 self.sleep(step)
                 waited, pause = waited + step, pause * 2
             except FATAL as e:

@@ -1,0 +1,225 @@
+"""What `agent run` and `agent replay` check before they create or resume anything.
+
+Every input that would fail the session later (a preset this machine cannot run, a dataset
+not prepared, a count that is not positive, a deadline in the past, a run directory that
+cannot be made, a ladder that does not exist, an API key the API refuses) is refused here
+with one line that names the flag and the fix (SessionStop, exit 2), before a run
+directory, a worktree or a branch exists. A resume is checked against the session's own
+settings: a flag given on --resume must say what the session already has, unless it is
+one of the budgets that a resume may change (RESUME_BUDGETS).
+
+What this module must never do: create or change a file, a branch or a ledger, or spend
+more than the one-token request that proves an LLM proposer's key, URL and model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+from agent.loop import SessionConfig, SessionStop
+
+# Flags a resume may change: the session's budgets.
+RESUME_BUDGETS = ("experiments", "hours", "deadline", "budget_usd")
+# Each count and budget flag: the least it may be, and whether it must be above it.
+LIMITS = {
+    "experiments": (1, False), "hours": (0, True), "budget_tokens": (1, False),
+    "baseline_runs": (2, False), "runs": (1, False), "gpus": (1, False),
+    "budget_usd": (0, True), "max_usd_per_candidate": (0, True), "max_turns": (2, False),
+    "agent_timeout": (0, True), "max_speedup": (1, True),
+}  # fmt: skip
+WHY = {
+    "baseline_runs": " (the judge measures the noise from at least 2)",
+    "max_turns": " (a candidate needs at least 2 turns)",
+    "max_speedup": " (a speed ratio over the champion)",
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_values(args) -> None:
+    """Counts and budgets positive, the target finite and positive, the deadline to come."""
+    for name, (least, above) in LIMITS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and (value > least if above else value >= least)):
+            need = f"a number above {least}" if above else f"at least {least}"
+            raise SessionStop(f"{flag(name)} {value}: give {need}{WHY.get(name, '')}")
+    target = getattr(args, "target_loss", None)
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise SessionStop(f"--target-loss {target}: give a finite positive validation loss "
+                          "in nats (e.g. 3.28), or leave it out to set it from the baseline")
+    if getattr(args, "deadline", None) is not None:
+        deadline(args.deadline)
+
+
+def deadline(text: str) -> float:
+    """--deadline as unix time; it must parse as a local date and time, and be to come."""
+    try:
+        when = datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise SessionStop(f"--deadline {text!r} is not a local date and time: give it as "
+                          "YYYY-MM-DDTHH:MM, e.g. 2026-11-28T07:00") from None
+    if when <= time.time():
+        raise SessionStop(f"--deadline {text} has passed (it is now "
+                          f"{time.strftime('%Y-%m-%dT%H:%M')}): give a time to come")
+    return when
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A new session's directory: creatable, writable, and not another session's."""
+    from agent.ledger import LEDGER_FILE
+
+    path = Path(run_dir)
+    if (path / LEDGER_FILE).exists():
+        raise SessionStop(f"--run-dir {path} already holds a session: resume it with "
+                          f"`python -m agent run --resume {path}`, or choose another directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SessionStop(f"--run-dir {path}: {existing} is not a directory, so the run "
+                          "directory cannot be made there; choose another --run-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SessionStop(f"--run-dir {path}: {existing} is not writable by this user; "
+                          "choose another --run-dir")
+
+
+def check_machine(preset: str, gpus: int, train_args: list[str]) -> None:
+    """The preset runs on this machine (its device is here, with enough GPUs), and its
+    dataset is prepared and readable."""
+    from bench.presets import PRESETS  # the fixed side knows each preset's device and data
+
+    if preset not in PRESETS:
+        raise SessionStop(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    if spec.device == "cuda":
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found == 0:
+            raise SessionStop(f"--preset {preset} runs on a CUDA GPU and this machine has "
+                              "none visible: use --preset cpu-tiny here, or run on a GPU machine")
+        if gpus > found:
+            raise SessionStop(f"--gpus {gpus}: this machine has {found} CUDA GPU(s) visible; "
+                              f"give --gpus {found} or fewer")
+    data = train_args[train_args.index("--data") + 1] if "--data" in train_args else spec.data
+    check_data(data)
+
+
+def check_data(name: str) -> None:
+    """Every file of the prepared dataset `name` is there and whole (the shards' headers
+    against their sizes), so no run fails on it hours later."""
+    from data.cache import DataMissingError, dataset_dir, load_meta, prepare_command
+    from data.shards import ShardError, read_header
+
+    try:
+        meta = load_meta(name)
+        root = dataset_dir(name)
+        files = [root / f for split in meta["splits"].values() for f in split]
+        files += [root / meta[key] for key in ("tokenizer", "token_bytes") if meta.get(key)]
+        for path in files:
+            if not path.is_file() or not os.access(path, os.R_OK):
+                raise DataMissingError(f"{path} is missing or unreadable; rebuild the dataset "
+                                       f"with `{prepare_command(name)} --force`")
+            if path.suffix == ".bin":
+                read_header(path)
+    except (DataMissingError, ShardError, ValueError, KeyError) as e:
+        raise SessionStop(f"--data {name}: {e}") from None
+
+
+def uncommitted_surface(repo: Path) -> list[str]:
+    """Paths under model/ and kernels/ that differ from HEAD in the user's checkout: the
+    session starts from HEAD, without them."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--", "model", "kernels"],
+                          cwd=repo, capture_output=True, text=True)  # fmt: skip
+    return [line[3:] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def check_repo(repo: Path) -> None:
+    proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD^{commit}"], cwd=repo,
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise SessionStop(f"{repo} is not a git repository with a commit to start from "
+                          f"({proc.stderr.strip().splitlines()[-1:]}): run from a clone")
+
+
+def check_proposer(proposer) -> dict | None:
+    """An LLM proposer proves its key, URL and model with one tiny request; returns that
+    request's usage (for the ledger), or None for a proposer that has no API."""
+    if not hasattr(proposer, "check_access"):
+        return None
+    return proposer.check_access()
+
+
+def settings_of(config: SessionConfig) -> dict:
+    """The session's value of each flag that fixes one of its settings, in the flag's terms
+    (the defaults it ran with included), for comparing with what a resume was given."""
+    from agent.proposers.anthropic import LLMConfig
+    from agent.proposers.command import CommandConfig
+
+    options = dict(config.proposer_options)
+    llm = LLMConfig.from_dict(options) if config.proposer == "anthropic" else None
+    command = CommandConfig.from_dict(options) if config.proposer == "command" else None
+    values = {
+        "preset": config.preset, "objective": config.objective, "proposer": config.proposer,
+        "proposer_arg": config.proposer_arg, "baseline_runs": config.baseline_runs,
+        "budget_tokens": _train_flag(config.train_args, "--budget-tokens", int),
+        "data": _train_flag(config.train_args, "--data", str),
+        "target_loss": None if config.target_loss is None else round(config.target_loss, 4),
+        "wandb": config.wandb, "allow_flagged": config.allow_flagged,
+        "max_speedup": config.acceptance_config().max_speedup, "rules": config.rules,
+        "gpus": config.gpus, "no_sandbox": not config.sandbox,
+        "model": llm and llm.model, "max_usd_per_candidate": llm and llm.max_usd_per_candidate,
+        "max_turns": llm and llm.max_turns, "effort": llm and llm.effort,
+        "thinking": llm and (llm.thinking or {}).get("type"),
+        "brief": (llm or command) and str(Path((llm or command).brief).resolve()),
+        "agent_timeout": command and command.timeout_s,
+    }  # fmt: skip
+    if config.proposer == "replay":
+        options = config.proposer_options
+        values["runs"] = options["runs"]
+        values["rungs"] = f"{options['first'] + 1}:{options['last'] + 1}"
+    return values
+
+
+def resume_conflicts(args, config: SessionConfig) -> None:
+    """SessionStop naming the first flag given on a resume whose value is not the session's
+    own (a session keeps its settings, or its runs would not compare)."""
+    mine = settings_of(config)
+    for name, theirs in mine.items():
+        given = getattr(args, name, None)
+        if given is None or given is False:  # not given (allow_flagged: not set)
+            continue
+        if name == "target_loss":
+            given = round(given, 4)
+        if name == "brief":
+            given = str(Path(given).resolve())
+        if name == "rungs":  # FROM:TO as the replay stores it
+            from agent import replay
+
+            first, last = replay.select(replay.load(config.proposer_arg), given)
+            given = f"{first + 1}:{last + 1}"
+        if given != theirs:
+            shown = "it not set" if theirs is None else "it off" if theirs is False else theirs
+            raise SessionStop(
+                f"{flag(name)}{'' if given is True else f' {given}'}: this session has "
+                f"{shown}, and a resumed session keeps "
+                "its settings (a resume may change only "
+                f"{', '.join(flag(b) for b in RESUME_BUDGETS)}); start a new session to "
+                "change it"
+            )
+    if getattr(args, "run_dir", None) is not None:
+        raise SessionStop(f"--run-dir {args.run_dir}: a resumed session stays in its "
+                          "directory; give only --resume D")
+
+
+def _train_flag(train_args: list[str], name: str, kind):
+    return kind(train_args[train_args.index(name) + 1]) if name in train_args else None

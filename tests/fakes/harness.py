@@ -1,0 +1,114 @@
+"""A fast stand-in for the benchmark, for tests that run many whole sessions.
+
+`fake_harness_repo(dest)` is this working tree as a fresh repository whose fixed harness is
+replaced by small fakes: train.py honours train.py's contract (clock lines, the result JSON
+on stdout and in --out, a checkpoint, exit 2 with "error: ..." on bad input) in a fraction
+of a second; bench/eval_worker.py and bench/profile.py answer the loop's acceptance check
+and profile the same way. Everything else is real: the engine runs them through the real
+runner, as child processes, under the device lock, in the session's own worktree.
+
+The fake's speed is model/speed.txt (tokens per second = 1000 x speed), its noise 1% a run,
+drawn from the seed; so a session on it decides the same way every time it is run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fakes.repo import git, working_tree_repo
+
+TRAIN = '''\
+"""A fake train.py (tests/fakes/harness.py): train.py's result contract in milliseconds."""
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+# What the engine reads of the harness: each preset's device, default data and target.
+PRESETS = {"cpu-tiny": SimpleNamespace(device="cpu", data="embedded", target_loss=None)}
+
+
+def flag(argv, name, default=None):
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def main(argv):
+    if flag(argv, "--data") == "missing":
+        print("error: dataset 'missing' is not prepared", file=sys.stderr)
+        return 2
+    seed = int(flag(argv, "--seed", 0))
+    rng = random.Random(seed)
+    speed = float(Path("model/speed.txt").read_text())
+    loss = 5.0 + 0.002 * rng.gauss(0, 1)
+    print("clock start", flush=True)
+    time.sleep(0.01)
+    print("clock pause", flush=True)
+    result = {
+        "schema_version": 2, "status": "ok", "preset": flag(argv, "--preset"), "seed": seed,
+        "tokens": 4096, "tokens_per_sec": 1000.0 * speed * (1 + 0.01 * rng.gauss(0, 1)),
+        "train_seconds": 0.01, "val_loss": loss, "time_to_target": None,
+        "curve": [{"tokens": 4096, "seconds": 0.01, "val_loss": loss}],
+    }
+    if flag(argv, "--checkpoint"):
+        Path(flag(argv, "--checkpoint")).write_text(json.dumps({"val_loss": loss, "seed": seed}))
+    if flag(argv, "--out"):
+        Path(flag(argv, "--out")).write_text(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+'''
+
+EVAL_WORKER = '''\
+"""A fake evaluator (tests/fakes/harness.py): a checkpoint's val loss, and a holdout loss
+a seed-dependent gap above it."""
+import json
+import random
+import sys
+from pathlib import Path
+
+paths = sys.argv[sys.argv.index("--checkpoints") + 1:]
+rows = []
+for path in paths:
+    saved = json.loads(Path(path).read_text())
+    gap = 0.1 + 0.01 * random.Random(saved["seed"]).gauss(0, 1)
+    rows.append({"checkpoint": path, "val": {"loss": saved["val_loss"], "bpb": None},
+                 "holdout": {"loss": saved["val_loss"] + gap, "bpb": None}})
+print(json.dumps(rows))
+'''
+
+PROFILE = '''\
+"""A fake profile (tests/fakes/harness.py)."""
+import sys
+from pathlib import Path
+
+Path(sys.argv[sys.argv.index("--out") + 1]).write_text("profile of the fake harness\\n")
+'''
+
+
+def fake_harness_repo(dest: Path) -> Path:
+    """This working tree at `dest`, committed, with the fake harness committed on top."""
+    working_tree_repo(dest)
+    (dest / "train.py").write_text(TRAIN)
+    (dest / "bench" / "eval_worker.py").write_text(EVAL_WORKER)
+    (dest / "bench" / "profile.py").write_text(PROFILE)
+    (dest / "model" / "speed.txt").write_text("1.0\n")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "the fake harness")
+    return dest
+
+
+def patch_of(repo: Path, edits: dict[str, str]) -> str:
+    """The diff that writes `edits` ({path: new text}) into the repository's HEAD, as a
+    patch file would hold it; the working tree is left as it was."""
+    for path, text in edits.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    git(repo, "add", "-A")
+    diff = git(repo, "diff", "--cached", "--no-color")
+    git(repo, "reset", "-q", "--hard", "HEAD")
+    return diff
