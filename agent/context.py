@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from agent.surface import SURFACE_DIRS
+from bench.surface import SURFACE_DIRS
 
 MAX_HISTORY_LINES = 80  # the most recent candidates listed one per line; older ones counted
 MAX_LINE_CHARS = 160  # a description or a reason in the digest

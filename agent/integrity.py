@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.surface import in_surface
+from bench.surface import in_surface
 
 # -- threat 1: the hashes of the fixed files ---------------------------------------------
 

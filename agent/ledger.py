@@ -123,12 +123,6 @@ CREATE TABLE spend (            -- one row per LLM request, written as it is pai
     cost_usd REAL NOT NULL
 );
 """
-# What each older schema version needs to become the current one: (version, statements).
-# SQLite cannot change a table's CHECKs in place, so candidates is rebuilt (the procedure of
-# https://www.sqlite.org/lang_altertable.html#otheralter, run with foreign keys off).
-_V1_COLUMNS = ("id, parent_id, commit_sha, ref, diff, description, hypothesis, category, "
-               "proposer, created, state, verdict, decision, decided_at, usage")
-
 # Candidates with their experiment number: 1, 2, ... in order of creation, baseline excluded.
 _CANDIDATES = """
 SELECT * FROM (
@@ -141,12 +135,6 @@ SELECT * FROM (
 
 class LedgerError(RuntimeError):
     """A ledger file or a call that breaks the ledger's rules; the message says which."""
-
-
-def _statement(head: str) -> str:
-    """The statement of _SCHEMA that starts with `head` (for migrations)."""
-    start = _SCHEMA.index(head)
-    return _SCHEMA[start : _SCHEMA.index(";\n", start) + 1]
 
 
 def _now() -> float:
@@ -297,47 +285,10 @@ class Ledger:
         if version > SCHEMA_VERSION:
             raise LedgerError(f"{self.path} has ledger schema {version}, newer than the "
                               f"{SCHEMA_VERSION} this speedloop reads: update speedloop")
-        if version == 1:
-            self._migrate_from_1()
-            version = 2
-        if version == 2:
-            with self._write() as db:  # 2 -> 3 adds a table; every row stays as it was
-                db.execute(_statement("CREATE TABLE spend ("))
-                db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-            version = 3
-        if version == 3:
-            with self._write() as db:  # 3 -> 4 adds the runs' lock columns, NULL before
-                for column in ("lock_path TEXT", "lock_at REAL", "lock_wait_s REAL"):
-                    db.execute(f"ALTER TABLE runs ADD COLUMN {column}")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
-                           (str(SCHEMA_VERSION),))
-        elif version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path} has ledger schema {version} and this speedloop "
-                              f"reads only {SCHEMA_VERSION}: no migration exists; start a "
-                              "new run directory")
-
-    def _migrate_from_1(self) -> None:
-        """Schema 1 -> 2 in one transaction: candidates gains the 'held' state and caught_by
-        (NULL for what was decided before: no check named it then), and the holdout table
-        is added. Every row is kept as it was."""
-        self._db.execute("PRAGMA foreign_keys = OFF")  # only outside a transaction
-        try:
-            with self._write() as db:
-                db.execute(_statement("CREATE TABLE candidates (").replace(
-                    "CREATE TABLE candidates (", "CREATE TABLE candidates_v2 (", 1))
-                db.execute(f"INSERT INTO candidates_v2 ({_V1_COLUMNS}) "
-                           f"SELECT {_V1_COLUMNS} FROM candidates")
-                db.execute("DROP TABLE candidates")
-                db.execute("ALTER TABLE candidates_v2 RENAME TO candidates")
-                db.execute(_statement("CREATE UNIQUE INDEX one_baseline"))
-                db.execute(_statement("CREATE TABLE holdout ("))
-                broken = db.execute("PRAGMA foreign_key_check").fetchall()
-                if broken:
-                    raise LedgerError(f"{self.path}: migrating schema 1 to 2 would break "
-                                      f"references {[tuple(r) for r in broken][:5]}")
-                db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-        finally:
-            self._db.execute("PRAGMA foreign_keys = ON")
+                              f"reads only {SCHEMA_VERSION}: finish that session with the "
+                              "speedloop that began it, or start a new run directory")
 
     @classmethod
     def create(cls, path: str | Path, config: Mapping[str, Any]) -> Ledger:

@@ -24,46 +24,19 @@ session's integrity checks apply as to any candidate).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from agent import acceptance, liveness
-from agent.judge import Decision, comparable, leaderboard_rules
+from agent.judge import Decision, leaderboard_rules
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.loop import Session, SessionConfig, SessionStop
 from agent.proposers.base import Proposal, ProposalFailed
-from agent.replay_stats import RungStats, rung_stats
+from agent.replay_report import replay_table, write_replay
+from agent.rungs import OWN, PREFIX, PROPOSER, ReplaySettings, load, rung_of, stats_of
 from agent.workspace import PatchError, apply_patch
 
-PROPOSER = "replay"  # the session config's proposer name for a replay
-PREFIX = "rung "  # candidate descriptions: "rung <id>: <title>"
 START = "replay start: "  # the commit message of a baseline made of the first rungs
-OWN = ("screen", "confirm")  # a rung's runs in its own step ("champion": the next step's)
-
-
-def load(ladder: str | Path):
-    """A ladder by name (bench/leaderboards/<name>) or by its directory."""
-    from bench.leaderboards import load_ladder
-
-    return load_ladder(ladder)
-
-
-@dataclass(frozen=True)
-class ReplaySettings:
-    """What a replay keeps in its session config (as the proposer's options)."""
-
-    ladder: str  # the ladder's name
-    runs: int  # timed runs per side and rung
-    first: int  # index in ladder.rungs of the first rung replayed (0: the ladder's first)
-    last: int  # index of the last one
-    target_from: str  # "ladder" (the preset reaches its target), "baseline" or "given"
-    ladder_target: float  # the ladder's (or the rules') target loss
-    p_value: float  # of the loss test
-    waive_systems: bool  # systems rungs skip the loss test (only under --rules)
-
-    @classmethod
-    def of(cls, config: SessionConfig) -> ReplaySettings:
-        return cls(**config.proposer_options)
 
 
 def select(ladder, rungs: str | None) -> tuple[int, int]:
@@ -142,28 +115,6 @@ class LadderProposer:
         return None
 
 
-def rung_of(candidate: dict) -> str | None:
-    """The rung id of a replay candidate, from its description."""
-    text = candidate.get("description") or ""
-    return text.split(":")[0].removeprefix(PREFIX) if text.startswith(PREFIX) else None
-
-
-def step_results(ledger, config: SessionConfig, candidate: dict) -> tuple[list, list]:
-    """A rung's step: its predecessor's runs of this step (its champion re-measurements:
-    a predecessor is re-measured only in the step after its own) and the rung's runs."""
-    settings = asdict(config)
-    pred = ledger.results_of(candidate["parent_id"], roles=["champion"])
-    mine = ledger.results_of(candidate["id"], roles=OWN)
-    return comparable(pred, settings), comparable(mine, settings)
-
-
-def stats_of(ledger, config: SessionConfig, candidate: dict, rung) -> RungStats:
-    s = ReplaySettings.of(config)
-    pred, mine = step_results(ledger, config, candidate)
-    waived = s.waive_systems and rung.kind == "systems"
-    return rung_stats(pred, mine, config.target_loss, s.p_value, waived)
-
-
 class Replay:
     """Drives a replay session: start, baseline, then each rung's interleaved step."""
 
@@ -176,16 +127,14 @@ class Replay:
     def run(self) -> str:
         """Run until every selected rung is measured (or one cannot be); returns why it
         stopped. Writes replay.md and replay.png, and logs them to W&B."""
-        from agent import replay_report
-
         s = self.session
         shown = {k: v for k, v in asdict(s.config).items() if k != "fixed_hashes"}
         s.tracker.start_session(shown)
         try:
             with s.running():
                 why = self._run()
-            paths = replay_report.write_replay(s.run_dir)
-            s.tracker.log_replay(*replay_report.replay_table(s.run_dir), paths.plot)
+            paths = write_replay(s.run_dir)
+            s.tracker.log_replay(*replay_table(s.run_dir), paths.plot)
             s.event(f"replay table: {paths.table}; plot: {paths.plot}")
             return why
         finally:

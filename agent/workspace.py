@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import faults
-from agent.surface import outside_surface
+from bench.surface import outside_surface
 
 # Commits are made by the engine, so they must not depend on the user's git identity.
 IDENTITY = ["-c", "user.name=speedloop", "-c", "user.email=speedloop@localhost"]

@@ -378,90 +378,16 @@ def test_holdout_numbers_are_written_once(ledger):
 
 
 # The schema of version 1 (before held candidates, caught_by and the holdout table).
-SCHEMA_1 = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE session (
-    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),  -- one session per ledger
-    id TEXT NOT NULL,           -- e.g. 20260101-221500-3fa2: W&B group, report title
-    created REAL NOT NULL,      -- unix seconds, like every time in this file
-    config TEXT NOT NULL        -- JSON: preset, objective, proposer, budgets, judge, commit
-);
-CREATE TABLE candidates (
-    id INTEGER PRIMARY KEY,
-    parent_id INTEGER REFERENCES candidates(id),  -- champion it was made from; NULL: baseline
-    commit_sha TEXT,
-    ref TEXT,                   -- the git ref that keeps the commit, accepted or not
-    diff TEXT NOT NULL,
-    description TEXT NOT NULL,
-    hypothesis TEXT NOT NULL,
-    category TEXT NOT NULL,
-    proposer TEXT NOT NULL,
-    created REAL NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('proposed', 'running', 'decided', 'refused')),
-    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused')),
-    decision TEXT,              -- JSON: the judge's Decision, or the refusal's reason
-    decided_at REAL,
-    usage TEXT,                 -- JSON: the proposer's LLM tokens and cost for it, if any
-    CHECK ((state IN ('decided', 'refused')) = (verdict IS NOT NULL)),
-    CHECK ((state = 'refused') = (verdict IS 'refused'))
-);
-CREATE UNIQUE INDEX one_baseline ON candidates((parent_id IS NULL)) WHERE parent_id IS NULL;
-CREATE TABLE runs (
-    id INTEGER PRIMARY KEY,
-    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    role TEXT NOT NULL CHECK (role IN ('baseline', 'screen', 'confirm', 'champion')),
-    seed INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'discarded')),
-    outcome TEXT,               -- the runner's class (OUTCOMES); NULL unless finished
-    result TEXT,                -- JSON: train.py's result, when it wrote one
-    error TEXT,                 -- failure tail, or why the run was discarded
-    log_path TEXT,
-    wall_seconds REAL,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    CHECK ((state = 'finished') = (outcome IS NOT NULL))
-);
-CREATE INDEX runs_of_candidate ON runs(candidate_id);
-CREATE TABLE champions (
-    id INTEGER PRIMARY KEY,
-    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    since REAL NOT NULL,
-    speedup REAL NOT NULL       -- vs the baseline, as the loop measured it then
-);
-CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, text TEXT NOT NULL);
-"""
 
 
-def test_a_schema_1_ledger_is_migrated_with_every_row(tmp_path):
-    path = tmp_path / "run" / LEDGER_FILE
-    path.parent.mkdir()
+def test_a_ledger_of_another_schema_is_refused_with_what_to_do(tmp_path):
+    """There are no migrations: a session is finished by the speedloop that began it."""
+    path = tmp_path / LEDGER_FILE
+    Ledger(path).close()
     with sqlite3.connect(path) as db:
-        db.executescript(SCHEMA_1)
-        db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
-        db.execute("INSERT INTO session VALUES (1, 's1', 1.0, '{}')")
-        db.execute("INSERT INTO candidates (parent_id, diff, description, hypothesis, category,"
-                   " proposer, created, state, verdict, decision, decided_at) VALUES "
-                   "(NULL, '', 'baseline', '', '', 'baseline', 1.0, 'decided', 'accept', "
-                   "'{\"reason\": \"b\"}', 2.0)")
-        db.execute("INSERT INTO candidates (parent_id, diff, description, hypothesis, category,"
-                   " proposer, created, state) VALUES (1, '+x', 'lr', '', '', 'sweep', 3.0, "
-                   "'running')")
-        db.execute("INSERT INTO runs (candidate_id, role, seed, state, outcome, started_at) "
-                   "VALUES (2, 'screen', 7, 'finished', 'ok', 4.0)")
-        db.execute("INSERT INTO champions (candidate_id, since, speedup) VALUES (1, 2.0, 1.0)")
-    with Ledger(path) as ledger:
-        assert ledger._db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
-        base, cand = ledger.candidates()
-        assert (base["decision"], base["caught_by"], base["decided_at"]) == ({"reason": "b"},
-                                                                             None, 2.0)
-        assert (cand["state"], cand["diff"], cand["experiment"]) == ("running", "+x", 1)
-        assert ledger.champion()["id"] == 1 and ledger.runs_of(2)[0]["seed"] == 7
-        assert ledger._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-        ledger.hold(2, {"reason": "x9"}, "implausible-speedup")  # the new state works
-        with pytest.raises(LedgerError, match="a baseline exists already"):
-            ledger.add_candidate("b2", parent_id=None)  # the index came back
-    with Ledger(path) as again:  # reopening a migrated ledger changes nothing
-        assert again.candidate(2)["state"] == "held"
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with pytest.raises(LedgerError, match="schema 1 and this speedloop reads only .*new run"):
+        Ledger(path)
 
 
 def test_a_new_ledger_appears_with_its_session_or_not_at_all(tmp_path):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.surface import in_surface, outside_surface
 from agent.workspace import (
     EmptyChange,
     GitError,
@@ -16,6 +15,7 @@ from agent.workspace import (
     apply_patch,
     git,
 )
+from bench.surface import in_surface, outside_surface
 
 
 @pytest.fixture

@@ -30,9 +30,9 @@ from agent.proposers.tools import (
     run_command,
     tail,
 )
-from agent.surface import SURFACE_DIRS
 from agent.workspace import git
 from bench.sandbox import available
+from bench.surface import SURFACE_DIRS
 
 WORKFLOW = """
 # How to work

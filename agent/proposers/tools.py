@@ -1,6 +1,6 @@
 """The tools an LLM proposer uses on a candidate's worktree, confined to the research surface.
 
-Every path a tool takes is checked against agent.surface (symlinks resolved), so the model
+Every path a tool takes is checked against bench/surface.py (symlinks resolved), so the model
 can neither read nor write the fixed benchmark. Edits are all-or-nothing: a snippet must
 match exactly once, a Python file must still parse, and a file is replaced atomically
 (written beside it, then renamed), so a failed tool call changes nothing. Every edit is
@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 
 from agent.context import digest_line
 from agent.proposers.base import CATEGORIES
-from agent.surface import SURFACE_DIRS, in_surface
 from bench.sandbox import Sandbox, SandboxError, available
+from bench.surface import SURFACE_DIRS, in_surface
 
 MAX_READ_LINES = 400  # lines per read_file answer; the model pages with start_line
 MAX_MATCHES = 60  # search_surface answers

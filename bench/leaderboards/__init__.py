@@ -31,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 has no tomllib; tomli is the same parser, published separately
     import tomli as tomllib
 
-from agent.surface import SURFACE_DIRS
+from bench.surface import SURFACE_DIRS
 
 LEADERBOARDS = Path(__file__).resolve().parent
 MANIFEST = "manifest.toml"
