@@ -36,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench import protocol
@@ -49,17 +48,14 @@ from bench.candidate import (
     fingerprint_file,
 )
 from bench.curves import eval_points, interpolate_target
-from bench.evaluator import EvalSet, evaluate
 from bench.hardware import mfu
-from bench.locks import LOCK_HELD_ENV, device_lock
+from bench.harness import Budget, Clock, Data, Evaluations, held_device, work_dir
 from bench.presets import PRESETS, Setup, UsageError, add_setup_arguments, resolve_setup
 from bench.sandbox import Sandbox, SandboxError, available
-from data.cache import DataMissingError, dataset_dir
-from data.loader import open_split, read_split_tokens
+from data.cache import DataMissingError
 from data.shards import ShardError
 
 REPO = Path(__file__).resolve().parent
-WORK_PREFIX = "speedloop-run-"  # then this process's pid: folders of killed runs are swept
 # CPU a trainer's threads beyond its --cpu-threads may use (a share of the timed seconds and
 # a fixed allowance): an honest trainer's other threads are idle (measured: bench/RESULTS.md).
 CPU_EXTRA_FRACTION, CPU_EXTRA_S = 0.05, 0.25
@@ -124,69 +120,11 @@ def _check_writable(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path} is a folder: give a file path")
 
 
-class Clock:
-    """Timed seconds on this process's own clock, pausable for evaluations."""
-
-    def __init__(self):
-        self.before, self.started = 0.0, None
-
-    def start(self) -> None:
-        self.started = time.perf_counter()
-
-    def pause(self) -> None:
-        if self.started is not None:
-            self.before += time.perf_counter() - self.started
-            self.started = None
-
-    def elapsed(self) -> float:
-        running = 0.0 if self.started is None else time.perf_counter() - self.started
-        return self.before + running
-
-
-class Budget:
-    """Progress in [0, 1] through the run, in tokens or in timed seconds."""
-
-    def __init__(self, tokens: int | None, seconds: float | None):
-        self.tokens, self.seconds = tokens, seconds
-
-    def progress(self, tokens: int, clock: Clock) -> float:
-        if self.seconds is not None:
-            return clock.elapsed() / self.seconds
-        return tokens / self.tokens
-
-
-def work_dir() -> Path:
-    """A private folder for the weights the trainer hands over: in memory (/dev/shm) when it
-    has room, else the system's temporary folder. Folders of killed runs are removed."""
-    shm = Path("/dev/shm")
-    base = None
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        for old in shm.glob(f"{WORK_PREFIX}*"):
-            pid = old.name[len(WORK_PREFIX):].split("-")[0]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                shutil.rmtree(old, ignore_errors=True)
-        if shutil.disk_usage(shm).free > 4 << 30:
-            base = shm
-    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=base))
-
-
 def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
     """Start the workers, measure the run, and return the result and the exit code."""
-    preset, device, vocab = setup.preset, setup.device, setup.meta["vocab_size"]
+    device = setup.device
     sandbox = Sandbox(None) if args.no_sandbox else available()
-    loader = open_split(setup.data, "train", args.seed, torch.device("cpu"))
-    token_bytes = None
-    if setup.meta.get("token_bytes"):
-        path = dataset_dir(setup.data) / setup.meta["token_bytes"]
-        if not path.is_file():
-            raise DataMissingError(f"{path} (the byte table of dataset {setup.data!r}) is "
-                                   "missing: rebuild the dataset with its prepare command --force")
-        token_bytes = np.load(path)
-    try:
-        evalset = EvalSet(read_split_tokens(setup.data, "val"), preset.eval_seq_len,
-                          preset.eval_batch_size, preset.eval_tokens, vocab, token_bytes)
-    except ValueError as e:  # too short, or token ids outside the vocabulary
-        raise UsageError(f"dataset {setup.data!r}: {e}") from None
+    data = Data(args, setup)
     # One thread per trainer process on the CPU: measured steadier on a shared machine than
     # one per core (bench/RESULTS.md); on CUDA the host threads barely matter.
     threads = args.cpu_threads or (1 if device.type == "cpu" else 0)
@@ -194,49 +132,48 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
     work = work_dir()
     weights = work / "weights"
     weights.mkdir()
+    violations: list[dict] = []
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        kw = dict(preset=args.preset, device=device, kernels=setup.kernels, vocab=vocab,
-                  threads=threads)
+        kw = dict(preset=args.preset, device=device, kernels=setup.kernels,
+                  vocab=data.vocab, threads=threads)
         trainer = stack.enter_context(contextlib.closing(Trainer(
             sandbox, REPO, weights, seed=args.seed, compile=setup.compile, nproc=args.nproc,
             **kw)))
         forward = stack.enter_context(contextlib.closing(Forward(
-            sandbox, REPO, weights, batch=(evalset.batch_size, evalset.seq_len), **kw)))
+            sandbox, REPO, weights, batch=(data.val.batch_size, data.val.seq_len), **kw)))
         info = trainer.ready()
         forward.ready()
         forward.freeze()  # idle until the first evaluation: it takes nothing from training
         logits_via = ("gpu-buffer" if forward.shared is not None
                       else "shared-memory" if forward.mapped is not None else "socket")
+        # The warm-up trained on random tokens; the clock starts from the initial weights.
         init_fingerprint, n_params = fingerprint_file(weights / "init.pt")
-        violations = []
         if fingerprint_file(weights / "start.pt")[0] != init_fingerprint:
             violations.append(protocol.violation(
                 "restore", "the weights at the clock's start are not the initial weights: "
                 "warm-up progress was kept"))
         startup_seconds = time.perf_counter() - wall0
 
+        evaluations = Evaluations(trainer, forward, data.val, device, violations)
         cpu_before = trainer.cpu_times()
-        measured = train_and_evaluate(args, setup, loader, evalset, trainer, forward, info,
-                                      violations)
+        timed = timed_run(args, setup.preset, data, trainer, evaluations, info["shape"])
         cpu_seconds, extra = extra_cpu(cpu_before, trainer.cpu_times(), threads or 1 << 16)
-        allowed = CPU_EXTRA_FRACTION * measured["train_seconds"] + CPU_EXTRA_S
+        allowed = CPU_EXTRA_FRACTION * timed["train_seconds"] + CPU_EXTRA_S
         if device.type == "cpu" and args.nproc == 1 and extra > allowed:
             violations.append(protocol.violation(
                 "cpu-threads", f"besides its {threads} thread(s), the trainer's other threads "
                 f"and processes used {extra:.2f} CPU seconds in "
-                f"{measured['train_seconds']:.1f} timed seconds (allowed {allowed:.2f})"))
-            measured["status"] = "integrity-violation"
-        if args.checkpoint and measured["status"] == "ok":
-            shutil.copyfile(measured.pop("final_weights"), args.checkpoint)
-        measured.pop("final_weights", None)
+                f"{timed['train_seconds']:.1f} timed seconds (allowed {allowed:.2f})"))
+        status = "integrity-violation" if violations else timed["status"]
+        if args.checkpoint and status == "ok":
+            shutil.copyfile(evaluations.last_weights, args.checkpoint)
     wall_seconds = time.perf_counter() - wall0
-    train_seconds, tokens = measured["train_seconds"], measured["tokens"]
+    train_seconds, tokens, curve = timed["train_seconds"], timed["tokens"], evaluations.curve
     tokens_per_sec = tokens / train_seconds if train_seconds > 0 else 0.0
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    curve = measured["curve"]
     final = curve[-1] if curve else None
-    status = measured["status"]
+    flops = info.get("flops_per_token")  # as the worker reports it
     result = {
         "schema_version": protocol.SCHEMA_VERSION,
         "status": status,
@@ -255,33 +192,32 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
         "data_fingerprint": setup.meta["fingerprint"],
         "n_params": n_params,
         "init_fingerprint": init_fingerprint,
-        "flops_per_token": info.get("flops_per_token"),  # as the worker reports it
-        "budget_tokens": measured["budget_tokens"],
+        "flops_per_token": flops,
+        "budget_tokens": timed["budget_tokens"],
         "budget_seconds": args.budget_seconds,
         "target_loss": args.target_loss,
         "tokens": tokens,
-        "steps": measured["steps"],
+        "steps": timed["steps"],
         "train_seconds": train_seconds,
-        "eval_seconds": measured["eval_seconds"],
+        "eval_seconds": evaluations.seconds,
         "wall_seconds": wall_seconds,
         "untimed": {  # where the seconds outside the clock went
             "startup": startup_seconds,  # processes, imports, build, warm-up
-            "evaluation": measured["eval_seconds"],
-            "other": wall_seconds - startup_seconds - train_seconds - measured["eval_seconds"],
+            "evaluation": evaluations.seconds,
+            "other": wall_seconds - startup_seconds - train_seconds - evaluations.seconds,
         },
         "tokens_per_sec": tokens_per_sec,
         "cpu_usage": {"threads": threads, "trainer_cpu_seconds": cpu_seconds,
                       "beyond_threads_seconds": extra,
-                "load_start": load_start[0], "load_end": os.getloadavg()[0]},
+                      "load_start": load_start[0], "load_end": os.getloadavg()[0]},
         "val_loss": final["val_loss"] if final else None,
         "val_bpb": final["val_bpb"] if final else None,
         "time_to_target": (interpolate_target(curve, args.target_loss)
                            if args.target_loss is not None else None),
-        "mfu": mfu(info["flops_per_token"], tokens_per_sec, gpu_name)
-        if isinstance(info.get("flops_per_token"), (int, float)) else None,
+        "mfu": mfu(flops, tokens_per_sec, gpu_name) if isinstance(flops, (int, float)) else None,
         "peak_memory_bytes": trainer.reported_peak_memory,  # as the trainer reports it
         "logits_via": logits_via,
-        "twins": measured["twins"],
+        "twins": evaluations.twins,
         "integrity": {"ok": not violations, "violations": violations},
         "checkpoint": str(args.checkpoint) if args.checkpoint and status == "ok" else None,
         "curve": curve,
@@ -291,86 +227,30 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
     return result, code
 
 
-def train_and_evaluate(args, setup, loader, evalset, trainer, forward, info, violations) -> dict:
-    """The timed run: batches out, weights back, evaluations with the trainer frozen."""
-    preset, vocab = setup.preset, setup.meta["vocab_size"]
+def timed_run(args: argparse.Namespace, preset, data: Data, trainer: Trainer,
+              evaluate_now: Evaluations, shape) -> dict:
+    """The timed region: a batch out and the next shape back per step, evaluations on the
+    schedule (the same with or without a target), the final weights handed over."""
     budget = Budget(args.budget_tokens or (None if args.budget_seconds else preset.budget_tokens),
                     args.budget_seconds)
-    target = args.target_loss
-    max_loss = 3 * math.log(vocab)  # far above the initial ln(vocab): the run blew up
-    clock = Clock()
-    rng = np.random.default_rng()  # evaluation order and twins: fresh from the OS every run
-    pending = eval_points(preset.n_evals)  # the same schedule with or without a target
-    curve, twins = [], []
-    status, steps, tokens, eval_seconds, n_saved = "ok", 0, 0, 0.0, 0
-    shape = info["shape"]
-
-    def evaluate_now() -> dict | None:
-        """Take the trainer's weights (on the clock), then pause, freeze it and score them."""
-        nonlocal eval_seconds, n_saved
-        n_saved += 1
-        path = trainer.save(f"eval-{n_saved:03d}.pt")
-        clock.pause()
-        t = time.perf_counter()
-        trainer.freeze()
-        forward.thaw()
-        try:
-            forward.load(path)
-            ev = evaluate(lambda x: forward.logits(x).to(setup.device), evalset, setup.device,
-                          rng)
-        except FloatingPointError:  # NaN or infinite logits: the weights blew up
-            ev = None
-        except ValueError as e:  # logits of the wrong shape: the candidate's forward is broken
-            raise WorkerFailed(f"the forward pass: {e}") from None
-        forward.freeze()
-        outside = trainer.thaw()
-        eval_seconds += time.perf_counter() - t
-        if outside:
-            violations.append(protocol.violation(
-                "frozen-signals", f"signals reached the frozen trainer from outside its "
-                f"sandbox: {'; '.join(outside)}"))
-        if ev is None:
-            return None
-        twins.append(ev.twins.as_dict())
-        if not ev.twins.ok:
-            violations.append(protocol.violation(
-                "twins", f"a twin row's log-probabilities moved by {ev.twins.max_change:.3g} "
-                f"(tolerance {ev.twins.tolerance:.3g}) where it repeats its original row: the "
-                "forward pass saw past a position, across rows, or changed as it was used"))
-        point = dict(tokens=tokens, seconds=clock.elapsed(), val_loss=ev.loss, val_bpb=ev.bpb)
-        curve.append(point)
-        print(protocol.eval_line(steps, tokens, ev.loss, point["seconds"]), flush=True)
-        return point, path
-
-    def batch(batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        if batch_size % args.nproc:
-            raise UsageError(f"the recipe's batch of {batch_size} sequences does not split over "
-                             f"{args.nproc} processes: use an --nproc that divides it")
-        try:
-            x, y = loader.next_batch(batch_size, seq_len)
-        except ValueError as e:  # a window longer than the split
-            raise UsageError(f"dataset {setup.data!r}: {e}") from None
-        if int(y.max()) >= vocab or int(x.min()) < 0:
-            raise UsageError(f"the train split of dataset {setup.data!r} holds token ids outside "
-                             f"the vocabulary of {vocab}: rebuild it with its prepare --force")
-        return x.numpy().astype(np.int32), y.numpy().astype(np.int32)
-
-    last = None
-    if violations:  # found before the clock (the restore check): nothing is timed
+    max_loss = 3 * math.log(data.vocab)  # far above the initial ln(vocab): the run blew up
+    pending = eval_points(preset.n_evals)
+    clock, steps, tokens, status, point = Clock(), 0, 0, "ok", None
+    if evaluate_now.violations:  # found before the clock (the restore check): nothing is timed
         status = "integrity-violation"
     clock.start()
     while status == "ok":
         progress = budget.progress(tokens, clock)
         if progress >= 1.0:
             break
-        x, y = batch(*_shape(shape))
+        x, y = data.batch(shape)
         tokens += x.size
         steps += 1
         log = steps % args.log_every == 0 or steps == 1
         reply = trainer.step(x, y, progress, budget.progress(tokens, clock), log)
         shape = reply.get("shape")
         if log:
-            loss = reply.get("loss")
+            loss = reply.get("loss")  # its word: it only ever ends its own run
             if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss > max_loss:
                 status = "diverged"
                 print(f"diverged at step {steps}: train loss {loss}", flush=True)
@@ -382,52 +262,28 @@ def train_and_evaluate(args, setup, loader, evalset, trainer, forward, info, vio
         if pending and pending[0] <= progress < 1.0:
             while pending and pending[0] <= progress:
                 pending.pop(0)
-            last = evaluate_now()
-            if violations:
+            point = evaluate_now(steps, tokens, clock)
+            if evaluate_now.violations:
                 status = "integrity-violation"
-                break
-            if last is None:
+            elif point is None:
                 status = "diverged"
-                break
-            if target is not None and last[0]["val_loss"] <= target:
-                break
-            clock.start()
-    if status == "ok" and (last is None or last[0]["tokens"] != tokens):
-        last = evaluate_now()  # the final weights: the clock stops when they are handed over
-        if violations:
+            elif args.target_loss is None or point["val_loss"] > args.target_loss:
+                clock.start()
+                continue
+            break
+    if status == "ok" and (point is None or point["tokens"] != tokens):
+        point = evaluate_now(steps, tokens, clock)  # the clock stops at the final weights
+        if evaluate_now.violations:
             status = "integrity-violation"
-        elif last is None:
+        elif point is None:
             status = "diverged"
     clock.pause()
-    return {"status": status, "steps": steps, "tokens": tokens, "curve": curve,
-            "train_seconds": clock.elapsed(), "eval_seconds": eval_seconds, "twins": twins,
-            "budget_tokens": budget.tokens, "final_weights": last[1] if last else None}
-
-
-def _shape(shape) -> tuple[int, int]:
-    """The (batch_size, seq_len) the trainer asked for, checked: it is only the worker's word."""
-    if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 24
-                       for n in shape)):
-        raise WorkerFailed(f"the trainer asked for a batch of shape {shape!r}: it must be two "
-                           "positive integers (recipe.batch_shape)")
-    return shape[0], shape[1]
+    return {"status": status, "steps": steps, "tokens": tokens,
+            "train_seconds": clock.elapsed(), "budget_tokens": budget.tokens}
 
 
 def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds: the workers and the weights folder are removed
-
-
-@contextlib.contextmanager
-def held_device(device: str):
-    """The machine-wide lock of the run's device, unless the runner that started us holds
-    it; a run started by hand waits for a session's run to finish, and says so."""
-    if os.environ.get(LOCK_HELD_ENV) == device:
-        yield
-        return
-    with device_lock(device, announce=lambda holder: print(
-            f"waiting for the {device} lock ({holder})", file=sys.stderr, flush=True)):
-        yield
 
 
 def main(argv: list[str] | None = None) -> int:
