@@ -123,6 +123,8 @@ def _check_writable(path: Path, flag: str) -> None:
 def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
     """Start the workers, measure the run, and return the result and the exit code."""
     device = setup.device
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the harness's own work (batches, scores) beside the trainer
     sandbox = Sandbox(None) if args.no_sandbox else available()
     data = Data(args, setup)
     # One thread per trainer process on the CPU: measured steadier on a shared machine than

@@ -109,13 +109,13 @@ class Data:
             raise UsageError(f"the recipe's batch of {batch_size} sequences does not split over "
                              f"{self.nproc} processes: use an --nproc that divides it")
         try:
-            x, y = self.train.next_batch(batch_size, seq_len)
+            x, y = self.train.next_arrays(batch_size, seq_len)
         except ValueError as e:  # a window longer than the split
             raise UsageError(f"dataset {self.name!r}: {e}") from None
         if int(y.max()) >= self.vocab or int(x.min()) < 0:
             raise UsageError(f"the train split of dataset {self.name!r} holds token ids outside "
                              f"the vocabulary of {self.vocab}: rebuild it with its prepare --force")
-        return x.numpy().astype(np.int32), y.numpy().astype(np.int32)
+        return x, y
 
 
 class Evaluations:

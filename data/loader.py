@@ -42,8 +42,9 @@ class Loader:
         self.world_size = world_size
         self.rng = np.random.default_rng([seed, rank])
 
-    def next_batch(self, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        """x, y: int64 (batch_size, seq_len) on the loader's device."""
+    def next_arrays(self, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """x, y: int32 numpy arrays (batch_size, seq_len), C-contiguous (numpy only: a
+        strided copy in torch costs ten times more on a busy machine)."""
         if self.num_tokens < seq_len + 1:
             raise ValueError(
                 f"a window of seq_len + 1 = {seq_len + 1} tokens does not fit in the "
@@ -51,15 +52,21 @@ class Loader:
                 "shorter seq_len or prepare a larger corpus"
             )
         starts = self.rng.integers(0, self.num_tokens - seq_len, size=batch_size)
-        cuda = self.device.type == "cuda"
-        # Pinned memory lets the copy to the GPU run asynchronously; torch's caching host
-        # allocator keeps a buffer alive until its copy has finished.
-        buf = torch.empty((batch_size, seq_len + 1), dtype=torch.int64, pin_memory=cuda)
-        rows = buf.numpy()
+        rows = np.empty((batch_size, seq_len + 1), dtype=np.int32)
         for row, start in zip(rows, starts, strict=True):
             self._read(int(start), row)
-        buf = buf.to(self.device, non_blocking=cuda)
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+    def next_batch(self, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        """x, y: int64 (batch_size, seq_len) on the loader's device."""
+        x, y = self.next_arrays(batch_size, seq_len)
+        cuda = self.device.type == "cuda"
+        out = []
+        for a in (x, y):
+            t = torch.from_numpy(a).to(torch.int64)
+            # Pinned memory lets the copy to the GPU run asynchronously.
+            out.append(t.pin_memory().to(self.device, non_blocking=True) if cuda else t)
+        return out[0], out[1]
 
     def _read(self, start: int, out: np.ndarray) -> None:
         """Fill `out` with the tokens at global offsets start .. start + len(out)."""
