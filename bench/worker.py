@@ -59,9 +59,9 @@ class Link:
 
 
 def state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights, on the CPU, read through torch's own state_dict."""
-    return {k: v.detach().to("cpu", copy=True)
-            for k, v in torch.nn.Module.state_dict(model).items()}
+    """The weights, on the CPU, read through torch's own state_dict (CPU tensors as they are:
+    a save writes them without a copy first)."""
+    return {k: v.detach().cpu() for k, v in torch.nn.Module.state_dict(model).items()}
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
