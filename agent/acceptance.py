@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from agent import runner
-from agent.judge import _welch
+from agent.stats import welch
 
 # The names of the checks, as the ledger's `caught_by` records them (one place; the
 # adversarial suite and bench/INTEGRITY.md use these). A candidate caught by several lists
@@ -112,7 +112,7 @@ def gap_test(
             f"gap test with {len(candidate)} candidate and {len(champion)} "
             "champion gaps: need at least 2 a side"
         )
-    diff = _welch(np.asarray(candidate, float), np.asarray(champion, float))
+    diff = welch(candidate, champion)
     p = diff.p_above(0.0)
     numbers = {
         "candidate_gap": float(np.mean(candidate)),

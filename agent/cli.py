@@ -25,12 +25,13 @@ from pathlib import Path
 from rich.console import Console
 
 from agent import preflight, replay, review
-from agent.judge import OBJECTIVES, RULES
+from agent.leaderboard import LEADERBOARDS
 from agent.ledger import LEDGER_FILE, Ledger, LedgerError
 from agent.loop import Session, SessionConfig, SessionStop
 from agent.proposers import make_proposer
 from agent.report import status_text, write_report
 from agent.review import ReviewError
+from agent.stats import OBJECTIVES
 from agent.tracking import resolve_mode
 from agent.workspace import GitError
 from bench.leaderboards import LadderError
@@ -162,7 +163,7 @@ def check_sandbox(config: SessionConfig) -> None:
 
 def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--rules", choices=list(RULES),
+        "--rules", choices=list(LEADERBOARDS),
         help="judge in a leaderboard's terms: its target loss (where the preset reaches it), "
         "its p-value for the loss test, its waiver for systems changes",
     )  # fmt: skip
@@ -216,7 +217,7 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
                           f"{', '.join(PRESETS)}")
     target = args.target_loss
     if args.rules and target is None and PRESETS[args.preset].target_loss is not None:
-        target = RULES[args.rules].target_loss  # a preset made to reach the leaderboard's
+        target = LEADERBOARDS[args.rules].target_loss  # a preset made to reach the leaderboard's
     return SessionConfig(
         preset=args.preset,
         objective=args.objective,

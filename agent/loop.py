@@ -26,19 +26,12 @@ from pathlib import Path
 from agent import acceptance, integrity, liveness, runner
 from agent.acceptance import AcceptanceConfig
 from agent.costs import ProposerStop
-from agent.judge import (
-    OBJECTIVES,
-    Decision,
-    JudgeConfig,
-    comparable,
-    decide,
-    leaderboard_rules,
-    primary_metric,
-    under_rules,
-)
+from agent.judge import Decision, JudgeConfig, assess, comparable
+from agent.leaderboard import leaderboard_rules, under_rules
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.proposers import Proposal, ProposalFailed, Proposer
 from agent.review import session_lock
+from agent.stats import OBJECTIVES, primary_metric
 from agent.tracking import Tracker
 from agent.workspace import (
     Candidate,
@@ -413,7 +406,7 @@ class Session:
             results = self.comparable(self.ledger.results_of(candidate["id"]))
             champion = self.champion_results()
             if results:
-                decision = decide(champion, results, self.judge)
+                decision = assess(champion, results, self.judge)
                 decision = self.under_rules(decision, results, candidate)
                 if decision.verdict != "more":
                     return decision

@@ -7,7 +7,7 @@ is the ladder: each rung becomes a candidate whose commit is its predecessor's c
 the rung's patch; the baseline is this repository's surface (rung 0), or the surface up to
 the rung before --rungs FROM. For each rung, N runs of its predecessor and N of the rung
 alternate (predecessor, rung, predecessor, rung, ...), each with a fresh seed, so drift of
-the machine hits both sides. The statistics (agent/replay_stats.py) give the measured
+the machine hits both sides. The statistics (agent/rungs.py) give the measured
 speedup with a confidence interval and the leaderboard's loss test; replay_report.py
 writes replay.md, replay.png and the W&B table.
 
@@ -28,7 +28,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from agent import acceptance, liveness
-from agent.judge import Decision, leaderboard_rules
+from agent.judge import Decision
+from agent.leaderboard import leaderboard_rules
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.loop import Session, SessionConfig, SessionStop
 from agent.proposers.base import Proposal, ProposalFailed

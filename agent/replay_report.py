@@ -22,8 +22,7 @@ from typing import NamedTuple
 from agent.judge import comparable
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.loop import SessionConfig
-from agent.replay_stats import RungStats, Times, times
-from agent.rungs import ReplaySettings, load, rung_of, stats_of
+from agent.rungs import ReplaySettings, RungStats, Times, load, rung_of, stats_of, times
 
 COLUMNS = ("rung", "title", "kind", "n", "time (s)", "speedup", "cumulative", "val loss",
            "loss test", "published", "reference")  # fmt: skip

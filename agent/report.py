@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from agent.judge import OBJECTIVES, comparable, measure_noise, primary_metric
+from agent.judge import comparable, measure_noise
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.liveness import STARTED, STOPPED, Liveness, liveness, lock_holder
+from agent.stats import OBJECTIVES, Speedup, censored_metric, primary_metric, speedup
 
 # Candidate classes: the colours of progress.png and the status column of results.tsv.
 CLASSES = {  # class -> (colour, marker, autoresearch status)
@@ -45,14 +45,6 @@ TSV_EXTRA = ("speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low",
              "p_value", "runs", "val_loss", "outcome", "proposer", "candidate", "caught_by")
 
 
-@dataclass(frozen=True)
-class Speedup:
-    ratio: float  # geometric-mean ratio vs the baseline, > 1 is better
-    ci_low: float | None  # 95% Welch interval on the log scale; None with fewer than 2 runs
-    ci_high: float | None
-    n: int  # runs of the candidate that measured it
-
-
 class ReportPaths(NamedTuple):
     report: Path  # report.md
     progress: Path  # progress.png
@@ -64,40 +56,27 @@ def speedup_vs_baseline(baseline: Sequence[dict], results: Sequence[dict],
     """How much better `results` are than `baseline` (judge-input dicts, `results_of`).
 
     A baseline run that missed a time-to-loss target counts with its training time, as the
-    judge counts the champion's (a lower bound: conservative); a candidate run that missed
+    judge counts the champion's (agent.stats.censored_metric); a candidate run that missed
     it measured no speed and is left out. None when either side has no usable run.
     """
-    from scipy import stats  # lazily: a second of import that `status` rarely needs
-
-    sign = OBJECTIVES[objective][1]
-    base = sign * np.log(_metric_values(baseline, objective, censored=True))
-    cand = sign * np.log(_metric_values(results, objective))
-    if len(base) == 0 or len(cand) == 0:
-        return None
-    ratio = math.exp(cand.mean() - base.mean())
-    if len(base) < 2 or len(cand) < 2:
-        return Speedup(ratio, None, None, len(cand))
-    if cand.std() == 0.0 and base.std() == 0.0:  # a deterministic benchmark: no spread
-        low = high = cand.mean() - base.mean()
-    else:
-        low, high = stats.ttest_ind(cand, base, equal_var=False).confidence_interval(0.95)
-    return Speedup(ratio, math.exp(low), math.exp(high), len(cand))
+    base = _metric_values(baseline, lambda r: censored_metric(r, objective))
+    mine = _metric_values(results, lambda r: primary_metric(r, objective))
+    return speedup(base, mine, higher_is_better=OBJECTIVES[objective][1] > 0)
 
 
-def _metric_values(results: Sequence[dict], objective: str, censored: bool = False) -> list:
-    """The primary metric of each ok run that measured one. `censored`: a run that missed a
-    time-to-loss target counts with its training time instead (a lower bound)."""
+def _metric_values(results: Sequence[dict], metric) -> list[float]:
+    """`metric` of each ok run that measured one (a malformed number is left out: the
+    runner should have said invalid-result)."""
     values = []
     for r in results:
         if r.get("status") != "ok":
             continue
         try:
-            v = primary_metric(r, objective)
-        except ValueError:  # a malformed number: the runner should have said invalid-result
+            value = metric(r)
+        except ValueError:
             continue
-        v = r.get("train_seconds") if v is None and censored else v
-        if isinstance(v, (int, float)) and math.isfinite(v) and v > 0:
-            values.append(float(v))
+        if value is not None:
+            values.append(value)
     return values
 
 
@@ -249,7 +228,7 @@ def _noise(s: _Session) -> str:
         noise = measure_noise(ok, s.objective)
     except ValueError as err:
         return f"{len(ok)} ok baseline run(s): noise not measured ({err})."
-    values = _metric_values(ok, s.objective, censored=True)
+    values = _metric_values(ok, lambda r: censored_metric(r, s.objective))
     return (f"{noise.n} ok baseline runs: `{OBJECTIVES[s.objective][0]}` mean "
             f"{np.mean(values):.4g} (sd {np.std(values, ddof=1):.3g}); noise of a ratio "
             f"{noise.log_metric_sd:.2%} (sd of the log metric); val loss sd "
@@ -350,7 +329,7 @@ def _results(s: _Session) -> tuple[list[str], list[list]]:
         if e.kind == "pending" and e is not s.base:
             continue
         c, d, sp = e.candidate, e.candidate["decision"] or {}, e.speedup
-        values = _metric_values(e.results, s.objective)
+        values = _metric_values(e.results, lambda r: primary_metric(r, s.objective))
         memory, losses = e.ok_values("peak_memory_bytes"), e.ok_values("val_loss")
         rows.append([
             (c["commit_sha"] or "-")[:7], float(np.mean(values)) if values else None,

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 from fakes.repo import git, working_tree_repo
 
-from agent.judge import RULES, Decision, LossTest, fake_run, loss_test, under_rules
+from agent.judge import Decision, fake_run
+from agent.leaderboard import LEADERBOARDS, under_rules
 from agent.ledger import LEDGER_FILE, Ledger
 from agent.proposers.sweep import write_value
-from agent.replay_stats import rung_stats, speedup, times
+from agent.rungs import rung_stats, times
+from agent.stats import LossTest, loss_test, speedup
 from bench.leaderboards import surface_fingerprint
 
 RECIPE = "model/recipe.py"
-SPEEDRUN = RULES["nanogpt-speedrun"]
+SPEEDRUN = LEADERBOARDS["nanogpt-speedrun"]
 
 
 def simulated(rng, n: int, log_gain: float, noise_sd: float, loss: float, seed0: int):
@@ -41,7 +43,7 @@ def test_a_known_speedup_is_recovered_and_its_interval_covers_it(noise_ratio):
     for _ in range(200):
         pred = simulated(rng, 5, 0.0, 0.03, 3.27, 0)
         rung = simulated(rng, 5, math.log(1.3), 0.03 * noise_ratio, 3.27, 100)
-        sp = speedup(times(pred), times(rung))
+        sp = speedup(times(pred).values, times(rung).values)
         ratios.append(sp.ratio)
         covered += sp.ci_low <= 1.3 <= sp.ci_high
     print(f"\nnoise x{noise_ratio}: median x{np.median(ratios):.4f}, coverage {covered / 200:.1%}")
@@ -51,8 +53,8 @@ def test_a_known_speedup_is_recovered_and_its_interval_covers_it(noise_ratio):
 
 def test_no_speedup_is_called_significant_about_5_percent_of_the_time():
     rng = np.random.default_rng(1)
-    p = [speedup(times(simulated(rng, 4, 0.0, 0.03, 3.27, 0)),
-                 times(simulated(rng, 4, 0.0, 0.03, 3.27, 100))).p_value
+    p = [speedup(times(simulated(rng, 4, 0.0, 0.03, 3.27, 0)).values,
+                 times(simulated(rng, 4, 0.0, 0.03, 3.27, 100)).values).p_value
          for _ in range(400)]  # fmt: skip
     assert 0.02 <= np.mean(np.array(p) < 0.05) <= 0.09
 
@@ -84,7 +86,7 @@ def test_one_run_a_side_gives_a_ratio_but_no_interval_and_no_loss_verdict():
     assert st.speedup.ratio > 1.0 and st.speedup.ci_low is None and st.speedup.p_value is None
     assert st.loss.verdict == "n/a" and st.loss.p_value is None and st.rung.sd is None
     assert st.rung.interval() is None
-    assert speedup(times([]), st.rung) is None
+    assert speedup(times([]).values, st.rung.values) is None
 
 
 def test_a_run_short_of_the_target_counts_its_training_time_and_failures_count_none():
