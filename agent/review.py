@@ -14,53 +14,16 @@ on a champion that is no longer the champion (that would drop the changes accept
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import Ledger
+from agent.liveness import SessionBusy, session_lock
+from agent.rundir import RunDir
 from agent.workspace import Workspace
-
-LOCK_FILE = "session.lock"
 
 
 class ReviewError(RuntimeError):
     """A review that cannot be made as asked; the message says why and what to do."""
-
-
-class SessionBusy(ReviewError):
-    """Another process holds the run directory (a running session, or a review)."""
-
-
-@contextlib.contextmanager
-def session_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory's lock: the loop while it runs, a review while it decides;
-    SessionBusy when another process holds it. An flock, so the kernel releases it when its
-    holder dies (even by kill -9). The file says who holds it (`status` reads it); a lock
-    held for an instant (`status` probing it) is waited for, briefly."""
-    path = Path(run_dir) / LOCK_FILE
-    with open(path, "a+") as f:
-        for _ in range(10):
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.05)
-        else:
-            raise SessionBusy(
-                f"another process works in {run_dir} (it holds {path}): a "
-                "running session? Stop it (Ctrl-C) or wait for it to end"
-            ) from None
-        try:
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def held_text(run_dir: Path) -> str:

@@ -21,9 +21,7 @@ import contextlib
 import json
 import math
 import os
-import selectors
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from agent import child
 from bench import protocol
 from bench.locks import LOCK_HELD_ENV, DeviceLock, device_lock
 
@@ -107,24 +106,17 @@ def run(spec: RunSpec) -> RunOutcome:
             _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")
         watch = _Watch(log, spec.early_stop)
         started = time.monotonic()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=worktree,
-            env=_child_env(spec),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, so that one killpg ends it all
-            preexec_fn=_die_with_parent,
-        )
+        proc = child.start(cmd, worktree, _child_env(spec))
         try:
-            killed_for = _supervise(proc, watch, started + spec.timeout_s)
+            killed = child.pump(proc, watch.feed, started + spec.timeout_s,
+                                stop=lambda: watch.stop_requested)
+            killed_for = {"stop": "early-stop"}.get(killed, killed)
             wall_seconds = time.monotonic() - started
         finally:
             # Also on exceptions and Ctrl-C: no process of the run may outlive it.
-            _end_group(proc, spec.kill_grace_s)
             watch.early_stop = None  # the run is over; lines still in the pipes are only logged
-            watch.drain(proc)
+            child.end(proc, watch.feed, spec.kill_grace_s)
+            watch.flush()
         if killed_for == "timeout":
             _log_note(log, f"killed: over the {spec.timeout_s:g} s timeout")
         elif killed_for == "early-stop":
@@ -239,27 +231,6 @@ class _Watch:
                 self.partial[stream] = b""
                 self._line(stream, rest)
 
-    def drain(self, proc: subprocess.Popen) -> None:
-        """Read what is left in the pipes after the group is gone, then close them."""
-        sel = selectors.DefaultSelector()
-        for stream in ("stdout", "stderr"):
-            sel.register(getattr(proc, stream), selectors.EVENT_READ, stream)
-        deadline = time.monotonic() + 2.0  # every writer is dead: EOF comes at once
-        while sel.get_map() and time.monotonic() < deadline:
-            for key, _ in sel.select(timeout=0.1):
-                self.read(sel, key)
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
-        self.flush()
-
-    def read(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
-        data = os.read(key.fd, 65536)
-        if data:
-            self.feed(key.data, data)
-        else:
-            sel.unregister(key.fileobj)
-
     def _line(self, stream: str, raw: bytes) -> None:
         self.log.write(raw + b"\n")
         self.log.flush()  # so the log is complete up to here even if we are killed next
@@ -277,64 +248,6 @@ class _Watch:
             if self.early_stop is not None and not self.stop_requested:
                 stop = self.early_stop(point["tokens"], point["seconds"], point["val_loss"])
                 self.stop_requested = bool(stop)
-
-
-def _supervise(proc: subprocess.Popen, watch: _Watch, deadline: float) -> str | None:
-    """Stream output until the child exits (None), or say why we must kill it."""
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    try:
-        while not _has_exited(proc.pid):
-            if watch.stop_requested:
-                return "early-stop"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "timeout"
-            if not sel.get_map():  # both pipes closed, the child still running
-                time.sleep(min(0.05, remaining))
-            for key, _ in sel.select(timeout=min(0.05, remaining)):
-                watch.read(sel, key)
-        return "early-stop" if watch.stop_requested else None
-    finally:
-        sel.close()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the runner dies, even by
-    kill -9, so an orphaned benchmark never keeps the device busy under the next run."""
-    if sys.platform == "linux":
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _has_exited(pid: int) -> bool:
-    # WNOWAIT leaves the child a zombie: its pid, and so its process group id, cannot be
-    # reused by another process before _end_group has signalled the group.
-    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    return info is not None
-
-
-def _end_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """Terminate the run's process group, then SIGKILL whatever is left, then reap."""
-    try:
-        if not _has_exited(proc.pid):
-            _signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while not _has_exited(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-    finally:  # even when a second Ctrl-C cuts the grace period short
-        # Stragglers (compile workers, children the candidate spawned) may hold the GPU even
-        # after the leader has exited; the leader is not reaped yet, so the group id is ours.
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
 
 
 def _child_env(spec: RunSpec) -> dict[str, str]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from agent import child
 from agent.context import digest_line
 from agent.proposers.base import CATEGORIES
 from bench.sandbox import Sandbox, SandboxError, available
@@ -215,27 +215,17 @@ def write_atomic(path: Path, text: str) -> None:
 def run_command(cmd: list[str] | str, cwd: Path, timeout_s: float, env: dict | None = None,
                 stdin: str | None = None, sandbox: Sandbox | None = None,
                 **confine) -> tuple[int | None, str]:
-    """Run a command in its own process group; (exit code or None on timeout, output).
-    With `sandbox`, inside it (`confine`: Sandbox.command's keywords; `env` is then what
-    the sandboxed process may see besides the allow-list).
-
-    On timeout the whole group is killed, so no grandchild outlives it.
-    """
-    streams = dict(stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                   text=True)
+    """Run a command (a shell line when a string) as a supervised child (agent/child.py);
+    (exit code, or None on timeout; its output). With `sandbox`, inside it (`confine`:
+    Sandbox.command's keywords; `env` is then what the sandboxed process may see besides
+    the allow-list)."""
+    argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
+    popen = None
     if sandbox is not None:
-        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
-        proc = sandbox.popen(argv, cwd, env=env or {}, **confine, **streams)
-    else:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, shell=isinstance(cmd, str), **streams)
-    try:
-        out, _ = proc.communicate(stdin, timeout=timeout_s)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return None, out
+        def popen(argv, **streams):
+            return sandbox.popen(argv, cwd, env=env or {}, **confine, **streams)
+    done = child.run(argv, cwd, timeout_s, env=env, stdin=stdin, merge=True, popen=popen)
+    return done.code, done.out
 
 
 def tail(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:

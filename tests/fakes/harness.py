@@ -1,10 +1,10 @@
 """A fast stand-in for the benchmark, for tests that run many whole sessions.
 
 `fake_harness_repo(dest)` is this working tree as a fresh repository whose fixed harness is
-replaced by small fakes: train.py honours train.py's contract (clock lines, the result JSON
-on stdout and in --out, a checkpoint, exit 2 with "error: ..." on bad input) in a fraction
-of a second; bench/eval_worker.py and bench/profile.py answer the loop's acceptance check
-and profile the same way. Everything else is real: the engine runs them through the real
+replaced by small fakes: train.py honours the harness's contract (bench/protocol.py: the
+result JSON on stdout and in --out, a checkpoint, exit 2 with "error: ..." on bad input)
+in a fraction of a second; bench/score.py and bench/profile.py answer the loop's
+acceptance check and profile the same way. Everything else is real: the engine runs them through the real
 runner, as child processes, under the device lock, in the session's own worktree.
 
 The fake's speed is model/speed.txt (tokens per second = 1000 x speed), its noise 1% a run,
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from bench.protocol import SCHEMA_VERSION
+
 # What the engine reads of the harness: each preset's device, default data and target.
 PRESETS = {"cpu-tiny": SimpleNamespace(device="cpu", data="embedded", target_loss=None)}
 
@@ -46,7 +48,8 @@ def main(argv):
     time.sleep(0.01)
     print("clock pause", flush=True)
     result = {
-        "schema_version": 2, "status": "ok", "preset": flag(argv, "--preset"), "seed": seed,
+        "schema_version": SCHEMA_VERSION, "status": "ok", "sandbox": "--no-sandbox" not in argv,
+        "preset": flag(argv, "--preset"), "seed": seed,
         "tokens": 4096, "tokens_per_sec": 1000.0 * speed * (1 + 0.01 * rng.gauss(0, 1)),
         "train_seconds": 0.01, "val_loss": loss, "time_to_target": None,
         "curve": [{"tokens": 4096, "seconds": 0.01, "val_loss": loss}],
@@ -63,21 +66,25 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 '''
 
-EVAL_WORKER = '''\
-"""A fake evaluator (tests/fakes/harness.py): a checkpoint's val loss, and a holdout loss
-a seed-dependent gap above it."""
+SCORE = '''\
+"""A fake scorer (tests/fakes/harness.py): a checkpoint's val loss, and a holdout loss a
+seed-dependent gap above it."""
 import json
 import random
 import sys
 from pathlib import Path
 
-paths = sys.argv[sys.argv.index("--checkpoints") + 1:]
+VALUED = ("--preset", "--device", "--data", "--kernels", "--splits")
+args = sys.argv[1:]
+paths = [a for i, a in enumerate(args)
+         if not a.startswith("--") and (i == 0 or args[i - 1] not in VALUED)]
 rows = []
 for path in paths:
     saved = json.loads(Path(path).read_text())
     gap = 0.1 + 0.01 * random.Random(saved["seed"]).gauss(0, 1)
-    rows.append({"checkpoint": path, "val": {"loss": saved["val_loss"], "bpb": None},
-                 "holdout": {"loss": saved["val_loss"] + gap, "bpb": None}})
+    rows.append({"checkpoint": path,
+                 "val": {"loss": saved["val_loss"], "bpb": None, "twins_ok": True},
+                 "holdout": {"loss": saved["val_loss"] + gap, "bpb": None, "twins_ok": True}})
 print(json.dumps(rows))
 '''
 
@@ -94,7 +101,7 @@ def fake_harness_repo(dest: Path) -> Path:
     """This working tree at `dest`, committed, with the fake harness committed on top."""
     working_tree_repo(dest)
     (dest / "train.py").write_text(TRAIN)
-    (dest / "bench" / "eval_worker.py").write_text(EVAL_WORKER)
+    (dest / "bench" / "score.py").write_text(SCORE)
     (dest / "bench" / "profile.py").write_text(PROFILE)
     (dest / "model" / "speed.txt").write_text("1.0\n")
     git(dest, "add", "-A")

@@ -1,0 +1,111 @@
+"""A session's run directory D and every path in it, named once:
+
+    D/ledger.sqlite            the ledger, the session's single source of truth
+    D/session.lock             held while a loop or a review works in D (agent/liveness.py)
+    D/worktree/                the session's git worktree, where candidates run
+    D/propose/                 a second worktree, where the next candidate is drafted meanwhile
+    D/logs/NAME.log            a run's output; D/results/NAME.json its result JSON;
+    D/checkpoints/NAME.pt      its final weights, until the acceptance checks have read them
+    D/profiles/cNNN.txt        where a champion spends its time, for the LLM proposers
+    D/llm/                     the LLM proposer's conversations
+    D/report.md, D/progress.png, D/results.tsv, D/replay.md, D/replay.png: the reports
+    D/wandb/                   W&B's offline files (unless WANDB_DIR says elsewhere)
+
+NAME is `run_name(...)`: the ledger's run id makes it unique, so a run discarded on resume
+and its re-run keep a file each.
+
+What this module must never do: create, change or delete a file; callers make what they
+write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LEDGER_FILE = "ledger.sqlite"
+LOCK_FILE = "session.lock"
+WORKTREES = ("worktree", "propose")  # the worktrees a session keeps in its run directory
+
+
+def run_name(run_id: int, candidate_id: int, role: str, seed: int) -> str:
+    """`r0031-c004-confirm-s12`: the name of a run's log, result and checkpoint files."""
+    return f"r{run_id:04d}-c{candidate_id:03d}-{role}-s{seed}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of_worktree(cls, path: Path) -> RunDir | None:
+        """The run directory that holds the session worktree `path`, or None when `path` is
+        not where a session keeps its worktrees."""
+        return cls(Path(path).parent) if Path(path).name in WORKTREES else None
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / LEDGER_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def worktree(self) -> Path:
+        return self.root / WORKTREES[0]
+
+    @property
+    def propose(self) -> Path:
+        return self.root / WORKTREES[1]
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def result(self, name: str) -> Path:
+        return self.root / "results" / f"{name}.json"
+
+    def checkpoint(self, name: str) -> Path:
+        return self.root / "checkpoints" / f"{name}.pt"
+
+    def run_checkpoint(self, run: dict) -> Path:
+        """The checkpoint of a ledger run."""
+        return self.checkpoint(run_name(run["id"], run["candidate_id"], run["role"], run["seed"]))
+
+    def profile(self, candidate_id: int) -> Path:
+        return self.root / "profiles" / f"c{candidate_id:03d}.txt"
+
+    @property
+    def llm(self) -> Path:
+        return self.root / "llm"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.png"
+
+    @property
+    def results_tsv(self) -> Path:
+        return self.root / "results.tsv"
+
+    @property
+    def replay_table(self) -> Path:
+        return self.root / "replay.md"
+
+    @property
+    def replay_plot(self) -> Path:
+        return self.root / "replay.png"
+
+    @property
+    def wandb(self) -> Path:
+        """The folder in which W&B makes its `wandb/`."""
+        return self.root
