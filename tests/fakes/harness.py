@@ -4,8 +4,9 @@
 replaced by small fakes: train.py honours the harness's contract (bench/protocol.py: the
 result JSON on stdout and in --out, a checkpoint, exit 2 with "error: ..." on bad input)
 in a fraction of a second; bench/score.py and bench/profile.py answer the loop's
-acceptance check and profile the same way. Everything else is real: the engine runs them through the real
-runner, as child processes, under the device lock, in the session's own worktree.
+acceptance check and profile the same way. Everything else is real: the engine runs them
+through the real runner, as child processes, under the device lock, in the session's own
+worktree.
 
 The fake's speed is model/speed.txt (tokens per second = 1000 x speed), its noise 1% a run,
 drawn from the seed; so a session on it decides the same way every time it is run.
