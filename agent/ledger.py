@@ -37,16 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from agent import faults
+from agent.runner import STATUSES
 
-LEDGER_FILE = "ledger.sqlite"
 SCHEMA_VERSION = 4
 
 ROLES = ("baseline", "screen", "confirm", "champion")
-# How the runner classifies one benchmark run; every outcome but "ok" is a failed run.
-OUTCOMES = ("ok", "crash", "timeout", "oom", "diverged", "invalid-result",
-            "integrity-violation", "early-stopped")
-VERDICTS = ("accept", "reject")  # what `decide` records; "refused" comes from `refuse`,
-# "held" from `hold`
+VERDICTS = ("accept", "reject")  # what `record_decision` records; "refused" comes from
+# `refuse`, "held" from `hold`
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -84,7 +81,7 @@ CREATE TABLE runs (
     role TEXT NOT NULL CHECK (role IN ('baseline', 'screen', 'confirm', 'champion')),
     seed INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'discarded')),
-    outcome TEXT,               -- the runner's class (OUTCOMES); NULL unless finished
+    outcome TEXT,               -- the runner's class (runner.STATUSES); NULL unless finished
     result TEXT,                -- JSON: train.py's result, when it wrote one
     error TEXT,                 -- failure tail, or why the run was discarded
     log_path TEXT,
@@ -177,9 +174,9 @@ def _run(row: sqlite3.Row) -> dict:
 
 
 class Ledger:
-    """One session's ledger: the file `D/ledger.sqlite` (LEDGER_FILE) of its run directory D.
+    """One session's ledger: the file `D/ledger.sqlite` of its run directory D (RunDir.ledger).
 
-    `Ledger(D / LEDGER_FILE)` opens it, creating it (and D) if needed; `create=False` (for
+    `Ledger(RunDir(D).ledger)` opens it, creating it (and D) if needed; `create=False` (for
     `status` and `report`) refuses to make a new one. Any thread may use it (each gets its own
     connection); other processes may read while the loop writes (WAL), e.g.
     `python -m agent status D`.
@@ -380,7 +377,7 @@ class Ledger:
         row = self._one(_CANDIDATES + " WHERE parent_id IS NULL")
         return None if row is None else _candidate(row)
 
-    def decide(self, candidate_id: int, verdict: str, decision: Any, *,
+    def record_decision(self, candidate_id: int, verdict: str, decision: Any, *,
                speedup: float | None = None, caught_by: str | None = None) -> None:
         """Record the verdict ('accept' or 'reject') and the judge's Decision (a dataclass or
         a mapping). Accepting makes the candidate the champion in the same transaction, so
@@ -466,17 +463,6 @@ class Ledger:
 
     # -- champion -------------------------------------------------------------------------
 
-    def set_champion(self, candidate_id: int, speedup: float) -> None:
-        """Record a new speedup estimate of an accepted candidate as champion, e.g. after it
-        was re-measured. (Accepting a candidate already makes it the champion: `decide`.)"""
-        with self._write() as db:
-            row = self._one("SELECT verdict FROM candidates WHERE id = ?", (candidate_id,))
-            if row is None or row["verdict"] != "accept":
-                raise LedgerError(f"candidate {candidate_id} cannot be champion: only an "
-                                  "accepted candidate can (decide it 'accept' first)")
-            db.execute("INSERT INTO champions (candidate_id, since, speedup) VALUES (?, ?, ?)",
-                       (candidate_id, _now(), _speedup(candidate_id, speedup)))
-
     def champion(self) -> dict | None:
         """The current champion's candidate dict plus `champion_since` and `speedup`."""
         row = self._one("SELECT candidate_id, since, speedup FROM champions "
@@ -539,10 +525,10 @@ class Ledger:
 
     def finish_run(self, run_id: int, outcome: str, result: Mapping | None = None,
                    error: str | None = None, wall_seconds: float | None = None) -> None:
-        """Record a run's outcome (one of OUTCOMES), its result JSON if any, the error tail
-        of a failure and its wall-clock time."""
-        if outcome not in OUTCOMES:
-            raise LedgerError(f"run {run_id}: outcome {outcome!r} is not one of {OUTCOMES}")
+        """Record a run's outcome (one of runner.STATUSES), its result JSON if any, the error
+        tail of a failure and its wall-clock time."""
+        if outcome not in STATUSES:
+            raise LedgerError(f"run {run_id}: outcome {outcome!r} is not one of {STATUSES}")
         with self._write() as db:
             row = self._one("SELECT state FROM runs WHERE id = ?", (run_id,))
             if row is None or row["state"] != "running":
@@ -605,7 +591,7 @@ class Ledger:
             self._db.execute(sql + " AND candidate_id = ?", (candidate_id,))
         return {r[0] for r in rows}
 
-    # -- the holdout slice (threat 3) ------------------------------------------------------
+    # -- the holdout slice: checkpoints scored afresh (acceptance) -------------------------
 
     def set_holdout(self, run_id: int, val: Mapping, holdout: Mapping) -> None:
         """A run's checkpoint evaluated on the val and holdout slices ({'loss', 'bpb'} each).

@@ -29,8 +29,9 @@ from typing import NamedTuple
 import numpy as np
 
 from agent.judge import comparable, measure_noise
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import Ledger
 from agent.liveness import STARTED, STOPPED, Liveness, liveness, lock_holder
+from agent.rundir import RunDir
 from agent.stats import OBJECTIVES, Speedup, censored_metric, primary_metric, speedup
 
 # Candidate classes: the colours of progress.png and the status column of results.tsv.
@@ -163,7 +164,7 @@ class _Session:
 
 
 def _collect(run_dir: str | Path) -> _Session:
-    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger, ledger.snapshot():
+    with Ledger(RunDir(run_dir).ledger, create=False) as ledger, ledger.snapshot():
         session = ledger.session() or {"id": "(not started)", "created": time.time(),
                                        "config": {}}
         config = session["config"]
@@ -422,9 +423,8 @@ def _plot(path: Path, s: _Session) -> None:
 
 def write_report(run_dir: str | Path) -> ReportPaths:
     """Write report.md, progress.png and results.tsv in `run_dir` from its ledger."""
-    run_dir = Path(run_dir)
-    s = _collect(run_dir)
-    paths = ReportPaths(run_dir / "report.md", run_dir / "progress.png", run_dir / "results.tsv")
+    s, where = _collect(run_dir), RunDir(run_dir)
+    paths = ReportPaths(where.report, where.progress, where.results_tsv)
     paths.report.write_text(_markdown(s))
     paths.results.write_text(_tsv(s))
     _plot(paths.progress, s)

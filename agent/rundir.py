@@ -49,6 +49,9 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.root)
 
+    def __fspath__(self) -> str:  # so that Path(run_dir) and open() take a RunDir
+        return str(self.root)
+
     @property
     def ledger(self) -> Path:
         return self.root / LEDGER_FILE
@@ -65,8 +68,12 @@ class RunDir:
     def propose(self) -> Path:
         return self.root / WORKTREES[1]
 
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
     def log(self, name: str) -> Path:
-        return self.root / "logs" / f"{name}.log"
+        return self.logs / f"{name}.log"
 
     def result(self, name: str) -> Path:
         return self.root / "results" / f"{name}.json"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.config import from_dict
 from agent.judge import comparable
 from agent.stats import LossTest, Speedup, censored_metric, geomean_interval, loss_test, speedup
 
@@ -50,7 +51,7 @@ class ReplaySettings:
 
     @classmethod
     def of(cls, config) -> ReplaySettings:
-        return cls(**config.proposer_options)
+        return from_dict(cls, config.proposer_options, "replay settings")
 
 
 def rung_of(candidate: dict) -> str | None:

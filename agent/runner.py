@@ -15,16 +15,14 @@ validated against the harness's contract.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -157,49 +155,6 @@ def device_locks(spec: RunSpec) -> Iterator[DeviceLock]:
     with contextlib.ExitStack() as stack:
         locks = [stack.enter_context(device_lock("cuda", i)) for i in _gpus(spec)]
         yield max(locks, key=lambda lock: lock.waited_s)
-
-
-def behind_champion(
-    champion_curve: Sequence[dict], margin: float, min_fraction: float = 0.3,
-    axis: str = "seconds",
-) -> EarlyStop:
-    """An early-stop rule: stop when the candidate's val loss is worse than the champion's at
-    the same point of training by more than `margin` nats.
-
-    The point is the training time (`axis="seconds"`: who gets lower sooner, for the
-    time-to-loss and loss-at-time objectives) or the tokens seen (`axis="tokens"`: the
-    throughput objective compares loss at equal tokens). The champion's curve is
-    interpolated linearly on that axis, and held at its ends. Nothing is stopped before
-    `min_fraction` of the champion's whole run on that axis: early evaluations are noisy,
-    and a different schedule can start slower.
-    """
-    if axis not in ("seconds", "tokens"):
-        raise ValueError(f"axis {axis!r}: use 'seconds' or 'tokens'")
-    points = sorted((float(row[axis]), float(row["val_loss"])) for row in champion_curve)
-    if not points:
-        raise ValueError("behind_champion needs a champion curve with at least one evaluation")
-    xs = [x for x, _ in points]
-    losses = [loss for _, loss in points]
-    earliest = min_fraction * xs[-1]
-
-    def champion_loss(x: float) -> float:
-        i = bisect.bisect_left(xs, x)
-        if i == 0:
-            return losses[0]
-        if i == len(xs):
-            return losses[-1]
-        x0, x1 = xs[i - 1], xs[i]
-        return losses[i - 1] + (losses[i] - losses[i - 1]) * (x - x0) / (x1 - x0)
-
-    def should_stop(tokens: int, seconds: float, val_loss: float) -> bool:
-        x = seconds if axis == "seconds" else tokens
-        if x < earliest:
-            return False
-        if not math.isfinite(val_loss):
-            return True  # a NaN loss is as far behind as a run can be
-        return val_loss > champion_loss(x) + margin
-
-    return should_stop
 
 
 class _Watch:

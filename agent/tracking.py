@@ -26,6 +26,7 @@ from pathlib import Path
 from agent import report
 from agent.judge import comparable
 from agent.ledger import Ledger
+from agent.rundir import RunDir
 
 MODES = ("online", "offline", "disabled")  # and "auto": decide from the environment
 _ALIASES = {"dryrun": "offline", "run": "online"}  # older values of WANDB_MODE
@@ -99,7 +100,7 @@ class Tracker:
             return
         self._wandb = wandb
         # WANDB_DIR, when set, says where the files go; else beside the ledger.
-        self.dir = None if os.environ.get("WANDB_DIR") else str(ledger.run_dir)
+        self.dir = None if os.environ.get("WANDB_DIR") else str(RunDir(ledger.run_dir).wandb)
 
     def _say(self, text: str) -> None:
         print(f"speedloop: {text}", file=sys.stderr)

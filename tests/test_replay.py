@@ -15,8 +15,9 @@ from fakes.repo import git, working_tree_repo
 
 from agent.judge import Decision, fake_run
 from agent.leaderboard import LEADERBOARDS, under_rules
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import Ledger
 from agent.proposers.sweep import write_value
+from agent.rundir import LEDGER_FILE
 from agent.rungs import rung_stats, times
 from agent.stats import LossTest, loss_test, speedup
 from bench.leaderboards import surface_fingerprint
@@ -205,12 +206,12 @@ def test_the_table_and_plot_are_written_from_a_ledger_of_fake_results(ladder_dir
             ledger.finish_run(rid, "ok", result(s, s, loss, 4.0), None, s + 2)
 
     base = ledger.add_candidate("baseline", parent_id=None, commit_sha="a" * 40)
-    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+    ledger.record_decision(base, "accept", {"reason": "baseline"}, speedup=1.0)
     r1 = ledger.add_candidate("rung r1: knobs 1", parent_id=base, commit_sha="b" * 40)
     runs(base, "champion", [10.0, 10.4])
     runs(r1, "screen", [8.0])
     runs(r1, "confirm", [8.2])
-    ledger.decide(r1, "accept", {"reason": "replayed"}, speedup=1.25)
+    ledger.record_decision(r1, "accept", {"reason": "replayed"}, speedup=1.25)
     r2 = ledger.add_candidate("rung r2: knobs 2", parent_id=r1, commit_sha="c" * 40)
     runs(r1, "champion", [8.1, 7.9])
     runs(r2, "screen", [8.0, 8.1], loss=4.1)  # at a loss above the target: waived (systems)
@@ -286,7 +287,7 @@ def test_a_real_replay_on_cpu_tiny_writes_its_table_and_resumes_without_rerunnin
 
 def test_agent_run_takes_the_rules_and_the_gpus(tmp_path, capsys):
     from agent.cli import build_parser, main, session_config
-    from agent.loop import Session
+    from agent.recording import with_rules
 
     def config(*flags):
         return session_config(build_parser().parse_args(["run", *flags]), tmp_path)
@@ -299,8 +300,7 @@ def test_agent_run_takes_the_rules_and_the_gpus(tmp_path, capsys):
     assert "--gpus 0" in capsys.readouterr().err
 
     # The session applies the rules after the judge: the loss test at the session's target.
-    small.target_loss, small.wandb = 3.28, "disabled"
-    session = Session.create(tmp_path / "s", small, proposer=None, say=lambda text: None)
+    small.target_loss = 3.28
     over = [{"status": "ok", "val_loss": v} for v in (3.279, 3.281, 3.283)]
-    assert session.under_rules(decision(), over, {"category": "optimizer"}).verdict == "more"
-    assert session.under_rules(decision(), over, {"category": "systems"}).verdict == "accept"
+    assert with_rules(small, decision(), over, {"category": "optimizer"}).verdict == "more"
+    assert with_rules(small, decision(), over, {"category": "systems"}).verdict == "accept"

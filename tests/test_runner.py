@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.runner import STATUSES, RunSpec, behind_champion, device_lock, run
+from agent.measure import behind_champion
+from agent.runner import STATUSES, RunSpec, device_lock, run
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import anthropic
 
+from agent.config import from_dict
 from agent.context import read_brief, research_context, stable_prompt
 from agent.costs import (
     ProposerStop,
@@ -79,11 +80,7 @@ class LLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LLMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LLM settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data, "LLM settings")
 
     def validate(self) -> None:
         if not 1 <= self.max_tokens <= MAX_NONSTREAMING_TOKENS:

@@ -16,21 +16,21 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from agent.config import from_dict
 from agent.context import digest_line, read_brief, research_context, stable_prompt
 from agent.proposers.base import CATEGORIES, Proposal, ProposalFailed
 from agent.proposers.tools import (
     CheckSettings,
     SurfaceTools,
     ToolError,
-    current_diff,
     find_duplicate,
     run_command,
     tail,
 )
-from agent.workspace import git
+from agent.workspace import changed_paths, current_diff, git
 from bench.sandbox import available
 from bench.surface import SURFACE_DIRS
 
@@ -65,22 +65,12 @@ class CommandConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CommandConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown command proposer settings {unknown}; known: "
-                             f"{sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data, "command proposer settings")
 
 
 def prompt_text(brief: str, context: dict, history: list[dict], n_diffs: int) -> str:
     workflow = WORKFLOW.format(categories=" | ".join(CATEGORIES))
     return stable_prompt(brief) + workflow + "\n" + research_context(context, history, n_diffs)
-
-
-def changed_paths(diff: str) -> list[str]:
-    return [line.split(" b/", 1)[-1] for line in diff.splitlines()
-            if line.startswith("diff --git ")]
 
 
 class CommandProposer:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from agent import child
 from agent.context import digest_line
 from agent.proposers.base import CATEGORIES
+from agent.workspace import current_diff, normalized
 from bench.sandbox import Sandbox, SandboxError, available
 from bench.surface import SURFACE_DIRS, in_surface
 
@@ -232,48 +232,16 @@ def tail(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
     return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
-def current_diff(worktree: Path) -> str:
-    """The worktree's change against HEAD, as the workspace will capture it (`git add -A`),
-    computed in a throwaway index so the worktree's own index is left alone."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
-
-        def git(*args: str) -> str:
-            proc = subprocess.run(["git", *args], cwd=worktree, env=env, capture_output=True,
-                                  text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"git {' '.join(args)} in {worktree}: {proc.stderr.strip()}")
-            return proc.stdout
-
-        git("read-tree", "HEAD")
-        git("add", "-A")
-        return git("diff", "--cached", "--no-color", "--no-ext-diff")
-
-
-def normalize_diff(diff: str) -> tuple[str, ...]:
-    """A diff's files and changed lines with all whitespace removed: two edits that differ
-    only in spacing, indentation or context compare equal."""
-    out = []
-    for line in diff.splitlines():
-        if line.startswith("diff --git "):
-            out.append(line)
-        elif line[:1] in "+-" and not line.startswith(("+++ ", "--- ")):
-            body = "".join(line[1:].split())
-            if body:
-                out.append(line[0] + body)
-    return tuple(out)
-
-
 def changes(diff: str) -> bool:
     """Whether a diff changes anything but whitespace."""
-    return any(not line.startswith("diff --git ") for line in normalize_diff(diff))
+    return any(not line.startswith("diff --git ") for line in normalized(diff))
 
 
 def find_duplicate(diff: str, history: list[dict]) -> dict | None:
     """The earliest history row whose diff equals `diff` up to whitespace, if any."""
-    key = normalize_diff(diff)
+    key = normalized(diff)
     for row in history:
-        if row.get("diff") and normalize_diff(row["diff"]) == key:
+        if row.get("diff") and normalized(row["diff"]) == key:
             return row
     return None
 
