@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent.judge import Decision
-from agent.ledger import SCHEMA_VERSION, Ledger, LedgerError
+from agent.ledger import Ledger, LedgerError
 from agent.rundir import LEDGER_FILE
+from agent.store import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
