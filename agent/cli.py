@@ -31,10 +31,11 @@ from agent.ledger import Ledger, LedgerError
 from agent.liveness import SessionBusy
 from agent.loop import Session
 from agent.proposers import make_proposer
-from agent.report import status_text, write_report
+from agent.report import write_report
 from agent.review import ReviewError
 from agent.rundir import RunDir
 from agent.stats import OBJECTIVES
+from agent.status import status_text
 from agent.tracking import resolve_mode
 from agent.workspace import GitError
 from bench.leaderboards import LadderError

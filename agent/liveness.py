@@ -88,13 +88,13 @@ def liveness(run_dir: str | Path, started: dict | None, stopped: dict | None,
         return Liveness("alive", f"alive: the session runs ({held})", None)
     if stopped is not None and (started is None or stopped["id"] > started["id"]):
         why = stopped["text"].removeprefix(STOPPED)
-        return Liveness("stopped", f"stopped {_when(stopped['time'])}: {why}", stopped["time"])
+        return Liveness("stopped", f"stopped {when(stopped['time'])}: {why}", stopped["time"])
     resume = f"resume it with `python -m agent run --resume {run_dir}`"
     if started is None:
         return Liveness("not started", f"not running: its loop never started; {resume}",
                         last_seen)
     return Liveness("killed", f"not running: its process ended without stopping (killed or "
-                    f"crashed) after {_when(last_seen)}; {resume}", last_seen)
+                    f"crashed) after {when(last_seen)}; {resume}", last_seen)
 
 
 def lock_holder(path: str | Path) -> str:
@@ -105,5 +105,5 @@ def lock_holder(path: str | Path) -> str:
         return "holder unknown"
 
 
-def _when(t: float) -> str:
+def when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))

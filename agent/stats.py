@@ -132,6 +132,35 @@ def speedup(old: Sequence[float], new: Sequence[float], higher_is_better: bool =
                    diff.p_above(0.0), len(x))
 
 
+def speedup_vs_baseline(baseline: Sequence[dict], results: Sequence[dict],
+                        objective: str) -> Speedup | None:
+    """How much better `results` are than `baseline` (judge-input dicts, `results_of`).
+
+    A baseline run that missed a time-to-loss target counts with its training time, as the
+    judge counts the champion's (`censored_metric`); a candidate run that missed it
+    measured no speed and is left out. None when either side has no usable run.
+    """
+    base = metric_values(baseline, lambda r: censored_metric(r, objective))
+    mine = metric_values(results, lambda r: primary_metric(r, objective))
+    return speedup(base, mine, higher_is_better=OBJECTIVES[objective][1] > 0)
+
+
+def metric_values(results: Sequence[dict], metric) -> list[float]:
+    """`metric` of each ok run that measured one (a malformed number is left out: the
+    runner should have said invalid-result)."""
+    values = []
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        try:
+            value = metric(r)
+        except ValueError:
+            continue
+        if value is not None:
+            values.append(value)
+    return values
+
+
 def geomean_interval(values: Sequence[float],
                      confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """A t-interval of the geometric mean (on the logs); None with fewer than two values."""

@@ -27,6 +27,7 @@ from agent import report
 from agent.judge import comparable
 from agent.ledger import Ledger
 from agent.rundir import RunDir
+from agent.stats import speedup_vs_baseline
 
 MODES = ("online", "offline", "disabled")  # and "auto": decide from the environment
 _ALIASES = {"dryrun": "offline", "run": "online"}  # older values of WANDB_MODE
@@ -195,7 +196,7 @@ class Tracker:
         cand, decision = candidate_row, candidate_row["decision"] or {}
         config = self.ledger.session()["config"]
         base = self.ledger.baseline()
-        measured = report.speedup_vs_baseline(
+        measured = speedup_vs_baseline(
             comparable(self.ledger.results_of(base["id"]) if base else [], config),
             comparable(self.ledger.results_of(cand["id"]), config),
             config.get("objective", "time-to-loss"))

@@ -21,8 +21,9 @@ from fakes.harness import fake_harness_repo, patch_of
 
 from agent.faults import FAULT_AT, FAULT_TRACE
 from agent.ledger import Ledger
-from agent.report import status_text, write_report
+from agent.report import write_report
 from agent.rundir import LEDGER_FILE
+from agent.status import status_text
 
 START = ["run", "--preset", "cpu-tiny", "--objective", "throughput", "--baseline-runs", "2",
          "--proposer", "patches", "--experiments", "5", "--wandb", "disabled"]  # fmt: skip

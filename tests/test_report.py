@@ -7,8 +7,10 @@ import pytest
 
 from agent.judge import Decision
 from agent.ledger import Ledger
-from agent.report import speedup_vs_baseline, status_text, write_report
+from agent.report import write_report
 from agent.rundir import LEDGER_FILE
+from agent.stats import speedup_vs_baseline
+from agent.status import status_text
 
 DIFF_ACCEPTED = """--- a/model/recipe.py
 +++ b/model/recipe.py

@@ -9,8 +9,9 @@ import pytest
 
 from agent.ledger import Ledger
 from agent.liveness import STARTED, STOPPED, session_lock
-from agent.report import status_text, write_report
+from agent.report import write_report
 from agent.rundir import LEDGER_FILE
+from agent.status import status_text
 from bench.locks import device_lock, lock_path
 
 
