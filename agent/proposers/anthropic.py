@@ -32,7 +32,8 @@ from agent.costs import (
     spent_in_history,
 )
 from agent.proposers.base import Proposal, ProposalFailed
-from agent.proposers.tools import TOOL_SPECS, CheckSettings, Submission, SurfaceTools, ToolError
+from agent.proposers.checks import CheckSettings
+from agent.proposers.tools import TOOL_SPECS, Submission, SurfaceTools, ToolError
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,8 @@ from pathlib import Path
 from agent.config import from_dict
 from agent.context import digest_line, read_brief, research_context, stable_prompt
 from agent.proposers.base import CATEGORIES, Proposal, ProposalFailed
-from agent.proposers.tools import (
-    CheckSettings,
-    SurfaceTools,
-    ToolError,
-    find_duplicate,
-    run_command,
-    tail,
-)
+from agent.proposers.checks import CheckFailed, CheckSettings, run_checks, run_command, tail
+from agent.proposers.tools import find_duplicate
 from agent.workspace import changed_paths, current_diff, git
 from bench.sandbox import available
 from bench.surface import SURFACE_DIRS
@@ -120,12 +114,10 @@ class CommandProposer:
             raise ProposalFailed(description, "this exact change was tried already: "
                                               + digest_line(twin))
         if cfg.checks and diff.strip():
-            tools = SurfaceTools(worktree, history, context.get("preset", "cpu-tiny"),
-                                 CheckSettings(timeout_s=cfg.check_timeout_s,
-                                               sandbox=cfg.sandbox))
+            settings = CheckSettings(timeout_s=cfg.check_timeout_s, sandbox=cfg.sandbox)
             try:
-                tools.tool_run_checks()
-            except ToolError as e:
+                run_checks(worktree.resolve(), context.get("preset", "cpu-tiny"), settings)
+            except CheckFailed as e:
                 raise ProposalFailed(description, f"the edit fails the quick checks: {e}") \
                     from None
         category = meta.get("category") if meta.get("category") in CATEGORIES else "other"
