@@ -198,7 +198,8 @@ def caught_by_runs(runs: Sequence[dict]) -> str | None:
 # -- the checks in order, and the verdict ----------------------------------------------------
 
 
-def run_checks(mine: Sequence[dict], theirs: Sequence[dict], cfg: AcceptanceConfig) -> list[Check]:
+def checks_on_runs(mine: Sequence[dict], theirs: Sequence[dict],
+                   cfg: AcceptanceConfig) -> list[Check]:
     """The checks on the candidate's ok ledger runs (and the champion's) alone: the seeds,
     and the untimed overhead when both sides have runs that measured it."""
     checks = [seed_test(mine)]

@@ -100,12 +100,12 @@ class Exited:
     out: str  # stdout (with stderr in it, when merged)
     err: str
 
-    def tail(self, lines: int = 3) -> str:
+    def last_lines(self, lines: int = 3) -> str:
         """The last lines of its output, joined with ' | ', for a one-line error."""
         return " | ".join((self.out + self.err).strip().splitlines()[-lines:])
 
 
-def run(argv: list[str], cwd, timeout_s: float, *, env: dict | None = None,
+def run_tool(argv: list[str], cwd, timeout_s: float, *, env: dict | None = None,
         stdin: str | None = None, merge: bool = False, device: str | None = None,
         popen=None) -> Exited:
     """Run a fixed command to its end or its timeout, under the lock of `device` when

@@ -326,7 +326,7 @@ def run_session(session: Session, say) -> int:
             f"`python -m agent {command} --resume {run_dir}`")
         return 130
     paths = [str(p) for p in write_report(run_dir.root)]
-    replayed = f"; replay: {run_dir.replay_table}" if command == "replay" else ""
+    replayed = f"; replay: {run_dir.replay_md}" if command == "replay" else ""
     say(f"report: {', '.join(paths)}{replayed}")
     return 0
 
@@ -343,7 +343,7 @@ def command_replay(args: Namespace, console: Console) -> int:
     preflight.check_values(args)
     ladder = replay.load(args.ladder)
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("replay-%Y%m%d-%H%M%S")
-    config = replay.session_config(
+    config = replay.replay_config(
         ladder, args.preset, args.runs, args.rungs, args.rules,
         args.target_loss, train_args=train_args(args), gpus=args.gpus, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,

@@ -72,7 +72,7 @@ class Drafter:
             "spent_usd": self.ledger.spend()["cost_usd"],
         }
         if self.proposer.name in LLM_PROPOSERS:
-            profile = self.measurer.profile(champion)
+            profile = self.measurer.champion_profile(champion)
             if profile:
                 context["profile"] = profile
         return champion, self.ledger.candidates(), context
@@ -111,14 +111,15 @@ class Drafter:
         if draft.stop is not None:
             usage = getattr(draft.stop, "usage", None)
             if usage and usage.get("requests"):  # what it cost is kept in the ledger
-                self.refuse(draft.champion, "proposer stopped", str(draft.stop), usage=usage)
+                self.record_refusal(draft.champion, "proposer stopped", str(draft.stop),
+                                    usage=usage)
             raise draft.stop
         if draft.proposal is None:
             return None
         proposal, champion = draft.proposal, self.ledger.champion()
         if draft.refused is not None:
-            return self.refuse(champion, proposal.description, draft.refused, draft.diff,
-                               proposal.usage, caught_by=draft.caught_by)  # fmt: skip
+            return self.record_refusal(champion, proposal.description, draft.refused,
+                                       draft.diff, proposal.usage, caught_by=draft.caught_by)
         made, ws = draft.made, self.workspace()
         if champion["id"] != draft.champion["id"]:
             ws.reset()
@@ -134,8 +135,9 @@ class Drafter:
         findings = integrity.scan_diff(made.diff, lambda path: ws.file_at(made.commit, path))
         if findings and not self.config.allow_flagged:
             rules = dict.fromkeys(f"{acceptance.DIFF_SCAN}:{f.rule}" for f in findings)
-            return self.refuse(champion, proposal.description, integrity.describe(findings),
-                               made.diff, proposal.usage, caught_by=",".join(rules))
+            return self.record_refusal(champion, proposal.description,
+                                       integrity.describe(findings), made.diff, proposal.usage,
+                                       caught_by=",".join(rules))
         if findings:
             self.event(f"allowed by allow_flagged: {integrity.describe(findings)}")
         cid = self.ledger.add_candidate(
@@ -160,7 +162,7 @@ class Drafter:
         champion's profile, is read here first, before the benchmark takes the device)."""
         if not self.config.overlap or self._next is not None:
             return
-        ws = self.workspace().second(self.run_dir.propose)
+        ws = self.workspace().second(self.run_dir.propose_worktree)
         self._next = self._pool.submit(self.draft, ws, *self.inputs())
 
     def next_candidate(self) -> dict | None:
@@ -179,7 +181,7 @@ class Drafter:
         if draft.made is not None and draft.champion["id"] == self.ledger.champion()["id"]:
             self.take(draft)
 
-    def refuse(self, champion: dict, description: str, reason: str, diff: str = "",
+    def record_refusal(self, champion: dict, description: str, reason: str, diff: str = "",
                usage=None, caught_by: str | None = None) -> dict:
         cid = self.ledger.add_refused(
             description, reason, parent_id=champion["id"], diff=diff,

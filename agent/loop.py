@@ -27,8 +27,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from agent import liveness
-from agent.baseline import measure_baseline
+from agent import baseline, liveness
 from agent.config import SessionConfig, SessionStop, stored
 from agent.costs import ProposerStop
 from agent.drafting import Drafter, Edit
@@ -113,9 +112,9 @@ class Session:
         Returns the candidate's ledger row (proposed, or refused)."""
         return self.drafter.submit(edit)
 
-    def baseline(self) -> dict:
+    def measure_baseline(self) -> dict:
         """The baseline, measured if it is not yet: the first champion."""
-        return measure_baseline(self.measurer, self.event)
+        return baseline.measure_baseline(self.measurer, self.event)
 
     # -- budgets -------------------------------------------------------------------------
 
@@ -181,14 +180,14 @@ class Session:
                 self.ledger.refuse(c["id"], "left without a commit by a killed session")
         champion = self.ledger.champion()
         if champion is not None:  # a kill between the ledger's accept and the git update
-            self.workspace.promote(champion["commit_sha"])
+            self.workspace.move_champion(champion["commit_sha"])
         self.workspace.reset()
-        self.measurer.fixed_hashes()
+        self.measurer.session_hashes()
 
     def _run(self) -> str:
         self.resume_state()
         self.prepare()
-        self.baseline()
+        self.measure_baseline()
         while True:
             pending = self.ledger.candidates(["proposed", "running"])
             candidate = pending[0] if pending else None

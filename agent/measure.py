@@ -44,7 +44,7 @@ class Measurer:
         self.run_dir, self.ledger, self.config = run_dir, ledger, config
         self.workspace, self.tracker, self.say, self.waiting = workspace, tracker, say, waiting
 
-    def fixed_hashes(self) -> dict:
+    def session_hashes(self) -> dict:
         """The hashes of the fixed files, taken from the champion once and kept in the
         session's config, so a resumed session checks against the same ones."""
         if self.config.fixed_hashes is None:
@@ -73,7 +73,7 @@ class Measurer:
 
     def benchmark(self, candidate: dict, role: str, early_stop: EarlyStop | None = None) -> dict:
         """Run train.py once for `candidate` and record the run; returns its result dict."""
-        expected = self.fixed_hashes()
+        expected = self.session_hashes()
         ws = self.workspace()
         ws.checkout(candidate["commit_sha"])
         seed, cid = max(self.ledger.used_seeds() | {0}) + 1, candidate["id"]
@@ -133,10 +133,10 @@ class Measurer:
         except FileNotFoundError as e:  # the candidate removed the harness itself
             return runner.RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)
 
-    def profile(self, champion: dict) -> str | None:
+    def champion_profile(self, champion: dict) -> str | None:
         """Where the champion spends its time (bench/profile.py): made once per champion,
         under the device lock, so never during a benchmark; None when it failed (said)."""
-        path = self.run_dir.profile(champion["id"])
+        path = self.run_dir.profile_path(champion["id"])
         if not path.exists():
             ws = self.workspace()
             ws.checkout(champion["commit_sha"])
@@ -145,10 +145,10 @@ class Measurer:
                    *train_flags(cfg.train_args, ("--data",)), "--out", str(path),
                    *([] if cfg.sandbox else ["--no-sandbox"])]  # it sandboxes itself
             path.parent.mkdir(parents=True, exist_ok=True)
-            done = child.run(cmd, ws.path, self.timeout(), device=cfg.device)
+            done = child.run_tool(cmd, ws.path, self.timeout(), device=cfg.device)
             if done.code != 0:
-                self.say(f"no profile of the champion: {done.tail()}")
-                self.ledger.log_event(f"no profile of the champion: {done.tail()}")
+                self.say(f"no profile of the champion: {done.last_lines()}")
+                self.ledger.log_event(f"no profile of the champion: {done.last_lines()}")
                 return None
         return path.read_text()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from agent import acceptance, child
 from agent.acceptance import Acceptance, Check
 from agent.config import SessionConfig
-from agent.judge import Decision, JudgeConfig, assess, comparable
+from agent.judge import Decision, assess, comparable
 from agent.leaderboard import leaderboard_rules, under_rules
 from agent.ledger import Ledger
 from agent.measure import Measurer, early_stop_rule, train_flags
@@ -49,7 +49,7 @@ def promote(ledger: Ledger, workspace: Workspace, candidate: dict, effect: float
     there), then the champion branch moves. Returns the total speedup vs the baseline."""
     speedup = ledger.champion()["speedup"] * effect
     write(speedup)
-    workspace.promote(candidate["commit_sha"])
+    workspace.move_champion(candidate["commit_sha"])
     return speedup
 
 
@@ -89,16 +89,12 @@ class Recorder:
         self.workspace, self.measurer, self.tracker, self.event = (workspace, measurer,
                                                                    tracker, event)
 
-    @property
-    def judge_config(self) -> JudgeConfig:
-        return self.config.judge_config()
-
     def results(self, candidate: dict) -> list[dict]:
         return comparable(self.ledger.results_of(candidate["id"]), asdict(self.config))
 
     def judge(self, candidate: dict) -> Decision:
         """Benchmark `candidate` until the judge concludes; returns its decision."""
-        cfg = self.judge_config
+        cfg = self.config.judge_config()
         while True:
             results = self.results(candidate)
             champion = self.results(self.ledger.champion())
@@ -153,7 +149,7 @@ class Recorder:
         cfg, champion = self.config.acceptance_config(), self.ledger.champion()
         mine = self.ledger.runs_of(candidate["id"], ok_only=True)
         theirs = self.ledger.runs_of(champion["id"], ok_only=True)
-        checks = acceptance.run_checks(mine, theirs, cfg)
+        checks = acceptance.checks_on_runs(mine, theirs, cfg)
         if acceptance.caught(checks):
             return acceptance.verdict(checks)
         try:
@@ -219,12 +215,12 @@ def score(worktree: Path, checkpoints: Sequence[Path], config: SessionConfig,
            config.device, *train_flags(config.train_args, ("--data", "--kernels")),
            "--splits", "holdout,val", *([] if config.sandbox else ["--no-sandbox"]),
            *map(str, checkpoints)]  # fmt: skip
-    done = child.run(cmd, worktree, timeout_s, device=config.device)
+    done = child.run_tool(cmd, worktree, timeout_s, device=config.device)
     if done.code is None:
         raise EvaluationFailed(f"the scorer took over {timeout_s:.0f} s")
     lines = done.out.strip().splitlines()
     if done.code != 0 or not lines:
-        raise EvaluationFailed(f"the scorer exited {done.code}: {done.tail()}")
+        raise EvaluationFailed(f"the scorer exited {done.code}: {done.last_lines()}")
     try:
         rows = {row["checkpoint"]: row for row in json.loads(lines[-1])}
         out = []

@@ -56,7 +56,7 @@ def select(ladder, rungs: str | None) -> tuple[int, int]:
     return first - 1, last - 1
 
 
-def session_config(
+def replay_config(
     ladder, preset: str, runs: int, rungs: str | None = None, rules: str | None = None,
     target_loss: float | None = None, **fields,
 ) -> SessionConfig:  # fmt: skip
@@ -135,7 +135,7 @@ class Replay(Session):
     def prepare(self) -> None:
         if self.ledger.baseline() is None:
             self.check_surface()
-            self.start()
+            self.start_commit()
 
     def stop_reason(self) -> str | None:
         """Why the chain cannot go on: a rung was refused or failed (the rungs after it are
@@ -177,7 +177,7 @@ class Replay(Session):
                        f"{self.ladder.name} was made on ({self.ladder.base_surface[:12]}): "
                        "rungs may not apply, or measure something else than the ladder's")
 
-    def start(self) -> None:
+    def start_commit(self) -> None:
         """With --rungs FROM > 1, the baseline is the surface with the rungs before FROM
         applied, as one commit made the champion before the baseline is recorded."""
         first = self.settings.first
@@ -195,7 +195,7 @@ class Replay(Session):
                 ws.reset()
                 why = f"rung {rung.id} does not apply on its way to the start: {e}"
                 raise SessionStop(why) from e
-        ws.promote(ws.capture(0, message).commit)
+        ws.move_champion(ws.capture(0, message).commit)
         self.event(message)
 
     def measure(self, candidate: dict) -> None:

@@ -56,7 +56,7 @@ class Replayed:
     device: str  # e.g. "cuda (NVIDIA H100 80GB HBM3) x 8", "cpu (x86_64)"
 
 
-def collect(run_dir: Path) -> Replayed:
+def collect_replay(run_dir: Path) -> Replayed:
     _, cfg = stored(run_dir)
     ledger = Ledger(RunDir(run_dir).ledger, create=False)
     settings = ReplaySettings.of(cfg)
@@ -132,7 +132,7 @@ def cells(row: Row, ladder) -> list[str]:
 
 
 def replay_table(run_dir: Path) -> tuple[list[str], list[list[str]]]:
-    r = collect(run_dir)
+    r = collect_replay(run_dir)
     return list(COLUMNS), [cells(row, r.ladder) for row in r.rows]
 
 
@@ -221,8 +221,8 @@ def _bars(ax, mids: dict, bands: dict, colour: str, label: str, fmt: str) -> Non
 
 def write_replay(run_dir: Path) -> ReplayPaths:
     """Write replay.md and replay.png in `run_dir` from its ledger and its ladder."""
-    r, where = collect(run_dir), RunDir(run_dir)
-    paths = ReplayPaths(where.replay_table, where.replay_plot)
+    r, where = collect_replay(run_dir), RunDir(run_dir)
+    paths = ReplayPaths(where.replay_md, where.replay_png)
     paths.table.write_text(markdown(r))
     plot(paths.plot, r)
     return paths

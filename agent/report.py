@@ -72,7 +72,7 @@ class Experiment:
                 if r["status"] == "ok" and isinstance(r.get(key), (int, float))]
 
 
-def experiment(ledger: Ledger, cand: dict, baseline: list[dict],
+def _experiment(ledger: Ledger, cand: dict, baseline: list[dict],
                 config: dict) -> Experiment:
     runs = ledger.runs_of(cand["id"])
     failed = [r["outcome"] for r in runs if r["outcome"] != "ok"]
@@ -147,7 +147,7 @@ def collect(run_dir: str | Path) -> Snapshot:
         config = session["config"]
         base = ledger.baseline()
         base_results = comparable(ledger.results_of(base["id"]), config) if base else []
-        rows = [experiment(ledger, c, base_results, config) for c in ledger.candidates()]
+        rows = [_experiment(ledger, c, base_results, config) for c in ledger.candidates()]
         events = ledger.events(10)
         last_seen = max([session["created"], *(e["time"] for e in events),
                          *(r["finished_at"] or r["started_at"] for e in rows for r in e.runs)])
@@ -397,7 +397,7 @@ def _plot(path: Path, s: Snapshot) -> None:
 def write_report(run_dir: str | Path) -> ReportPaths:
     """Write report.md, progress.png and results.tsv in `run_dir` from its ledger."""
     s, where = collect(run_dir), RunDir(run_dir)
-    paths = ReportPaths(where.report, where.progress, where.results_tsv)
+    paths = ReportPaths(where.report_md, where.progress_png, where.results_tsv)
     paths.report.write_text(_markdown(s))
     paths.results.write_text(_tsv(s))
     _plot(paths.progress, s)

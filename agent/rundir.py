@@ -65,7 +65,7 @@ class RunDir:
         return self.root / WORKTREES[0]
 
     @property
-    def propose(self) -> Path:
+    def propose_worktree(self) -> Path:
         return self.root / WORKTREES[1]
 
     @property
@@ -85,7 +85,7 @@ class RunDir:
         """The checkpoint of a ledger run."""
         return self.checkpoint(run_name(run["id"], run["candidate_id"], run["role"], run["seed"]))
 
-    def profile(self, candidate_id: int) -> Path:
+    def profile_path(self, candidate_id: int) -> Path:
         return self.root / "profiles" / f"c{candidate_id:03d}.txt"
 
     @property
@@ -93,11 +93,11 @@ class RunDir:
         return self.root / "llm"
 
     @property
-    def report(self) -> Path:
+    def report_md(self) -> Path:
         return self.root / "report.md"
 
     @property
-    def progress(self) -> Path:
+    def progress_png(self) -> Path:
         return self.root / "progress.png"
 
     @property
@@ -105,11 +105,11 @@ class RunDir:
         return self.root / "results.tsv"
 
     @property
-    def replay_table(self) -> Path:
+    def replay_md(self) -> Path:
         return self.root / "replay.md"
 
     @property
-    def replay_plot(self) -> Path:
+    def replay_png(self) -> Path:
         return self.root / "replay.png"
 
     @property

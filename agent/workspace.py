@@ -172,7 +172,7 @@ class Workspace:
         finally:
             self.reset()
 
-    def promote(self, commit: str) -> None:
+    def move_champion(self, commit: str) -> None:
         """Make `commit` the champion branch's head (agent/recording.py's `promote` records
         it in the ledger first)."""
         self.git("update-ref", f"refs/heads/{self.champion_branch}", commit)

@@ -89,7 +89,7 @@ def session(tmp_path_factory, data_cache):
         )
         run_dir = tmp_path_factory.mktemp("session") / "run"
         s = Session.create(run_dir, config, Adversary(), say=print)
-        s.baseline()
+        s.measure_baseline()
         yield s
 
 

@@ -75,7 +75,7 @@ def _accept(session, description: str, edit) -> dict:
     )
     decision = Decision("accept", "by hand", 1.1, 1.0, 1.2, 0.01, 0.01, 3, 3, 0.0)
     session.ledger.record_decision(cid, "accept", decision, speedup=1.1)
-    ws.promote(made.commit)
+    ws.move_champion(made.commit)
     return session.ledger.candidate(cid)
 
 

@@ -161,7 +161,7 @@ def ladder_dir(repo, tmp_path_factory) -> Path:
 
 
 def test_the_ladder_loads_and_the_settings_follow_the_preset(ladder_dir, repo):
-    from agent.replay import load, select, session_config
+    from agent.replay import load, replay_config, select
 
     ladder = load(ladder_dir)
     assert [r.id for r in ladder.rungs] == ["r1", "r2"]
@@ -170,14 +170,14 @@ def test_the_ladder_loads_and_the_settings_follow_the_preset(ladder_dir, repo):
     with pytest.raises(Exception, match="rungs 1 to 2"):
         select(ladder, "1:3")
     # gpt2-124m reaches the leaderboard's target: no baseline replicates needed to set one.
-    big = session_config(ladder, "gpt2-124m", 3, rules="nanogpt-speedrun", gpus=8, repo=str(repo))
+    big = replay_config(ladder, "gpt2-124m", 3, rules="nanogpt-speedrun", gpus=8, repo=str(repo))
     assert big.target_loss == 3.28 and big.baseline_runs == 0 and big.gpus == 8
     assert big.proposer_options["waive_systems"] and big.proposer_options["p_value"] == 0.01
-    small = session_config(ladder, "cpu-tiny", 2, repo=str(repo))
+    small = replay_config(ladder, "cpu-tiny", 2, repo=str(repo))
     assert small.target_loss is None and small.baseline_runs == 2
     assert small.proposer_options["target_from"] == "baseline"
     assert not small.proposer_options["waive_systems"]  # only the rules waive
-    given = session_config(ladder, "cpu-tiny", 2, target_loss=7.5)
+    given = replay_config(ladder, "cpu-tiny", 2, target_loss=7.5)
     assert given.target_loss == 7.5 and given.baseline_runs == 0
     assert given.proposer_options["target_from"] == "given"
 
@@ -191,10 +191,10 @@ def result(seed: int, seconds: float, loss: float, target: float) -> dict:
 
 
 def test_the_table_and_plot_are_written_from_a_ledger_of_fake_results(ladder_dir, tmp_path):
-    from agent.replay import load, session_config
+    from agent.replay import load, replay_config
     from agent.replay_report import replay_table, write_replay
 
-    config = session_config(load(ladder_dir), "cpu-tiny", 2, rules="nanogpt-speedrun")
+    config = replay_config(load(ladder_dir), "cpu-tiny", 2, rules="nanogpt-speedrun")
     config.target_loss = 4.0  # as the baseline's replicates would have set it
     ledger = Ledger(tmp_path / LEDGER_FILE)
     ledger.set_session(asdict(config))

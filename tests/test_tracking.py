@@ -81,6 +81,9 @@ def test_offline_runs_hold_the_session(tmp_path, wandb_env):
     assert tracker.mode == "offline"
     track_session(tracker, ledger, runs, cand)
     assert tracker.mode == "offline", ledger.events()  # no error turned it off
+    import wandb
+
+    wandb.teardown()  # W&B's writer runs in its service: wait until it has written all
 
     session_id = ledger.session()["id"]
     run_dirs = sorted((wandb_env / "wandb").glob("offline-run-*"))

@@ -55,7 +55,7 @@ def test_candidate_is_a_commit_under_a_ref_and_the_worktree_returns_to_champion(
     # Not promoted: the worktree is back at the champion, the new file gone.
     assert (ws.path / "model/recipe.py").read_text() == "lr = 0.1\n"
     assert not (ws.path / "kernels/fast.py").exists()
-    ws.promote(cand.commit)
+    ws.move_champion(cand.commit)
     assert ws.champion == cand.commit
     # The user's checkout did not move.
     assert git(repo, "rev-parse", "HEAD").strip() == start

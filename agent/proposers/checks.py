@@ -66,7 +66,7 @@ print("smoke: ok")
 class CheckSettings:
     timeout_s: float = 300.0  # per check command
     device: str = "cpu"  # "cpu": hide GPUs, so checks never disturb a benchmark running there
-    kernel_tests: bool = True  # whether run_checks may run tests/test_kernels_*.py
+    kernel_tests: bool = True  # whether quick_checks may run tests/test_kernels_*.py
     require_checks: bool = True  # submit needs passing checks after the last edit
     sandbox: bool = True  # the checks import the surface: they run sandboxed
 
@@ -87,7 +87,7 @@ def run_command(cmd: list[str] | str, cwd: Path, timeout_s: float, env: dict | N
     if sandbox is not None:
         def popen(argv, **streams):
             return sandbox.popen(argv, cwd, env=env or {}, **confine, **streams)
-    done = child.run(argv, cwd, timeout_s, env=env, stdin=stdin, merge=True, popen=popen)
+    done = child.run_tool(argv, cwd, timeout_s, env=env, stdin=stdin, merge=True, popen=popen)
     return done.code, done.out
 
 
@@ -95,7 +95,7 @@ def tail(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
     return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
-def run_checks(root: Path, preset: str, settings: CheckSettings,
+def quick_checks(root: Path, preset: str, settings: CheckSettings,
                kernel_tests: bool = False) -> str:
     """Run the smoke (and the kernel tests) on the surface of the worktree `root`; a report
     of what passed, or CheckFailed."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from agent.config import from_dict
 from agent.context import digest_line, read_brief, research_context, stable_prompt
 from agent.proposers.base import CATEGORIES, Proposal, ProposalFailed
-from agent.proposers.checks import CheckFailed, CheckSettings, run_checks, run_command, tail
+from agent.proposers.checks import CheckFailed, CheckSettings, quick_checks, run_command, tail
 from agent.proposers.tools import find_duplicate
 from agent.workspace import changed_paths, current_diff, git
 from bench.sandbox import available
@@ -116,7 +116,7 @@ class CommandProposer:
         if cfg.checks and diff.strip():
             settings = CheckSettings(timeout_s=cfg.check_timeout_s, sandbox=cfg.sandbox)
             try:
-                run_checks(worktree.resolve(), context.get("preset", "cpu-tiny"), settings)
+                quick_checks(worktree.resolve(), context.get("preset", "cpu-tiny"), settings)
             except CheckFailed as e:
                 raise ProposalFailed(description, f"the edit fails the quick checks: {e}") \
                     from None
