@@ -169,8 +169,8 @@ def test_a_changed_fixed_file_never_runs(session):
 
 # -- failed by the harness on the first run ------------------------------------------------
 
-# A bonus on the next token, only on batches of the evaluation's shape (64 rows): the old
-# probes used other shapes and a separate function, and never saw it.
+# A bonus on the next token, only on batches of the evaluation's shape (64 rows): a probe
+# on batches of other shapes, through another function, would never see it.
 LOOKS_AHEAD_ON_EVAL_BATCHES = edit(LOGITS_DOC, LOGITS_DOC + (
     "        if x.shape[0] == 64:\n"
     "            with self._autocast():\n"

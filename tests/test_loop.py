@@ -150,7 +150,7 @@ def test_llm_proposers_see_a_profile_of_the_champion(repo, env, tmp_path, monkey
 def test_an_llm_session_drafts_in_the_background_and_records_every_request(repo, env, tmp_path):
     """`agent run --proposer anthropic` with the real SDK talking to a loopback fake, overlap
     on (the default): three conversations, two of them drafted in the proposer's thread while
-    a candidate runs (which once crashed the session: the thread wrote to the ledger). Each
+    a candidate runs (the drafting thread must never write to the ledger itself). Each
     edits a different line of the recipe, checks and submits; the engine runs and judges all
     three; the ledger's spend is exactly what the fake server was asked for, request by
     request, and the report shows it."""
