@@ -45,10 +45,7 @@ def pump(proc: subprocess.Popen, feed: Feed, deadline: float,
          stop: Callable[[], bool] = lambda: False) -> str | None:
     """Hand the child's output to `feed` until it exits (None), or say why it must be
     killed: "timeout" past `deadline` (time.monotonic), "stop" when `stop()` says so."""
-    sel = selectors.DefaultSelector()
-    for name in ("stdout", "stderr"):
-        if getattr(proc, name) is not None:
-            sel.register(getattr(proc, name), selectors.EVENT_READ, name)
+    sel = _selector(proc)
     try:
         while not _has_exited(proc.pid):
             if stop():
@@ -79,10 +76,7 @@ def end(proc: subprocess.Popen, feed: Feed, grace_s: float = 5.0) -> None:
         # after the leader has exited; the leader is not reaped yet, so the group id is ours.
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
-    sel = selectors.DefaultSelector()
-    for name in ("stdout", "stderr"):
-        if getattr(proc, name) is not None:
-            sel.register(getattr(proc, name), selectors.EVENT_READ, name)
+    sel = _selector(proc)
     drained = time.monotonic() + 2.0  # every writer is dead: EOF comes at once
     while sel.get_map() and time.monotonic() < drained:
         for key, _ in sel.select(timeout=0.1):
@@ -130,6 +124,15 @@ def _write(proc: subprocess.Popen, data: bytes) -> None:
     with contextlib.suppress(OSError, ValueError):  # it may exit, or be ended, unread
         proc.stdin.write(data)
         proc.stdin.close()
+
+
+def _selector(proc: subprocess.Popen) -> selectors.BaseSelector:
+    """A selector on the child's output pipes, each keyed by its name."""
+    sel = selectors.DefaultSelector()
+    for name in ("stdout", "stderr"):
+        if getattr(proc, name) is not None:
+            sel.register(getattr(proc, name), selectors.EVENT_READ, name)
+    return sel
 
 
 def _read(sel: selectors.BaseSelector, key: selectors.SelectorKey, feed: Feed) -> None:

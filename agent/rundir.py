@@ -4,11 +4,13 @@
     D/session.lock             held while a loop or a review works in D (agent/liveness.py)
     D/worktree/                the session's git worktree, where candidates run
     D/propose/                 a second worktree, where the next candidate is drafted meanwhile
-    D/logs/NAME.log            a run's output; D/results/NAME.json its result JSON;
+    D/logs/NAME.log            a run's output
+    D/results/NAME.json        its result JSON
     D/checkpoints/NAME.pt      its final weights, until the acceptance checks have read them
     D/profiles/cNNN.txt        where a champion spends its time, for the LLM proposers
     D/llm/                     the LLM proposer's conversations
-    D/report.md, D/progress.png, D/results.tsv, D/replay.md, D/replay.png: the reports
+    D/report.md, D/progress.png, D/results.tsv    the report (agent/report.py)
+    D/replay.md, D/replay.png  a replay's table and plot (agent/replay_report.py)
     D/wandb/                   W&B's offline files (unless WANDB_DIR says elsewhere)
 
 NAME is `run_name(...)`: the ledger's run id makes it unique, so a run discarded on resume
@@ -20,7 +22,6 @@ write.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 LEDGER_FILE = "ledger.sqlite"
@@ -33,12 +34,22 @@ def run_name(run_id: int, candidate_id: int, role: str, seed: int) -> str:
     return f"r{run_id:04d}-c{candidate_id:03d}-{role}-s{seed}"
 
 
-@dataclass(frozen=True)
 class RunDir:
-    root: Path
+    """The run directory `root` of one session; each attribute is a path in it."""
 
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.ledger = self.root / LEDGER_FILE
+        self.lock = self.root / LOCK_FILE
+        self.worktree, self.propose_worktree = (self.root / name for name in WORKTREES)
+        self.logs = self.root / "logs"
+        self.llm = self.root / "llm"
+        self.report_md = self.root / "report.md"
+        self.progress_png = self.root / "progress.png"
+        self.results_tsv = self.root / "results.tsv"
+        self.replay_md = self.root / "replay.md"
+        self.replay_png = self.root / "replay.png"
+        self.wandb = self.root  # W&B makes its wandb/ in it
 
     @classmethod
     def of_worktree(cls, path: Path) -> RunDir | None:
@@ -51,26 +62,6 @@ class RunDir:
 
     def __fspath__(self) -> str:  # so that Path(run_dir) and open() take a RunDir
         return str(self.root)
-
-    @property
-    def ledger(self) -> Path:
-        return self.root / LEDGER_FILE
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK_FILE
-
-    @property
-    def worktree(self) -> Path:
-        return self.root / WORKTREES[0]
-
-    @property
-    def propose_worktree(self) -> Path:
-        return self.root / WORKTREES[1]
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -87,32 +78,3 @@ class RunDir:
 
     def profile_path(self, candidate_id: int) -> Path:
         return self.root / "profiles" / f"c{candidate_id:03d}.txt"
-
-    @property
-    def llm(self) -> Path:
-        return self.root / "llm"
-
-    @property
-    def report_md(self) -> Path:
-        return self.root / "report.md"
-
-    @property
-    def progress_png(self) -> Path:
-        return self.root / "progress.png"
-
-    @property
-    def results_tsv(self) -> Path:
-        return self.root / "results.tsv"
-
-    @property
-    def replay_md(self) -> Path:
-        return self.root / "replay.md"
-
-    @property
-    def replay_png(self) -> Path:
-        return self.root / "replay.png"
-
-    @property
-    def wandb(self) -> Path:
-        """The folder in which W&B makes its `wandb/`."""
-        return self.root

@@ -66,7 +66,7 @@ print("smoke: ok")
 class CheckSettings:
     timeout_s: float = 300.0  # per check command
     device: str = "cpu"  # "cpu": hide GPUs, so checks never disturb a benchmark running there
-    kernel_tests: bool = True  # whether quick_checks may run tests/test_kernels_*.py
+    kernel_tests: bool = True  # whether the run_checks tool may run the kernel tests
     require_checks: bool = True  # submit needs passing checks after the last edit
     sandbox: bool = True  # the checks import the surface: they run sandboxed
 

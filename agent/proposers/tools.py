@@ -106,7 +106,7 @@ TOOL_SPECS = [
         },
     },
     {
-        "name": "quick_checks",
+        "name": "run_checks",
         "description": "Run the quick checks on the edited surface: two CPU train steps of the "
         "cpu-tiny recipe, the causality probe, and the session preset's recipe built on the "
         "meta device (about 10-30 s). kernel_tests=true also runs the kernel unit tests "
@@ -119,7 +119,7 @@ TOOL_SPECS = [
     {
         "name": "submit",
         "description": "Hand in the edit as this conversation's one candidate; it then runs "
-        "on the benchmark. Needs passing quick_checks after the last edit. Ends the "
+        "on the benchmark. Needs passing run_checks after the last edit. Ends the "
         "conversation.",
         "input_schema": {
             "type": "object",
@@ -379,7 +379,7 @@ class SurfaceTools:
         if not changes(diff):
             raise ToolError("the change is whitespace only: it cannot make training faster")
         if self.checks.require_checks and self.checked_at != self.edits:
-            raise ToolError("run quick_checks after your last edit, and submit when it passes")
+            raise ToolError("run run_checks after your last edit, and submit when it passes")
         twin = find_duplicate(diff, self.history)
         if twin is not None:
             raise ToolError(f"this exact change was tried already: {digest_line(twin)}; "
