@@ -118,6 +118,43 @@ def test_caught_by_names_the_checks_of_the_violation_records():
         is None
 
 
+def test_the_checks_in_order_and_their_verdict_are_plain_functions():
+    """What the engine asks, in order, of a candidate the judge would accept, on ledger runs
+    and numbers alone: the first check that catches decides, and only the numbers of the
+    checks up to it are kept."""
+    cfg = AcceptanceConfig(max_speedup=2.0)
+
+    def run(run_id, seed, start, val_loss=3.0):
+        return {"id": run_id, "seed": seed, "wall_seconds": 40.0,
+                "result": {"seed": seed, "init_fingerprint": start, "val_loss": val_loss,
+                           "train_seconds": 7.5, "eval_seconds": 2.5}}
+
+    mine, theirs = [run(1, 11, "a"), run(2, 12, "b")], [run(3, 1, "c"), run(4, 2, "d")]
+    checks = acceptance.checks_on_runs(mine, theirs, cfg)
+    assert not acceptance.caught(checks)
+    copies = acceptance.verdict(acceptance.checks_on_runs([run(1, 11, "a"), run(2, 12, "a")],
+                                                          theirs, cfg))
+    assert (copies.verdict, copies.caught_by) == ("reject", "seed-ignored")
+    assert set(copies.checks) == {"seed-ignored"}  # the overhead test was not reached
+
+    scored = {1: {"val_loss": 3.0, "holdout_loss": 3.1}, 2: {"val_loss": 3.0, "holdout_loss": 3.1}}
+    assert acceptance.reproduce_checks(mine, scored, 1e-5) == []
+    (missing,) = acceptance.reproduce_checks(mine, {1: scored[1]}, 1e-5)
+    assert missing.caught and missing.name == "holdout-gap" and "[2]" in missing.reason
+    (again,) = acceptance.reproduce_checks(mine, {**scored, 2: {"val_loss": 2.9}}, 1e-5)
+    assert again.caught and again.name == "eval-reproduce" and again.numbers["again"] == 2.9
+
+    skipped = acceptance.gap_check([0.1, 0.1], [0.1], cfg)
+    assert not skipped.caught and "needs 2" in skipped.numbers["skipped"]
+    review = "python -m agent review --run-dir D 7 --accept|--reject"
+    held = acceptance.verdict([*checks, skipped, acceptance.step_check(2.5, cfg, review)])
+    assert (held.verdict, held.caught_by) == ("hold", "implausible-speedup")
+    assert review in held.reason
+    accepted = acceptance.verdict([*checks, skipped, acceptance.step_check(1.5, cfg, review)])
+    assert accepted.verdict == "accept" and accepted.caught_by is None
+    assert set(accepted.checks) == {"seed-ignored", "untimed-overhead", "holdout-gap"}
+
+
 def test_the_config_is_checked():
     with pytest.raises(ValueError, match="max_speedup=1.0: must be above 1"):
         AcceptanceConfig(max_speedup=1.0)

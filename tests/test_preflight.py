@@ -227,3 +227,20 @@ def test_a_resume_stores_its_budget(fake_repo, env, tmp_path):
     assert again.returncode == 0, again.stderr
     with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
         assert ledger.n_experiments() == 2 and ledger.session()["config"]["experiments"] == 2
+
+
+def test_settings_are_loaded_strictly_one_way(tmp_path):
+    """Every settings class is built from a dict by config.from_dict, which names a key it
+    does not know instead of dropping it; a stored session with one refuses to load."""
+    from agent.config import SessionConfig, SessionStop, stored
+
+    with pytest.raises(ValueError, match=r"unknown session settings \['bogus'\]"):
+        SessionConfig.from_dict({"preset": "cpu-tiny", "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown judge settings \['alpah'\]"):
+        SessionConfig(judge={"alpah": 0.1}).judge_config()
+    with pytest.raises(ValueError, match=r"unknown acceptance settings \['max_sped'\]"):
+        SessionConfig(acceptance={"max_sped": 3}).acceptance_config()
+    with Ledger(tmp_path / LEDGER_FILE) as ledger:
+        ledger.set_session({**asdict(SessionConfig()), "bogus": 1})
+    with pytest.raises(SessionStop, match=r"ledger.sqlite: unknown session settings \['bogus'\]"):
+        stored(tmp_path)
