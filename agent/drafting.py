@@ -182,7 +182,7 @@ class Drafter:
             self.take(draft)
 
     def record_refusal(self, champion: dict, description: str, reason: str, diff: str = "",
-               usage=None, caught_by: str | None = None) -> dict:
+                       usage=None, caught_by: str | None = None) -> dict:
         cid = self.ledger.add_refused(
             description, reason, parent_id=champion["id"], diff=diff,
             proposer=self.proposer.name, usage=usage, caught_by=caught_by,

@@ -1,11 +1,13 @@
 """The runner: executes one benchmark run of `train.py` in a child process and classifies it.
 
 `run(spec)` starts `python train.py --preset P --seed S --out OUT ...` in the candidate's
-worktree, in a new process group, holding a per-device lock so that no two benchmarks on one
+worktree, as a supervised child (agent/child.py: its own process group, killed with all
+its processes at the timeout), holding a per-device lock so that no two benchmarks on one
 machine share a CPU or a GPU and corrupt each other's timings. Stdout and stderr stream into
 a log file line by line; eval lines are parsed as they arrive so that a candidate falling
-clearly behind the champion can be stopped early. The outcome is one of `STATUSES`, with
-the parsed result JSON when there is one.
+clearly behind the champion can be stopped early. The outcome is one of `STATUSES` (the
+one list of run outcomes; the ledger stores them), with the parsed result JSON when there
+is one.
 
 What the runner must never do: run candidate code in its own process, leave any process of
 a run alive after `run` returns (not even on Ctrl-C), judge a candidate (that is the judge's
@@ -66,7 +68,7 @@ class RunSpec:
     nproc: int = 1  # processes of one run (torchrun), one per GPU on cuda: K GPUs from gpu_index
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)  # overrides of the inherited environment
-    early_stop: EarlyStop | None = None  # called at every eval line, see behind_champion
+    early_stop: EarlyStop | None = None  # called at every eval line (measure.behind_champion)
     checkpoint: Path | None = None  # train.py saves the final weights here when the run is ok
     sandbox: bool = True  # False: train.py --no-sandbox (the result is marked untrusted)
     kill_grace_s: float = 5.0  # between SIGTERM and SIGKILL, for the run to release its GPU

@@ -79,7 +79,7 @@ class Tracker:
 
     The loop calls, after the ledger has the facts: `start_session()` once the session is
     set (again on resume), `log_run(ledger.run(r), ledger.candidate(c))` after each
-    `finish_run`, `log_decision(ledger.candidate(c))` after each `decide` or `refuse`, and
+    `finish_run`, `log_decision(ledger.candidate(c))` after each verdict or refusal, and
     `finish()` at the end, Ctrl-C included.
     """
 
