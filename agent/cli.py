@@ -203,26 +203,15 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
     if args.rules and target is None and PRESETS[args.preset].target_loss is not None:
         target = LEADERBOARDS[args.rules].target_loss  # a preset made to reach the leaderboard's
     return SessionConfig(
-        preset=args.preset,
-        objective=args.objective,
-        proposer=args.proposer,
-        proposer_arg=args.proposer_arg,
-        proposer_options=proposer_options(args, run_dir),
-        experiments=args.experiments,
-        hours=args.hours,
+        preset=args.preset, objective=args.objective, proposer=args.proposer,
+        proposer_arg=args.proposer_arg, proposer_options=proposer_options(args, run_dir),
+        experiments=args.experiments, hours=args.hours,
         deadline=preflight.deadline(args.deadline) if args.deadline else None,
-        baseline_runs=args.baseline_runs,
-        train_args=train_args(args),
-        target_loss=target,
-        device=PRESETS[args.preset].device,
-        gpus=args.gpus,
-        rules=args.rules,
-        wandb=args.wandb,
-        repo=str(ROOT),
-        allow_flagged=args.allow_flagged,
+        baseline_runs=args.baseline_runs, train_args=train_args(args), target_loss=target,
+        device=PRESETS[args.preset].device, gpus=args.gpus, rules=args.rules, wandb=args.wandb,
+        repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
-        sandbox=not args.no_sandbox,
-    )
+    )  # fmt: skip
 
 
 def printers(console: Console):
