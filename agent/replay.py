@@ -2,14 +2,15 @@
 
     python -m agent replay nanogpt-speedrun --preset cpu-tiny --runs 2
 
-A replay is a normal session (ledger, worktree, status, report, --resume) whose proposer
-is the ladder: each rung becomes a candidate whose commit is its predecessor's commit plus
-the rung's patch; the baseline is this repository's surface (rung 0), or the surface up to
-the rung before --rungs FROM. For each rung, N runs of its predecessor and N of the rung
-alternate (predecessor, rung, predecessor, rung, ...), each with a fresh seed, so drift of
-the machine hits both sides. The statistics (agent/rungs.py) give the measured
-speedup with a confidence interval and the leaderboard's loss test; replay_report.py
-writes replay.md, replay.png and the W&B table.
+A replay is a normal session (ledger, worktree, status, report, --resume): `Replay` is the
+loop of agent/loop.py with the ladder for proposer and its own steps. Each rung becomes a
+candidate whose commit is its predecessor's commit plus the rung's patch; the baseline is
+this repository's surface (rung 0), or the surface up to the rung before --rungs FROM. For
+each rung, N runs of its predecessor and N of the rung alternate (predecessor, rung,
+predecessor, rung, ...), each with a fresh seed, so drift of the machine hits both sides.
+The statistics (agent/rungs.py) give the measured speedup with a confidence interval and
+the leaderboard's loss test; replay_report.py writes replay.md, replay.png and the W&B
+table.
 
 In the ledger every rung that ran is accepted: acceptance is what makes a candidate the
 parent of the next one, and a ladder's next rung builds on this one whatever was measured.
