@@ -1,52 +1,49 @@
 """Acceptance checks: what a candidate the judge would accept must also pass before it becomes
-the champion (bench/INTEGRITY.md, threats 3, 5 and 8), and the names of every integrity
-check that can catch a candidate.
+the champion (bench/INTEGRITY.md lists every check by name), and the names of every
+integrity check that can catch a candidate. Plain functions of runs and numbers; the engine
+gathers the numbers (agent/recording.py scores the checkpoints) and asks in this order:
 
-- `holdout-gap` (threat 3): each ok run's final weights (its checkpoint) are evaluated by
-  the fixed evaluator on the val slice and on the holdout slice that no run ever reads. A
+- `seed-ignored`: runs given different seeds must start from different weights.
+- `untimed-overhead`: wall time of the process minus the harness's timed training and
+  evaluation. Work moved out of the clock (into import, warmup) shows here.
+- `eval-reproduce`: each run's final weights (its checkpoint), scored afresh by the fixed
+  evaluator, must give the val loss the run reported.
+- `holdout-gap`: the same weights scored on the holdout slice that no run ever reads. A
   candidate that learned the val slice (or a cheaper evaluation of it) has a larger
   holdout − val gap than the champion; it is rejected when the gap rose beyond noise.
-- `untimed-overhead` (threat 5): wall time of the process minus the harness's timed
-  training and evaluation. Work moved out of the clock (into import, warmup) shows here.
-- `implausible-speedup` (threat 8): a step larger than `max_speedup` is held for a human
+- `implausible-speedup`: a step larger than `max_speedup` is held for a human
   (`python -m agent review`), not accepted automatically.
 
-What this module must never do: run candidate code in the loop's process (the evaluator
-runs in a child process, in the candidate's worktree), or reject an honest candidate on
-noise: both tests need a rise that is significant and large (false alarms cost real
+What this module must never do: run anything, or reject an honest candidate on noise: the
+gap and overhead tests need a rise that is significant and large (false alarms cost real
 speedups; the thresholds are in `AcceptanceConfig` with the reasons for their defaults).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import subprocess
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent import runner
-from agent.judge import _welch
+from agent.stats import welch
 
 # The names of the checks, as the ledger's `caught_by` records them (one place; the
 # adversarial suite and bench/INTEGRITY.md use these). A candidate caught by several lists
 # them comma-separated.
-SURFACE = "surface"  # the diff leaves the research surface (workspace, threat 1)
-DIFF_SCAN = "diff-scan"  # "diff-scan:<rule>", rule one of integrity.RULES (threats 4, 5, 7)
-FIXED_HASH = "fixed-hash"  # a fixed file differs from its hash at session start (threat 1)
-HOLDOUT_GAP = "holdout-gap"  # the holdout − val gap rose beyond noise (threat 3)
+SURFACE = "surface"  # the diff leaves the research surface (the workspace refuses it)
+DIFF_SCAN = "diff-scan"  # "diff-scan:<rule>", rule one of integrity.SCAN_RULES
+FIXED_HASH = "fixed-hash"  # a fixed file differs from its hash at session start
+HOLDOUT_GAP = "holdout-gap"  # the holdout − val gap rose beyond noise
 EVAL_REPRODUCE = "eval-reproduce"  # a run's val loss is not reproduced from its checkpoint
 # How far the standalone evaluation of a run's checkpoint may differ from the val loss the
 # run reported: the same weights, slice and code give the same bits on a CPU; a GPU may
 # pick other kernels for the batch in a fresh process.
 REPRODUCE_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
-UNTIMED_OVERHEAD = "untimed-overhead"  # wall minus timed seconds rose (threat 5)
-IMPLAUSIBLE_SPEEDUP = "implausible-speedup"  # held for a human (threat 8)
+UNTIMED_OVERHEAD = "untimed-overhead"  # wall minus timed seconds rose
+IMPLAUSIBLE_SPEEDUP = "implausible-speedup"  # held for a human
 # The harness's checks (train.py) name themselves in each violation record {"check",
 # "detail"}: "twins", "restore", "frozen-signals".
 TWINS = "twins"  # a twin row scored apart from its original (look-ahead, rows mixed, drift)
@@ -88,12 +85,14 @@ class AcceptanceConfig:
 
 @dataclass(frozen=True)
 class Check:
-    """One check's outcome: its numbers, kept in the decision, and whether it caught."""
+    """One check's outcome: whether it caught, why, and its numbers (kept in the decision;
+    None: nothing to keep)."""
 
     name: str
     caught: bool
     reason: str
-    numbers: dict = field(default_factory=dict)
+    numbers: dict | None = field(default_factory=dict)
+    hold: bool = False  # caught: held for a human instead of rejected
 
 
 def gap_test(
@@ -112,7 +111,7 @@ def gap_test(
             f"gap test with {len(candidate)} candidate and {len(champion)} "
             "champion gaps: need at least 2 a side"
         )
-    diff = _welch(np.asarray(candidate, float), np.asarray(champion, float))
+    diff = welch(candidate, champion)
     p = diff.p_above(0.0)
     numbers = {
         "candidate_gap": float(np.mean(candidate)),
@@ -196,95 +195,61 @@ def caught_by_runs(runs: Sequence[dict]) -> str | None:
     return ",".join(ids) or None
 
 
-# -- checkpoints and the evaluator ---------------------------------------------------------
+# -- the checks in order, and the verdict ----------------------------------------------------
 
 
-def run_name(run_id: int, candidate_id: int, role: str, seed: int) -> str:
-    """`r0031-c004-confirm-s12`: the name of a run's log, result and checkpoint files. The
-    ledger's run id makes it unique: a run discarded on resume and its re-run (same
-    candidate, role and seed) keep a log each."""
-    return f"r{run_id:04d}-c{candidate_id:03d}-{role}-s{seed}"
+def checks_on_runs(mine: Sequence[dict], theirs: Sequence[dict],
+                   cfg: AcceptanceConfig) -> list[Check]:
+    """The checks on the candidate's ok ledger runs (and the champion's) alone: the seeds,
+    and the untimed overhead when both sides have runs that measured it."""
+    checks = [seed_test(mine)]
+    overheads = [o for o in map(untimed_overhead, mine) if o is not None]
+    champion = [o for o in map(untimed_overhead, theirs) if o is not None]
+    if overheads and champion:
+        checks.append(overhead_test(overheads, champion, cfg.overhead_abs_s, cfg.overhead_rel))
+    else:
+        checks.append(Check(UNTIMED_OVERHEAD, False, "",
+                            {"skipped": "no run with wall, train and eval seconds"}))
+    return checks
 
 
-def checkpoint_path(run_dir: Path, name: str) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{name}.pt"
+def reproduce_checks(mine: Sequence[dict], scored: dict[int, dict],
+                     tolerance: float) -> list[Check]:
+    """Every run has its checkpoint's scores (`scored`: run id -> the ledger's holdout row),
+    and each reported the val loss its weights score afresh (`eval-reproduce`): a surface
+    that behaves differently inside the run's evaluator process is caught here."""
+    missing = [r["id"] for r in mine if r["id"] not in scored]
+    if missing:
+        return [Check(HOLDOUT_GAP, True, f"run(s) {missing} have no checkpoint to evaluate on "
+                      "the holdout slice", None)]
+    for run in mine:
+        reported = (run.get("result") or {}).get("val_loss")
+        again = scored[run["id"]]["val_loss"]
+        if not isinstance(reported, (int, float)) or abs(reported - again) > tolerance:
+            return [Check(EVAL_REPRODUCE, True,
+                          f"run {run['id']} reported val loss {reported} but its checkpoint "
+                          f"scores {again:.6f} in the standalone evaluator (tolerance "
+                          f"{tolerance:g})", {"run": run["id"], "reported": reported,
+                                              "again": again})]  # fmt: skip
+    return []
 
 
-def run_checkpoint(run_dir: Path, run: dict) -> Path:
-    name = run_name(run["id"], run["candidate_id"], run["role"], run["seed"])
-    return checkpoint_path(run_dir, name)
+def gap_check(gaps: Sequence[float], champion_gaps: Sequence[float],
+              cfg: AcceptanceConfig) -> Check:
+    """The holdout-gap test, or a skip when the champion has fewer than two gaps."""
+    if len(champion_gaps) < 2:
+        return Check(HOLDOUT_GAP, False, "", {"skipped": f"the champion has "
+                     f"{len(champion_gaps)} evaluated run(s); the gap test needs 2"})
+    return gap_test(gaps, champion_gaps, cfg.holdout_alpha, cfg.holdout_min_gap)
 
 
-def drop_checkpoints(run_dir: Path, runs: Sequence[dict]) -> None:
-    """Delete the runs' checkpoints: evaluated (their numbers are in the ledger) or of a
-    candidate that will never be evaluated. No checkpoint outlives its use."""
-    for run in runs:
-        run_checkpoint(run_dir, run).unlink(missing_ok=True)
-
-
-class EvaluationFailed(RuntimeError):
-    """The fixed evaluator did not give numbers for every checkpoint; the message says why."""
-
-
-class TwinsFailed(EvaluationFailed):
-    """A checkpoint scored afresh failed its twin rows: the forward pass is not causal."""
-
-
-def evaluate(
-    worktree: Path,
-    checkpoints: Sequence[Path],
-    preset: str,
-    device: str,
-    train_args: Sequence[str],
-    timeout_s: float,
-    sandbox: bool = True,
-) -> list[dict]:
-    """Run `python -m bench.score` in `worktree` (checked out at the commit that made the
-    checkpoints): each checkpoint scored on the holdout and val slices by a fresh sandboxed
-    forward worker; one {'val', 'holdout'} per checkpoint, in order, each {'loss', 'bpb',
-    'twins_ok'}."""
-    cmd = [sys.executable, "-m", "bench.score", "--preset", preset, "--device", device]
-    cmd += _flags(train_args, ("--data", "--kernels"))
-    cmd += ["--splits", "holdout,val", *([] if sandbox else ["--no-sandbox"])]
-    cmd += list(map(str, checkpoints))
-    with runner.device_lock(device):
-        try:
-            proc = subprocess.run(
-                cmd, cwd=worktree, capture_output=True, text=True, timeout=timeout_s
-            )
-        except subprocess.TimeoutExpired:
-            raise EvaluationFailed(f"the scorer took over {timeout_s:.0f} s") from None
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
-        raise EvaluationFailed(f"the scorer exited {proc.returncode}: {tail}")
-    try:
-        rows = {row["checkpoint"]: row for row in json.loads(lines[-1])}
-        out = []
-        for path in checkpoints:
-            row = rows[str(path)]
-            for split in ("val", "holdout"):
-                loss = row[split]["loss"]
-                if not (isinstance(loss, (int, float)) and math.isfinite(loss)):
-                    raise ValueError(f"{split} loss {loss!r} of {path}")
-            out.append({"val": row["val"], "holdout": row["holdout"]})
-    except (ValueError, KeyError, TypeError) as e:
-        raise EvaluationFailed(
-            f"the scorer's output is not the contract's: {e!r}: {lines[-1][:200]}"
-        ) from None
-    return out
-
-
-def _flags(args: Sequence[str], names: Sequence[str]) -> list[str]:
-    """The flags `names` (each with its value) among train.py arguments."""
-    out = []
-    for i, arg in enumerate(args[:-1]):
-        if arg in names:
-            out += [arg, args[i + 1]]
-    return out
-
-
-# -- the checks on a candidate the judge would accept ---------------------------------------
+def step_check(effect: float, cfg: AcceptanceConfig, review: str) -> Check:
+    """A step above `max_speedup` is held; `review` is the command that decides it."""
+    if effect <= cfg.max_speedup:
+        return Check(IMPLAUSIBLE_SPEEDUP, False, "", None)
+    return Check(IMPLAUSIBLE_SPEEDUP, True, f"speed ratio {effect:.3f} over the champion is "
+                 f"above the {cfg.max_speedup:g} limit: held for a human (`{review}`)", None,
+                 hold=True)
 
 
 @dataclass
@@ -295,148 +260,19 @@ class Acceptance:
     checks: dict  # check name -> its numbers, or {'skipped': why}
 
 
-def judge_acceptance(session, candidate: dict, effect: float) -> Acceptance:
-    """Run the acceptance checks for `candidate`, which the judge would accept with speed
-    ratio `effect` over the current champion. `session` is the loop's Session (ledger,
-    workspace, config, run_dir, event)."""
-    cfg = session.config.acceptance_config()
-    ledger, champion = session.ledger, session.champion()
-    mine = ledger.runs_of(candidate["id"], ok_only=True)
-    theirs = ledger.runs_of(champion["id"], ok_only=True)
-    checks: dict = {}
+def caught(checks: Sequence[Check]) -> bool:
+    return any(c.caught for c in checks)
 
-    check = seed_test(mine)
-    checks[check.name] = check.numbers
-    if check.caught:
-        return Acceptance("reject", check.name, check.reason, checks)
 
-    overheads = [o for o in map(untimed_overhead, mine) if o is not None]
-    champion_overheads = [o for o in map(untimed_overhead, theirs) if o is not None]
-    if overheads and champion_overheads:
-        check = overhead_test(overheads, champion_overheads, cfg.overhead_abs_s, cfg.overhead_rel)
-        checks[check.name] = check.numbers
+def verdict(checks: Sequence[Check]) -> Acceptance:
+    """The first check that caught decides (reject, or hold); the numbers of the checks up to
+    it are kept."""
+    numbers: dict = {}
+    for check in checks:
+        if check.numbers is not None:
+            numbers[check.name] = check.numbers
         if check.caught:
-            return Acceptance("reject", check.name, check.reason, checks)
-    else:
-        checks[UNTIMED_OVERHEAD] = {"skipped": "no run with wall, train and eval seconds"}
+            return Acceptance("hold" if check.hold else "reject", check.name, check.reason,
+                              numbers)
+    return Acceptance("accept", None, "", numbers)
 
-    try:
-        gaps = holdout_gaps(session, candidate, mine)
-    except TwinsFailed as e:
-        return Acceptance("reject", TWINS, str(e), checks)
-    except EvaluationFailed as e:  # fail closed: no numbers, no acceptance
-        return Acceptance("reject", HOLDOUT_GAP, f"holdout evaluation failed: {e}", checks)
-    missing = [r["id"] for r in mine if r["id"] not in gaps]
-    if missing:
-        return Acceptance(
-            "reject",
-            HOLDOUT_GAP,
-            f"run(s) {missing} have no checkpoint to evaluate on the holdout slice",
-            checks,
-        )
-    # The val loss the run reported must be what its final weights score outside the run: a
-    # surface that behaves differently inside the run's evaluator process is caught here.
-    tolerance = REPRODUCE_TOLERANCE.get(session.config.device, 1e-3)
-    evaluated = session.ledger.holdout_of(gaps)
-    for run in mine:
-        reported = (run.get("result") or {}).get("val_loss")
-        again = evaluated[run["id"]]["val_loss"]
-        if not isinstance(reported, (int, float)) or abs(reported - again) > tolerance:
-            checks[EVAL_REPRODUCE] = {"run": run["id"], "reported": reported, "again": again}
-            return Acceptance(
-                "reject",
-                EVAL_REPRODUCE,
-                f"run {run['id']} reported val loss {reported} but its checkpoint scores "
-                f"{again:.6f} in the standalone evaluator (tolerance {tolerance:g})",
-                checks,
-            )
-    try:
-        champion_gaps = holdout_gaps(session, champion, theirs)
-    except EvaluationFailed as e:
-        champion_gaps = {}
-        session.event(f"the champion's holdout evaluation failed: {e}")
-    if len(champion_gaps) < 2:  # a session begun before checkpoints: nothing to compare
-        checks[HOLDOUT_GAP] = {
-            "skipped": f"the champion has {len(champion_gaps)} evaluated "
-            "run(s); the gap test needs 2"
-        }
-        session.event(f"holdout gap not tested: {checks[HOLDOUT_GAP]['skipped']}")
-    else:
-        check = gap_test(
-            list(gaps.values()),
-            list(champion_gaps.values()),
-            cfg.holdout_alpha,
-            cfg.holdout_min_gap,
-        )
-        checks[check.name] = check.numbers
-        if check.caught:
-            return Acceptance("reject", check.name, check.reason, checks)
-
-    if effect > cfg.max_speedup:
-        return Acceptance(
-            "hold",
-            IMPLAUSIBLE_SPEEDUP,
-            f"speed ratio {effect:.3f} over the champion is above the "
-            f"{cfg.max_speedup:g} limit: held for a human (`python -m agent "
-            f"review --run-dir {session.run_dir} {candidate['id']} "
-            "--accept|--reject`)",
-            checks,
-        )
-    return Acceptance("accept", None, "", checks)
-
-
-def holdout_gaps(session, candidate: dict, runs: Sequence[dict]) -> dict[int, float]:
-    """run id -> holdout loss − val loss, for the runs with numbers: cached in the ledger, or
-    evaluated now from their checkpoints (then cached, and the checkpoints deleted)."""
-    ledger = session.ledger
-    cached = ledger.holdout_of(r["id"] for r in runs)
-    todo = [
-        r for r in runs if r["id"] not in cached and run_checkpoint(session.run_dir, r).is_file()
-    ]
-    if todo:
-        ws = session.workspace
-        ws.checkout(candidate["commit_sha"])
-        cfg = session.config
-        try:
-            numbers = evaluate(
-                ws.path,
-                [run_checkpoint(session.run_dir, r) for r in todo],
-                cfg.preset,
-                cfg.device,
-                cfg.train_args,
-                session.run_timeout(),
-                sandbox=cfg.sandbox,
-            )
-        finally:
-            ws.reset()
-        for run, row in zip(todo, numbers):
-            failed = [split for split in ("val", "holdout") if row[split].get("twins_ok") is False]
-            if failed:
-                raise TwinsFailed(f"run {run['id']}'s final weights failed the twin rows when "
-                                  f"scored afresh on {' and '.join(failed)}")
-            ledger.set_holdout(run["id"], row["val"], row["holdout"])
-        drop_checkpoints(session.run_dir, todo)
-        cached = ledger.holdout_of(r["id"] for r in runs)
-    return {i: row["holdout_loss"] - row["val_loss"] for i, row in cached.items()}
-
-
-def evidence(session, candidate: dict, decision, acceptance: Acceptance) -> dict:
-    """What a held (or check-rejected) candidate's ledger record carries for a human: the
-    judge's decision, the checks' numbers, the commit, and every run with its log."""
-    runs = session.ledger.runs_of(candidate["id"])
-    return {
-        **asdict(decision),
-        "checks": acceptance.checks,
-        "commit": candidate["commit_sha"],
-        "ref": candidate["ref"],
-        "runs": [
-            {
-                "id": r["id"],
-                "role": r["role"],
-                "seed": r["seed"],
-                "outcome": r["outcome"],
-                "log": r["log_path"],
-            }
-            for r in runs
-        ],
-    }

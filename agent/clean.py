@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.ledger import LEDGER_FILE, Ledger, LedgerError
+from agent.ledger import Ledger, LedgerError
 from agent.liveness import STARTED, STOPPED, liveness
+from agent.rundir import RunDir
 from agent.workspace import git
 
 BRANCHES, REFS = "refs/heads/speedloop/", "refs/speedloop/"
@@ -58,11 +59,11 @@ def find(repo: Path) -> list[Found]:
     for ref in refs:
         found.setdefault(_session_of(ref), Found(_session_of(ref))).refs.append(ref)
     for path in _worktrees(repo):
-        ledger_path = path.parent / LEDGER_FILE
-        if path.name not in ("worktree", "propose") or not ledger_path.is_file():
+        run_dir = RunDir.of_worktree(path)
+        if run_dir is None or not run_dir.ledger.is_file():
             continue  # not a session's, or its run directory is gone (`worktree prune`)
         try:
-            with Ledger(ledger_path, create=False) as ledger:
+            with Ledger(run_dir.ledger, create=False) as ledger:
                 session = ledger.session()
                 started, stopped = ledger.last_event(STARTED), ledger.last_event(STOPPED)
                 events = ledger.events(1)

@@ -25,12 +25,17 @@ from pathlib import Path
 from rich.console import Console
 
 from agent import preflight, replay, review
-from agent.judge import OBJECTIVES, RULES
-from agent.ledger import LEDGER_FILE, Ledger, LedgerError
-from agent.loop import Session, SessionConfig, SessionStop
+from agent.config import SessionConfig, SessionStop, stored
+from agent.leaderboard import LEADERBOARDS
+from agent.ledger import Ledger, LedgerError
+from agent.liveness import SessionBusy
+from agent.loop import Session
 from agent.proposers import make_proposer
-from agent.report import status_text, write_report
+from agent.report import write_report
 from agent.review import ReviewError
+from agent.rundir import RunDir
+from agent.stats import OBJECTIVES
+from agent.status import status_text
 from agent.tracking import resolve_mode
 from agent.workspace import GitError
 from bench.leaderboards import LadderError
@@ -50,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start a session, or resume one with --resume D")
-    run.add_argument("--resume", type=Path, metavar="D", help="resume the session in D")
-    run.add_argument("--preset", help="benchmark preset (train.py --preset; default cpu-tiny)")
+    add_session_arguments(run, "session", "candidates the diff scan flags instead of refusing "
+                          "them", "(default: set by the baseline)")
     run.add_argument(
         "--objective", choices=list(OBJECTIVES), help="what 'faster' means (default time-to-loss)"
     )
@@ -71,54 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--experiments", type=int, help="stop after N experiments")
     run.add_argument("--hours", type=float, help="stop after H hours")
     run.add_argument("--deadline", help="stop at this local time, e.g. 2026-11-28T07:00")
-    run.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
     run.add_argument("--baseline-runs", type=int, help="baseline replicates (>= 2; default 3)")
-    run.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens for every run")
-    run.add_argument("--data", help="train.py --data for every run (default: the preset's)")
-    run.add_argument(
-        "--target-loss", type=float, help="time-to-loss target (default: set by the baseline)"
-    )
-    run.add_argument(
-        "--wandb", choices=["auto", "offline", "disabled"], help="W&B tracking (default auto)"
-    )
-    run.add_argument(
-        "--allow-flagged", action="store_true", default=None,
-        help="run candidates the diff scan flags instead of refusing them (bench/INTEGRITY.md)",
-    )  # fmt: skip
     run.add_argument(
         "--max-speedup", type=float,
         help="hold a step faster than this over the champion for `review` (default 2.0)",
     )  # fmt: skip
-    add_leaderboard_arguments(run)
-    add_trust_arguments(run)
 
     replay = sub.add_parser("replay", help="replay a leaderboard's ladder, rung by rung")
     replay.add_argument(
         "ladder", nargs="?", help="a ladder's name (bench/leaderboards/NAME) or its directory"
     )
-    replay.add_argument("--resume", type=Path, metavar="D", help="resume the replay in D")
-    replay.add_argument("--preset", help="benchmark preset (train.py --preset; default cpu-tiny)")
+    add_session_arguments(replay, "replay", "rungs the diff scan flags instead of stopping "
+                          "there", "(default: the leaderboard's where the preset reaches it, "
+                          "else set by the baseline's replicates)")
     replay.add_argument(
         "--runs", type=int, help="timed runs of each rung and of its predecessor (default 3)"
     )
     replay.add_argument("--rungs", metavar="FROM:TO", help="replay only these rungs (1-based)")
-    replay.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
-    replay.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens, every run")
-    replay.add_argument("--data", help="train.py --data for every run (default: the preset's)")
-    replay.add_argument(
-        "--target-loss", type=float,
-        help="time-to-loss target (default: the leaderboard's where the preset reaches it, "
-        "else set by the baseline's replicates)",
-    )  # fmt: skip
-    replay.add_argument(
-        "--wandb", choices=["auto", "offline", "disabled"], help="W&B tracking (default auto)"
-    )
-    replay.add_argument(
-        "--allow-flagged", action="store_true", default=None,
-        help="run rungs the diff scan flags instead of stopping there (bench/INTEGRITY.md)",
-    )  # fmt: skip
-    add_leaderboard_arguments(replay)
-    add_trust_arguments(replay)
 
     review = sub.add_parser("review", help="list the candidates held for a human, or decide one")
     review.add_argument("--run-dir", type=Path, required=True, help="the session directory")
@@ -140,7 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_trust_arguments(p: argparse.ArgumentParser) -> None:
+def add_session_arguments(p: argparse.ArgumentParser, what: str, flagged: str,
+                          target: str) -> None:
+    """The flags `run` and `replay` share; `what` names the session, `flagged` what
+    --allow-flagged runs, `target` where the target comes from by default."""
+    p.add_argument("--resume", type=Path, metavar="D", help=f"resume the {what} in D")
+    p.add_argument("--preset", help="benchmark preset (train.py --preset; default cpu-tiny)")
+    p.add_argument("--run-dir", type=Path, help="session directory (default runs/<time>)")
+    p.add_argument("--budget-tokens", type=int, help="train.py --budget-tokens for every run")
+    p.add_argument("--data", help="train.py --data for every run (default: the preset's)")
+    p.add_argument("--target-loss", type=float, help=f"time-to-loss target {target}")
+    p.add_argument(
+        "--wandb", choices=["auto", "offline", "disabled"], help="W&B tracking (default auto)"
+    )
+    p.add_argument("--allow-flagged", action="store_true", default=None,
+                   help=f"run {flagged} (bench/INTEGRITY.md)")
+    p.add_argument(
+        "--rules", choices=list(LEADERBOARDS),
+        help="judge in a leaderboard's terms: its target loss (where the preset reaches it), "
+        "its p-value for the loss test, its waiver for systems changes",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpus", type=int, metavar="K",
+        help="GPUs (processes) of every benchmark run: torchrun --nproc_per_node=K when K > 1 "
+        "(default 1)",
+    )  # fmt: skip
     p.add_argument(
         "--no-sandbox", action="store_true",
         help="run candidate code unconfined where bubblewrap cannot run: every result is "
@@ -160,19 +158,6 @@ def check_sandbox(config: SessionConfig) -> None:
         raise SessionStop(str(e)) from None
 
 
-def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--rules", choices=list(RULES),
-        help="judge in a leaderboard's terms: its target loss (where the preset reaches it), "
-        "its p-value for the loss test, its waiver for systems changes",
-    )  # fmt: skip
-    p.add_argument(
-        "--gpus", type=int, metavar="K",
-        help="GPUs (processes) of every benchmark run: torchrun --nproc_per_node=K when K > 1 "
-        "(default 1)",
-    )  # fmt: skip
-
-
 def with_defaults(args: Namespace, defaults: dict) -> Namespace:
     """`args` with each flag that was not given set to its default, for a new session."""
     return Namespace(**{**vars(args), **{k: v for k, v in defaults.items()
@@ -190,7 +175,7 @@ def proposer_options(args: Namespace, run_dir: Path) -> dict:
         if args.agent_timeout is not None:
             options["timeout_s"] = args.agent_timeout
         return options
-    options["transcript_dir"] = str((run_dir / "llm").resolve())
+    options["transcript_dir"] = str(RunDir(run_dir).llm.resolve())
     flags = dict(model=args.model, budget_usd=args.budget_usd, max_turns=args.max_turns,
                  max_usd_per_candidate=args.max_usd_per_candidate, effort=args.effort)
     options.update({k: v for k, v in flags.items() if v is not None})
@@ -216,28 +201,17 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
                           f"{', '.join(PRESETS)}")
     target = args.target_loss
     if args.rules and target is None and PRESETS[args.preset].target_loss is not None:
-        target = RULES[args.rules].target_loss  # a preset made to reach the leaderboard's
+        target = LEADERBOARDS[args.rules].target_loss  # a preset made to reach the leaderboard's
     return SessionConfig(
-        preset=args.preset,
-        objective=args.objective,
-        proposer=args.proposer,
-        proposer_arg=args.proposer_arg,
-        proposer_options=proposer_options(args, run_dir),
-        experiments=args.experiments,
-        hours=args.hours,
+        preset=args.preset, objective=args.objective, proposer=args.proposer,
+        proposer_arg=args.proposer_arg, proposer_options=proposer_options(args, run_dir),
+        experiments=args.experiments, hours=args.hours,
         deadline=preflight.deadline(args.deadline) if args.deadline else None,
-        baseline_runs=args.baseline_runs,
-        train_args=train_args(args),
-        target_loss=target,
-        device=PRESETS[args.preset].device,
-        gpus=args.gpus,
-        rules=args.rules,
-        wandb=args.wandb,
-        repo=str(ROOT),
-        allow_flagged=args.allow_flagged,
+        baseline_runs=args.baseline_runs, train_args=train_args(args), target_loss=target,
+        device=PRESETS[args.preset].device, gpus=args.gpus, rules=args.rules, wandb=args.wandb,
+        repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
-        sandbox=not args.no_sandbox,
-    )
+    )  # fmt: skip
 
 
 def printers(console: Console):
@@ -279,20 +253,6 @@ def command_run(args: Namespace, console: Console) -> int:
     return run_session(session, say)
 
 
-def stored_config(run_dir: Path) -> SessionConfig:
-    """The config of the session in `run_dir`; SessionStop when it holds none."""
-    path = Path(run_dir) / LEDGER_FILE
-    if not path.exists():
-        raise SessionStop(f"{run_dir} holds no session ({LEDGER_FILE} missing): start one "
-                          f"with `python -m agent run --run-dir {run_dir}`")
-    with Ledger(path, create=False) as ledger:
-        session = ledger.session()
-    if session is None:
-        raise SessionStop(f"{path} holds no session row (its creation was interrupted): "
-                          f"remove {run_dir} and start the session again")
-    return SessionConfig.from_dict(session["config"])
-
-
 def apply_budgets(args: Namespace, config: SessionConfig) -> bool:
     """The budgets a resume was given, into `config`; True when one changed."""
     changed = False
@@ -314,7 +274,7 @@ def resume(args: Namespace, say, waiting) -> int:
     """Resume a session (`run --resume D`) or a replay (`replay --resume D`, or run's): the
     flags given must be the session's own settings, or budgets, which are stored."""
     run_dir = args.resume
-    config = stored_config(run_dir)
+    _, config = stored(run_dir)
     is_replay = config.proposer == replay.PROPOSER
     if args.command == "replay" and not is_replay:
         raise SessionStop(f"{run_dir} holds a `python -m agent run` session, not a replay: "
@@ -328,31 +288,35 @@ def resume(args: Namespace, say, waiting) -> int:
     if not is_replay:
         proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
         access = preflight.check_proposer(proposer)
-    with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
+    with Ledger(RunDir(run_dir).ledger, create=False) as ledger:
         if changed:  # so that status, and the next resume, see the new budgets
             ledger.set_session(asdict(config))
         if access is not None:
             ledger.add_spend(access["model"], access)
     if is_replay:
-        return run_replay(replay.open_replay(run_dir, say, waiting), say)
+        return run_session(replay.Replay(run_dir, say=say, waiting=waiting), say)
     return run_session(Session(run_dir, proposer, say=say, waiting=waiting), say)
 
 
 def run_session(session: Session, say) -> int:
-    run_dir = session.run_dir
-    say(f"session {session.id} in {run_dir}: {session.config.preset}, {session.config.objective}")
-    if not session.config.sandbox:
+    """Run a session (or a replay) to its end; its reports then, or exit 130 on Ctrl-C."""
+    run_dir, cfg = session.run_dir, session.config
+    command = "replay" if isinstance(session, replay.Replay) else "run"
+    if command == "replay":
+        say(f"replay {session.id} in {run_dir}: {session.ladder.name}, {cfg.preset}")
+    else:
+        say(f"session {session.id} in {run_dir}: {cfg.preset}, {cfg.objective}")
+    if not cfg.sandbox:
         say(UNTRUSTED)
     try:
         session.run()
     except KeyboardInterrupt:
-        say(
-            "interrupted: the run in flight was stopped; it will be discarded and re-run by "
-            f"`python -m agent run --resume {run_dir}`"
-        )
+        say("interrupted: the run in flight was stopped; it will be discarded and re-run by "
+            f"`python -m agent {command} --resume {run_dir}`")
         return 130
-    paths = write_report(run_dir)
-    say(f"report: {', '.join(str(p) for p in paths)}")
+    paths = [str(p) for p in write_report(run_dir.root)]
+    replayed = f"; replay: {run_dir.replay_md}" if command == "replay" else ""
+    say(f"report: {', '.join(paths)}{replayed}")
     return 0
 
 
@@ -368,40 +332,29 @@ def command_replay(args: Namespace, console: Console) -> int:
     preflight.check_values(args)
     ladder = replay.load(args.ladder)
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("replay-%Y%m%d-%H%M%S")
-    config = replay.session_config(
+    config = replay.replay_config(
         ladder, args.preset, args.runs, args.rungs, args.rules,
         args.target_loss, train_args=train_args(args), gpus=args.gpus, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
     )  # fmt: skip
     check_new(run_dir, config, say)
-    return run_replay(replay.create_replay(run_dir, config, say, waiting), say)
+    return run_session(replay.Replay.create(run_dir, config, None, say=say, waiting=waiting), say)
 
 
-def run_replay(r: replay.Replay, say) -> int:
-    s = r.session
-    say(f"replay {s.id} in {s.run_dir}: {r.ladder.name}, {s.config.preset}")
-    try:
-        r.run()
-    except KeyboardInterrupt:
-        say(
-            "interrupted: the run in flight was stopped; it will be discarded and re-run by "
-            f"`python -m agent replay --resume {s.run_dir}`"
-        )
-        return 130
-    paths = write_report(s.run_dir)
-    say(f"report: {', '.join(str(p) for p in paths)}; replay: {s.run_dir / 'replay.md'}")
-    return 0
+def require_ledger(run_dir: Path) -> None:
+    path = RunDir(run_dir).ledger
+    if not path.exists():
+        raise SessionStop(f"{run_dir} holds no session ({path.name} missing)")
 
 
 def command_review(args: Namespace) -> int:
-    if not (args.run_dir / LEDGER_FILE).exists():
-        raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
+    require_ledger(args.run_dir)
     if args.candidate is None:
         if args.accept or args.reject:
             raise SessionStop("--accept and --reject need the id of a held candidate")
         print(review.held_text(args.run_dir))
     elif args.accept or args.reject:
-        print(review.decide(args.run_dir, args.candidate, args.accept, args.note))
+        print(review.settle(args.run_dir, args.candidate, args.accept, args.note))
     else:
         print(review.show(args.run_dir, args.candidate))
     return 0
@@ -422,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(clean(args.repo, dry_run=args.dry_run))
             return 0
-        if not (args.run_dir / LEDGER_FILE).exists():
-            raise SessionStop(f"{args.run_dir} holds no session ({LEDGER_FILE} missing)")
+        require_ledger(args.run_dir)
         if args.command == "status":
             print(status_text(args.run_dir))
         else:
@@ -435,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 for path in write_replay(args.run_dir):
                     print(path)
         return 0
-    except (SessionStop, LedgerError, ReviewError, LadderError, GitError, ValueError,
-            FileNotFoundError) as e:  # fmt: skip
+    except (SessionStop, SessionBusy, LedgerError, ReviewError, LadderError, GitError,
+            ValueError, FileNotFoundError) as e:  # fmt: skip
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         print(f"error: {' | '.join(lines)}", file=sys.stderr)
         return 2

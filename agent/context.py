@@ -21,13 +21,13 @@ MAX_LINE_CHARS = 160  # a description or a reason in the digest
 MAX_DIFF_CHARS = 12_000  # one accepted diff
 MAX_PROFILE_CHARS = 8_000
 
-SURFACE = ", ".join(f"{d}/" for d in SURFACE_DIRS)
+SURFACE_TEXT = ", ".join(f"{d}/" for d in SURFACE_DIRS)
 
-RULES = f"""\
+GAME_RULES = f"""\
 You are a research engineer in speedloop, an automated loop that makes the training of a
 nanoGPT-style model faster. A fixed benchmark trains the model and measures it; a
 statistical judge keeps a change only when it is significantly faster and validation loss
-is not worse. Each candidate is one focused edit of the research surface ({SURFACE}),
+is not worse. Each candidate is one focused edit of the research surface ({SURFACE_TEXT}),
 made on top of the current champion.
 
 How the benchmark works:
@@ -41,7 +41,7 @@ How the benchmark works:
   nothing but that row's earlier tokens, and do not change as evaluation goes on.
 - kernels/ holds Triton kernels with pure-torch references; the harness picks the backend
   (triton on CUDA). A kernel must match its reference.
-- Only {SURFACE} may change. Anything else (train.py, bench/, data/, agent/, tests/) is
+- Only {SURFACE_TEXT} may change. Anything else (train.py, bench/, data/, agent/, tests/) is
   fixed; a change outside the surface is refused before it runs.
 
 Rules:
@@ -67,7 +67,7 @@ def read_brief(path: str | Path) -> str:
 
 def stable_prompt(brief: str) -> str:
     """The part of the prompt that stays the same for every candidate of a session."""
-    return f"{RULES}\n# Research brief (program.md)\n\n{brief.strip()}\n"
+    return f"{GAME_RULES}\n# Research brief (program.md)\n\n{brief.strip()}\n"
 
 
 def _ok(results: list[dict]) -> list[dict]:

@@ -1,16 +1,17 @@
-"""Integrity checks the loop runs on the fixed side, before any candidate code runs.
+"""Integrity checks the loop runs on the fixed side, before any candidate code runs
+(bench/INTEGRITY.md lists every check by name):
 
-Two defences of the threat model in bench/INTEGRITY.md live here:
+- `fixed-hash` (`fixed_hashes` / `changed_fixed`): the sha256 of every tracked file outside
+  the research surface, taken at session start and checked in the worktree before every
+  benchmark run, so an edited benchmark never runs.
+- `diff-scan:<rule>` (`scan_diff`): a static scan of the lines a candidate's diff adds to
+  surface Python files, for imports and calls that have no business in a model: timers,
+  tracing, process and environment tricks, file reads, imports of the harness, global
+  seeding. Advisory: the sandbox is what makes them harmless; the scan refuses them early.
 
-- `fixed_hashes` / `changed_fixed`: the sha256 of every tracked file outside the research
-  surface, taken at session start and checked in the worktree before every benchmark run
-  (threat 1: editing the benchmark).
-- `scan_diff`: a static scan of the lines a candidate's diff adds to surface Python files,
-  for imports and calls that have no business in a model: timers, tracing, process and
-  environment tricks, file reads, imports of the harness, global seeding (threats 4, 5, 7).
-
-The checks inside the harness itself (restored state after warmup, parameters unchanged by
-evaluation, the causality probe) are in train.py and bench/evaluator.py.
+The checks inside the harness itself (restored state after warmup, twin rows, frozen
+signals) are in train.py and bench/. What this module must never do: import or run the
+candidate's code (it reads its text).
 """
 
 from __future__ import annotations
@@ -19,21 +20,18 @@ import ast
 import hashlib
 import os
 import re
-import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.workspace import git, parse_diff
 from bench.surface import in_surface
 
-# -- threat 1: the hashes of the fixed files ---------------------------------------------
+# -- fixed-hash: the hashes of the fixed files ---------------------------------------------
 
 
 def _tracked(worktree: Path) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=worktree, capture_output=True, text=True, check=True
-    ).stdout
-    return [p for p in out.split("\0") if p]
+    return [p for p in git(worktree, "ls-files", "-z").split("\0") if p]
 
 
 def _digest(path: Path) -> str:
@@ -59,7 +57,7 @@ def changed_fixed(worktree: Path, expected: Mapping[str, str]) -> list[str]:
     return sorted(p for p in set(now) | set(expected) if now.get(p) != expected.get(p))
 
 
-# -- threats 4, 5, 7: the static scan of a candidate's diff -------------------------------
+# -- diff-scan: the static scan of a candidate's diff --------------------------------------
 
 
 @dataclass(frozen=True)
@@ -74,43 +72,43 @@ class Rule:
 
 
 # The one list of rules. Each says, in `why`, why surface code has no business doing it.
-RULES: tuple[Rule, ...] = (
-    # The harness owns the clock; a model never needs to know the time (threat 4).
+SCAN_RULES: tuple[Rule, ...] = (
+    # The harness owns the clock; a model never needs to know the time.
     Rule("clock", "reads or patches the clock, which the harness owns",
          modules=("time", "datetime", "timeit"),
          regex=r"^\s*import\s+(time|datetime|timeit)\b|^\s*from\s+(time|datetime|timeit)\s+import"
                r"|\btime\.\w+|\bperf_counter\b|\bmonotonic\b"),
-    # Syncs and events are the harness's timing instruments (threat 4).
+    # Syncs and events are the harness's timing instruments.
     Rule("cuda-timing", "uses the harness's timing instruments (CUDA syncs and events)",
          names=("torch.cuda.synchronize", "torch.cuda.Event", "torch.cuda.Event.elapsed_time"),
          regex=r"\bcuda\.(synchronize|Event)\b"),
-    # Pausing the collector moves its cost out of the clock or into evaluation (threat 4, 5).
+    # Pausing the collector moves its cost out of the clock or into evaluation.
     Rule("gc", "controls the garbage collector", modules=("gc",),
          regex=r"^\s*import\s+gc\b|\bgc\.\w+"),
-    # Tracing and profiling hooks can watch or rewrite the harness's frames (threat 4).
+    # Tracing and profiling hooks can watch or rewrite the harness's frames.
     Rule("tracing", "installs trace or profile hooks",
          names=("sys.settrace", "sys.setprofile", "threading.settrace", "threading.setprofile",
                 "sys.monitoring"),
          regex=r"\b(settrace|setprofile)\b|\bsys\.monitoring\b"),
-    # The module table is how one patches the harness or its imports from afar (threat 4).
+    # The module table is how one patches the harness or its imports from afar.
     Rule("sys-modules", "reads or patches the module table", names=("sys.modules",),
          regex=r"\bsys\.modules\b"),
-    # Patching builtins or the main module changes the harness itself (threat 4).
+    # Patching builtins or the main module changes the harness itself.
     Rule("builtins", "touches builtins or the __main__ module (the harness)",
          modules=("builtins", "__main__"), names=("__builtins__",),
          regex=r"\b(builtins|__builtins__|__main__)\b"),
     # Exit hooks and signal handlers run after the harness's checks, or interrupt its clock.
     Rule("exit-hooks", "registers exit hooks or signal handlers", modules=("atexit", "signal"),
          regex=r"^\s*import\s+(atexit|signal)\b|\b(atexit|signal)\.\w+"),
-    # Raw memory access can rewrite anything, the harness's variables included (threat 4).
+    # Raw memory access can rewrite anything, the harness's variables included.
     Rule("ctypes", "uses ctypes or cffi (raw memory and C calls)", modules=("ctypes", "cffi"),
          regex=r"\b(ctypes|cffi)\b"),
-    # The environment configures the harness, torch and the child processes (threat 4).
+    # The environment configures the harness, torch and the child processes.
     Rule("env-write", "writes the process environment",
          names=("os.putenv", "os.unsetenv"),
          regex=r"\benviron\s*\[[^\]]*\]\s*=(?!=)|\benviron\.(update|setdefault|pop|clear)\b"
                r"|\b(putenv|unsetenv)\b|\bdel\s+os\.environ\b"),
-    # Other processes escape the harness, its clock and the runner's supervision (threat 4).
+    # Other processes escape the harness, its clock and the runner's supervision.
     Rule("subprocess", "starts other processes",
          modules=("subprocess", "pty"),
          names=("os.system", "os.popen", "os.fork", "os.forkpty", "os.kill", "os.killpg",
@@ -127,11 +125,11 @@ RULES: tuple[Rule, ...] = (
     Rule("network", "opens network connections",
          modules=("socket", "ssl", "http", "urllib", "requests", "ftplib", "smtplib"),
          regex=r"\b(socket|urllib|requests|http\.client|ssl)\b"),
-    # Introspection finds and patches the harness's frames and functions (threat 4).
+    # Introspection finds and patches the harness's frames and functions.
     Rule("inspect", "introspects the caller (the harness)", modules=("inspect", "traceback"),
          names=("sys._getframe", "sys._current_frames"),
          regex=r"^\s*import\s+(inspect|traceback)\b|\binspect\.\w+|\b_getframe\b"),
-    # Reads and writes of files: the validation data, cached results, the harness (threat 3).
+    # Reads and writes of files: the validation data, cached results, the harness.
     Rule("file-io", "opens or reads files (the surface is given its data by the harness)",
          names=("io.open", "os.open", "torch.load", "torch.save", "numpy.load",
                 "numpy.fromfile", "numpy.memmap", "numpy.save"),
@@ -143,11 +141,11 @@ RULES: tuple[Rule, ...] = (
     Rule("dynamic-code", "imports or runs code dynamically (hides it from this scan)",
          modules=("importlib", "runpy"), calls=("__import__", "exec", "eval"),
          regex=r"\bimportlib\b|\brunpy\b|\b__import__\b|\bexec\s*\(|\beval\s*\("),
-    # The surface is called by the harness, never the other way round (threats 1, 3, 4).
+    # The surface is called by the harness, never the other way round.
     Rule("harness-import", "imports the fixed benchmark (train, bench, data, agent)",
          modules=("train", "bench", "data", "agent"),
          regex=r"^\s*(from|import)\s+(train|bench|data|agent)\b"),
-    # The judge chooses the seeds; a global seed in the surface picks a lucky one (threat 7).
+    # The judge chooses the seeds; a global seed in the surface picks a lucky one.
     Rule("global-seed", "sets a global random seed or RNG state (the judge chooses seeds)",
          names=("torch.manual_seed", "torch.seed", "torch.random.manual_seed",
                 "torch.random.seed", "torch.set_rng_state", "torch.random.set_rng_state",
@@ -159,14 +157,14 @@ RULES: tuple[Rule, ...] = (
                r"|\brandom\.seed\s*\(|\btorch\.(cuda\.)?seed\s*\("),
 )  # fmt: skip
 
-RULES_BY_NAME = {rule.name: rule for rule in RULES}
+RULES_BY_NAME = {rule.name: rule for rule in SCAN_RULES}
 
 
 @dataclass(frozen=True)
 class Finding:
     path: str
     line: int  # in the file at the candidate's commit
-    rule: str  # a name in RULES
+    rule: str  # a name in SCAN_RULES
     text: str  # the added line, stripped
 
     def __str__(self) -> str:
@@ -178,29 +176,8 @@ SourceFn = Callable[[str], "str | None"]  # path -> the file's text at the candi
 
 
 def added_lines(diff: str) -> dict[str, dict[int, str]]:
-    """{path: {line number in the new file: text}} of the lines a unified diff adds."""
-    out: dict[str, dict[int, str]] = {}
-    path, line = None, 0
-    hunk = re.compile(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,\d+)? @@")
-    for raw in diff.splitlines():
-        if raw.startswith("diff --git "):
-            path = None
-        elif raw.startswith("+++ "):
-            target = raw[4:].split("\t")[0].strip()
-            path = None if target == "/dev/null" else target.removeprefix("b/")
-            if path is not None:
-                out.setdefault(path, {})
-        elif raw.startswith("@@"):
-            m = hunk.match(raw)
-            line = int(m.group(1)) if m else 0
-        elif path is not None and line:
-            if raw.startswith("+"):
-                out[path][line] = raw[1:]
-                line += 1
-            elif raw.startswith(" "):
-                line += 1
-            # "-" lines and "\ No newline" do not move the new file's line number
-    return {p: lines for p, lines in out.items() if lines}
+    """{path: {line number in the new file: text}} of the lines a diff adds."""
+    return {f.path: f.added for f in parse_diff(diff) if f.path and f.added}
 
 
 def scan_diff(diff: str, source: SourceFn | None = None) -> list[Finding]:
@@ -229,7 +206,7 @@ def scan_diff(diff: str, source: SourceFn | None = None) -> list[Finding]:
                         break
         else:
             for n, line in lines.items():
-                for rule in RULES:
+                for rule in SCAN_RULES:
                     if rule.regex and re.search(rule.regex, line):
                         findings.add(Finding(path, n, rule.name, line.strip()))
     return sorted(findings, key=lambda f: (f.path, f.line, f.rule))
@@ -248,7 +225,7 @@ def _matches(dotted: str, rule: Rule) -> bool:
 
 
 def _rules_for(dotted: str) -> list[str]:
-    return [rule.name for rule in RULES if _matches(dotted, rule)]
+    return [rule.name for rule in SCAN_RULES if _matches(dotted, rule)]
 
 
 def _aliases(tree: ast.AST) -> dict[str, str]:
@@ -315,11 +292,11 @@ def _ast_hits(tree: ast.AST) -> list[tuple[str, int, int]]:
         if isinstance(node, ast.Call):
             func = node.func
             if isinstance(func, ast.Name) and func.id not in aliases:
-                for rule in RULES:
+                for rule in SCAN_RULES:
                     if func.id in rule.calls:
                         hit(rule.name, node)
             if isinstance(func, ast.Attribute):
-                for rule in RULES:
+                for rule in SCAN_RULES:
                     if func.attr in rule.methods:
                         hit(rule.name, node)
                 owner = _dotted(func.value, aliases)

@@ -2,7 +2,7 @@
 
 One candidate is judged sequentially. Its first run is a screen: failures and clear losers
 stop there. A promising candidate gets confirmation replicates (fresh seeds) and, after
-each one, `decide` answers "accept", "reject" or "more". Accepting needs both a
+each one, `assess` answers "accept", "reject" or "more". Accepting needs both a
 significant speed gain on the log of the primary metric (one-sided Welch t-test) and a
 validation loss that is not worse than the champion's beyond `loss_margin` (one-sided
 non-inferiority test). The repeated looks at the data share one boundary (Pocock's kind,
@@ -29,22 +29,14 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import special
 
+from agent.stats import OBJECTIVES, Run, censored_metric, number, primary_metric, welch, welch_df
 from bench.curves import interpolate_target
-
-Run = Mapping[str, object]  # one train.py result dict
-
-# objective -> (result field of the primary metric, +1 if higher is better else -1)
-OBJECTIVES = {
-    "time-to-loss": ("time_to_target", -1),
-    "throughput": ("tokens_per_sec", +1),
-    "loss-at-time": ("val_loss", -1),
-}
 
 
 @dataclass(frozen=True)
@@ -98,35 +90,15 @@ class Noise:
     n: int  # replicates it was measured on
 
 
-def _number(run: Run, key: str) -> float:
-    value = run.get(key)
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"result of seed {run.get('seed')}: {key}={value!r} is not a "
-                         "positive finite number")
-    return float(value)
-
-
-def primary_metric(run: Run, objective: str) -> float | None:
-    """The run's primary number, or None for a time-to-loss run that missed the target."""
-    key = OBJECTIVES[objective][0]
-    if objective == "time-to-loss" and run.get(key) is None:
-        return None
-    return _number(run, key)
-
-
 def _champion_samples(runs: Sequence[Run], objective: str) -> tuple[np.ndarray, np.ndarray]:
     """Signed log metric (higher is better) and val loss of the champion's ok runs."""
     ok = [r for r in runs if r.get("status") == "ok"]  # a crash of the champion says nothing
     if len(ok) < 2:
         raise ValueError(f"champion has {len(ok)} ok runs: need at least 2 to measure noise; "
                          "replicate the baseline before judging candidates")
-    sign, values = OBJECTIVES[objective][1], []
-    for r in ok:
-        v = primary_metric(r, objective)
-        # A champion run that missed the target is censored at its stop time. That is a lower
-        # bound on its true time, so it flatters the champion: conservative for acceptance.
-        values.append(v if v is not None else _number(r, "train_seconds"))
-    return sign * np.log(values), np.array([_number(r, "val_loss") for r in ok])
+    sign = OBJECTIVES[objective][1]
+    values = [censored_metric(r, objective) for r in ok]
+    return sign * np.log(values), np.array([number(r, "val_loss") for r in ok])
 
 
 def comparable(results: Sequence[dict], config: dict) -> list[dict]:
@@ -176,53 +148,6 @@ def measure_noise(runs: Sequence[Run], objective: str = "time-to-loss") -> Noise
     return Noise(float(log_metric.std(ddof=1)), float(loss.std(ddof=1)), len(log_metric))
 
 
-@dataclass(frozen=True)
-class _Diff:
-    """A difference of means with its standard error and degrees of freedom (Welch).
-
-    Student's t comes from scipy.special (stdtr, stdtrit): the functions behind
-    scipy.stats.t without its ~50 us of overhead per call, which would dominate `simulate`.
-    """
-
-    estimate: float
-    se: float
-    df: float
-
-    def p_above(self, threshold: float) -> float:
-        """One-sided p-value of H0: true difference <= threshold."""
-        if self.se == 0.0:  # identical runs (deterministic benchmark): no noise to test against
-            return 0.0 if self.estimate > threshold else 1.0
-        return float(special.stdtr(self.df, (threshold - self.estimate) / self.se))
-
-    def p_below(self, threshold: float) -> float:
-        """One-sided p-value of H0: true difference >= threshold."""
-        return _Diff(-self.estimate, self.se, self.df).p_above(-threshold)
-
-    def bound(self, level: float) -> float:
-        """One-sided confidence bound: upper if level > 0.5, lower if level < 0.5."""
-        if self.se == 0.0:
-            return self.estimate
-        return self.estimate + float(special.stdtrit(self.df, level)) * self.se
-
-
-def _welch_df(vx, nx, vy, ny):
-    """Welch-Satterthwaite degrees of freedom from the squared standard errors vx, vy."""
-    return (vx + vy) ** 2 / (vx**2 / (nx - 1) + vy**2 / (ny - 1))
-
-
-def _welch(x: np.ndarray, y: np.ndarray) -> _Diff:
-    """mean(x) - mean(y), Welch's unequal-variance t. A lone x (the screening run) borrows
-    y's variance, since one run cannot measure its own spread."""
-    vy = y.var(ddof=1) / len(y)
-    if len(x) == 1:
-        vx = y.var(ddof=1)
-        return _Diff(float(x[0] - y.mean()), math.sqrt(vx + vy), len(y) - 1.0)
-    vx = x.var(ddof=1) / len(x)
-    if vx + vy == 0.0:
-        return _Diff(float(x.mean() - y.mean()), 0.0, math.inf)
-    return _Diff(float(x.mean() - y.mean()), math.sqrt(vx + vy), _welch_df(vx, len(x), vy, len(y)))
-
-
 # Candidate noise / champion noise that the sequential level is calibrated for. A candidate
 # may well be noisier than the champion (a less stable recipe), and Welch's test is then
 # liberal with few runs; 2 covers that at a cost of a few points of power.
@@ -256,7 +181,7 @@ def sequential_level(n_champion: int, looks: tuple[int, ...], alpha: float) -> f
             cand = ratio * unit[:, :n]
             vx = cand.var(axis=1, ddof=1) / n
             t = (cand.mean(axis=1) - champ.mean(axis=1)) / np.sqrt(vx + vy)
-            p_min = np.minimum(p_min, special.stdtr(_welch_df(vx, n, vy, n_champion), -t))
+            p_min = np.minimum(p_min, special.stdtr(welch_df(vx, n, vy, n_champion), -t))
         levels.append(np.quantile(p_min, alpha))
     return float(min(levels))
 
@@ -265,7 +190,7 @@ def _reject(reason: str, n_champion: int, n_candidate: int) -> Decision:
     return Decision("reject", reason, None, None, None, None, None, n_champion, n_candidate, None)
 
 
-def decide(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
+def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
            config: JudgeConfig | None = None) -> Decision:
     """Judge a candidate from all its runs so far against the champion's sample.
 
@@ -292,7 +217,7 @@ def decide(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
             return _reject(f"run with seed {r.get('seed')} failed: {r.get('status')}", m, n)
         try:
             value = primary_metric(r, cfg.objective)
-            losses.append(_number(r, "val_loss"))
+            losses.append(number(r, "val_loss"))
         except ValueError as err:
             return _reject(f"invalid result: {err}", m, n)
         if value is None:
@@ -300,8 +225,8 @@ def decide(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
             # time cap is no speedup, whatever its other runs say.
             return _reject(f"run with seed {r.get('seed')} did not reach the target loss", m, n)
         values.append(value)
-    speed = _welch(sign * np.log(values), champ_metric)
-    loss = _welch(np.array(losses), champ_loss)
+    speed = welch(sign * np.log(values), champ_metric)
+    loss = welch(np.array(losses), champ_loss)
     looks = tuple(range(cfg.min_replicates, cfg.max_replicates + 1))
     level = sequential_level(m, looks, cfg.alpha)
     level_loss = sequential_level(m, looks, cfg.alpha_loss)
@@ -348,97 +273,6 @@ def decide(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         return verdict("reject", f"{ratio} ({ci}), p={p:.2g} >= {level:.3g}: no significant "
                        f"gain after the maximum {n} runs")
     return verdict("more", f"{ratio} ({ci}), p={p:.2g}: not yet conclusive")
-
-
-# ---------------------------------------------------------------------------------------
-# Leaderboard rules: the judge in a leaderboard's own terms (`--rules NAME`).
-
-
-@dataclass(frozen=True)
-class LeaderboardRules:
-    target_loss: float  # the validation loss a record must reach (nats)
-    p_value: float  # a record's runs must show mean val loss <= target at this one-sided p
-    # A change that only makes the system faster (kernels, communication, compilation) and
-    # leaves the maths alone need not prove the loss again: the speedrun waives the test.
-    waive_systems: bool
-
-
-RULES = {
-    # modded-nanogpt's speedrun: GPT-2 small to 3.28 val loss on FineWeb; a new record's
-    # runs must reach it with p < 0.01, unless it is a pure systems change.
-    "nanogpt-speedrun": LeaderboardRules(target_loss=3.28, p_value=0.01, waive_systems=True),
-}
-
-
-def leaderboard_rules(name: str) -> LeaderboardRules:
-    if name not in RULES:
-        raise ValueError(f"unknown rules {name!r}: choose one of {', '.join(RULES)}")
-    return RULES[name]
-
-
-@dataclass(frozen=True)
-class LossTest:
-    verdict: str  # "pass", "fail", "waived", or "n/a" (too few runs to test)
-    p_value: float | None  # one-sided, H0: mean val loss >= target; None unless tested
-    mean: float | None  # mean final val loss of the runs (nats)
-    n: int  # runs tested
-
-
-def loss_test(
-    losses: Sequence[float], target: float, p_value: float, waived: bool = False
-) -> LossTest:
-    """The leaderboard's loss test: a one-sided t-test that the mean final val loss is at or
-    under `target` (H0: it is above), passed when p < `p_value`. `waived` (a systems change
-    under rules that waive it) reports the numbers and skips the verdict; with fewer than
-    two runs there is no variance to test against, so the verdict is "n/a", never a guess.
-    """
-    from scipy import stats  # lazily: a second of import that most judge calls never need
-
-    values = np.asarray(list(losses), dtype=float)
-    mean = float(values.mean()) if len(values) else None
-    if waived:
-        return LossTest("waived", None, mean, len(values))
-    if len(values) < 2:
-        return LossTest("n/a", None, mean, len(values))
-    if values.std() == 0.0:  # identical losses: t is infinite (or undefined at the target)
-        p = 0.0 if mean < target else 1.0
-    else:
-        p = float(stats.ttest_1samp(values, target, alternative="less").pvalue)
-    return LossTest("pass" if p < p_value else "fail", p, mean, len(values))
-
-
-def under_rules(
-    decision: Decision,
-    candidate_runs: Sequence[Run],
-    rules: LeaderboardRules,
-    target: float,
-    systems: bool = False,
-    max_runs: int | None = None,
-) -> Decision:
-    """An accept that must also pass the leaderboard's loss test on the candidate's runs.
-
-    Other verdicts pass through. A failed test asks for another run while fewer than
-    `max_runs` were made (the test gains power with runs, as a record's author adds runs
-    until p clears the bar; this is the leaderboard's nominal test at each look, not a
-    calibrated sequential one), and rejects at `max_runs`.
-    """
-    if decision.verdict != "accept":
-        return decision
-    losses = [float(r["val_loss"]) for r in candidate_runs if r.get("status") == "ok"]
-    test = loss_test(losses, target, rules.p_value, waived=systems and rules.waive_systems)
-    if test.verdict in ("pass", "waived"):
-        why = "waived (a systems change)"
-        if test.verdict == "pass":
-            why = f"p={test.p_value:.2g} < {rules.p_value}"
-        return replace(decision, reason=f"{decision.reason}; loss at target {target:.4f}: {why}")
-    shown = "n/a" if test.p_value is None else f"p={test.p_value:.2g}"
-    reason = (
-        f"{decision.reason}, but mean val loss {test.mean:.4f} is not shown at or under "
-        f"{target:.4f} ({shown}, needs < {rules.p_value})"
-    )
-    if max_runs is not None and len(candidate_runs) >= max_runs:
-        return replace(decision, verdict="reject", reason=f"{reason} after the maximum runs")
-    return replace(decision, verdict="more", reason=f"{reason}: one more run")
 
 
 # ---------------------------------------------------------------------------------------
@@ -491,7 +325,7 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
             candidate.append(fake_run(rng, cfg.objective, 1000 + len(candidate),
                                       effect_sigmas * noise_sd, noise_ratio * noise_sd,
                                       3.3 + loss_shift, loss_sd))
-            decision = decide(champion, candidate, cfg)
+            decision = assess(champion, candidate, cfg)
             if decision.verdict != "more":
                 break
         accepted += decision.verdict == "accept"

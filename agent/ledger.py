@@ -6,9 +6,8 @@ log path), the champion history and a free-form event log. Status, report and W&
 derived from it and nothing else, so a session killed at any instant (`kill -9`) can be
 resumed from it.
 
-Each public write is one transaction (BEGIN IMMEDIATE ... COMMIT): after a kill it is
-either wholly in the file or not at all; so is a new ledger with its session row
-(`Ledger.create` builds it beside its place and renames it there). A run that was in
+Each public write is one transaction (agent/store.py): after a kill it is either wholly
+in the file or not at all; so is a new ledger with its session row. A run that was in
 flight when the session died is left in state 'running'; `discard_unfinished_runs` marks
 such runs 'discarded' with the reason on resume, and discarded runs are never counted
 (not in `runs_of`, `results_of`, `used_seeds`). A candidate moves proposed -> running ->
@@ -26,120 +25,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent import faults
-
-LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 4
+from agent.runner import STATUSES
+from agent.store import CANDIDATES, LedgerError, Store, candidate_row, now, run_row
 
 ROLES = ("baseline", "screen", "confirm", "champion")
-# How the runner classifies one benchmark run; every outcome but "ok" is a failed run.
-OUTCOMES = ("ok", "crash", "timeout", "oom", "diverged", "invalid-result",
-            "integrity-violation", "early-stopped")
-VERDICTS = ("accept", "reject")  # what `decide` records; "refused" comes from `refuse`,
-# "held" from `hold`
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE session (
-    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),  -- one session per ledger
-    id TEXT NOT NULL,           -- e.g. 20260101-221500-3fa2: W&B group, report title
-    created REAL NOT NULL,      -- unix seconds, like every time in this file
-    config TEXT NOT NULL        -- JSON: preset, objective, proposer, budgets, judge, commit
-);
-CREATE TABLE candidates (
-    id INTEGER PRIMARY KEY,
-    parent_id INTEGER REFERENCES candidates(id),  -- champion it was made from; NULL: baseline
-    commit_sha TEXT,
-    ref TEXT,                   -- the git ref that keeps the commit, accepted or not
-    diff TEXT NOT NULL,
-    description TEXT NOT NULL,
-    hypothesis TEXT NOT NULL,
-    category TEXT NOT NULL,
-    proposer TEXT NOT NULL,
-    created REAL NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('proposed', 'running', 'held', 'decided', 'refused')),
-    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused', 'held')),
-    decision TEXT,              -- JSON: the judge's Decision (+ checks, review), or the refusal
-    decided_at REAL,            -- when it was decided, refused or held
-    usage TEXT,                 -- JSON: the proposer's LLM tokens and cost for it, if any
-    caught_by TEXT,             -- the integrity checks that caught it, comma-separated; or NULL
-    CHECK ((state IN ('held', 'decided', 'refused')) = (verdict IS NOT NULL)),
-    CHECK ((state = 'refused') = (verdict IS 'refused')),
-    CHECK ((state = 'held') = (verdict IS 'held'))
-);
-CREATE UNIQUE INDEX one_baseline ON candidates((parent_id IS NULL)) WHERE parent_id IS NULL;
-CREATE TABLE runs (
-    id INTEGER PRIMARY KEY,
-    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    role TEXT NOT NULL CHECK (role IN ('baseline', 'screen', 'confirm', 'champion')),
-    seed INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'discarded')),
-    outcome TEXT,               -- the runner's class (OUTCOMES); NULL unless finished
-    result TEXT,                -- JSON: train.py's result, when it wrote one
-    error TEXT,                 -- failure tail, or why the run was discarded
-    log_path TEXT,
-    wall_seconds REAL,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    lock_path TEXT,             -- the device lock the run needs
-    lock_at REAL,               -- when it got it; NULL while it waits (or never took one)
-    lock_wait_s REAL,           -- how long it waited for it (another process held it)
-    CHECK ((state = 'finished') = (outcome IS NOT NULL))
-);
-CREATE INDEX runs_of_candidate ON runs(candidate_id);
-CREATE TABLE champions (
-    id INTEGER PRIMARY KEY,
-    candidate_id INTEGER NOT NULL REFERENCES candidates(id),
-    since REAL NOT NULL,
-    speedup REAL NOT NULL       -- vs the baseline, as the loop measured it then
-);
-CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, text TEXT NOT NULL);
-CREATE TABLE holdout (          -- a checkpoint's losses on the val and holdout slices
-    run_id INTEGER PRIMARY KEY REFERENCES runs(id),
-    val_loss REAL NOT NULL,
-    val_bpb REAL,
-    holdout_loss REAL NOT NULL,
-    holdout_bpb REAL,
-    created REAL NOT NULL
-);
-CREATE TABLE spend (            -- one row per LLM request, written as it is paid for
-    id INTEGER PRIMARY KEY,
-    time REAL NOT NULL,
-    model TEXT NOT NULL,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    cache_creation_input_tokens INTEGER NOT NULL,
-    cache_read_input_tokens INTEGER NOT NULL,
-    cost_usd REAL NOT NULL
-);
-"""
-# Candidates with their experiment number: 1, 2, ... in order of creation, baseline excluded.
-_CANDIDATES = """
-SELECT * FROM (
-    SELECT *, CASE WHEN parent_id IS NULL THEN NULL
-                   ELSE ROW_NUMBER() OVER (PARTITION BY parent_id IS NULL ORDER BY id) END
-              AS experiment
-    FROM candidates)
-"""
-
-
-class LedgerError(RuntimeError):
-    """A ledger file or a call that breaks the ledger's rules; the message says which."""
-
-
-def _now() -> float:
-    return time.time()
-
+VERDICTS = ("accept", "reject")  # what `record_decision` records; "refused" comes from
+# `refuse`, "held" from `hold`
 
 def _speedup(candidate_id: int, value: float) -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -163,151 +61,19 @@ def _check_verdict(candidate_id: int, verdict: str, speedup: float | None,
         raise LedgerError(f"candidate {candidate_id}: accepted, yet caught by {caught_by}")
 
 
-def _candidate(row: sqlite3.Row) -> dict:
-    out = dict(row)
-    out["decision"] = json.loads(out["decision"]) if out["decision"] else None
-    out["usage"] = json.loads(out["usage"]) if out["usage"] else None
-    return out
+class Ledger(Store):
+    """One session's ledger: the file `D/ledger.sqlite` of its run directory D (RunDir.ledger).
 
-
-def _run(row: sqlite3.Row) -> dict:
-    out = dict(row)
-    out["result"] = json.loads(out["result"]) if out["result"] else None
-    return out
-
-
-class Ledger:
-    """One session's ledger: the file `D/ledger.sqlite` (LEDGER_FILE) of its run directory D.
-
-    `Ledger(D / LEDGER_FILE)` opens it, creating it (and D) if needed; `create=False` (for
+    `Ledger(RunDir(D).ledger)` opens it, creating it (and D) if needed; `create=False` (for
     `status` and `report`) refuses to make a new one. Any thread may use it (each gets its own
     connection); other processes may read while the loop writes (WAL), e.g.
     `python -m agent status D`.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = True):
-        self.path = Path(path)
-        self.run_dir = self.path.parent
-        if not self.path.exists():
-            if not create:
-                raise FileNotFoundError(f"no ledger at {self.path}: is {self.run_dir} the "
-                                        "--run-dir of a `python -m agent run` session?")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        # One connection per thread: an LLM proposer drafting in a background thread logs
-        # its pauses and costs here while the loop's thread records runs. SQLite serialises
-        # the writers (BEGIN IMMEDIATE waits up to the connect timeout for the lock).
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._check_schema(create)
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            # isolation_level=None: no implicit transactions, every write says BEGIN itself.
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                 check_same_thread=False)  # close() may come from any thread
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA foreign_keys = ON")
-            db.execute("PRAGMA journal_mode = WAL")
-            # FULL: fsync the WAL at every commit. WAL is atomic under kill -9 either way;
-            # FULL also keeps the last decisions through a power loss or kernel panic of the
-            # machine overnight. It costs a few ms per write, a few writes a minute.
-            db.execute("PRAGMA synchronous = FULL")
-            self._local.db = db
-            with self._connections_lock:
-                self._connections.append(db)
-        return db
-
-    def close(self) -> None:
-        with self._connections_lock:
-            for db in self._connections:
-                db.close()
-            self._connections.clear()
-        self._local = threading.local()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # -- transactions ---------------------------------------------------------------------
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        faults.boundary(lambda: "ledger " + faults.caller(("<lambda>", "boundary", "_write")))
-        self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    @contextmanager
-    def snapshot(self) -> Iterator[Ledger]:
-        """Read several things from one consistent state while the loop goes on writing."""
-        self._db.execute("BEGIN")
-        try:
-            yield self
-        finally:
-            self._db.execute("COMMIT")
-
-    def _one(self, sql: str, args: Iterable = ()) -> sqlite3.Row | None:
-        return self._db.execute(sql, tuple(args)).fetchone()
-
-    def _execute_script(self, db: sqlite3.Connection, script: str) -> None:
-        """Statement by statement: executescript would commit outside our transaction."""
-        statement = ""
-        for line in script.splitlines(keepends=True):
-            statement += line
-            if sqlite3.complete_statement(statement):
-                db.execute(statement)
-                statement = ""
-
-    def _check_schema(self, create: bool) -> None:
-        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master "
-                                                 "WHERE type = 'table'")}
-        if not tables:
-            if not create:
-                raise LedgerError(f"{self.path} is empty: its session has not started yet")
-            with self._write() as db:
-                self._execute_script(db, _SCHEMA)
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            return
-        if "meta" not in tables:
-            raise LedgerError(f"{self.path} is an SQLite file but not a speedloop ledger "
-                              "(no meta table): point --run-dir at a session's directory")
-        row = self._one("SELECT value FROM meta WHERE key = 'schema_version'")
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise LedgerError(f"{self.path} has ledger schema {version}, newer than the "
-                              f"{SCHEMA_VERSION} this speedloop reads: update speedloop")
-        if version != SCHEMA_VERSION:
-            raise LedgerError(f"{self.path} has ledger schema {version} and this speedloop "
-                              f"reads only {SCHEMA_VERSION}: finish that session with the "
-                              "speedloop that began it, or start a new run directory")
-
     @classmethod
     def create(cls, path: str | Path, config: Mapping[str, Any]) -> Ledger:
-        """A new ledger at `path` with its session row, or none at all: it is built beside
-        `path` and renamed into place, so a kill at any moment leaves either no ledger (the
-        session can be started again) or one with its session (it can be resumed)."""
-        path = Path(path)
-        if path.exists():
-            raise LedgerError(f"{path} exists already: resume its session, or choose another "
-                              "run directory")
-        building = path.with_name(path.name + ".new")
-        for leftover in (building, *(building.with_name(building.name + x)
-                                     for x in ("-wal", "-shm"))):
-            leftover.unlink(missing_ok=True)  # a creation that was killed half-way
-        with cls(building) as ledger:
-            ledger.set_session(config)
-            ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in the main file
-        os.replace(building, path)
-        return cls(path, create=False)
+        """A new ledger at `path` with its session row, or none at all (Store.build)."""
+        return cls.build(path, lambda ledger: ledger.set_session(config))
 
     # -- session --------------------------------------------------------------------------
 
@@ -318,7 +84,7 @@ class Ledger:
             if self._one("SELECT 1 FROM session") is None:
                 session_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
                 db.execute("INSERT INTO session VALUES (1, ?, ?, ?)",
-                           (session_id, _now(), json.dumps(dict(config))))
+                           (session_id, now(), json.dumps(dict(config))))
             else:
                 db.execute("UPDATE session SET config = ?", (json.dumps(dict(config)),))
         return self.session()
@@ -332,17 +98,11 @@ class Ledger:
 
     # -- candidates -----------------------------------------------------------------------
 
-    def add_candidate(self, description: str, *, parent_id: int | None, diff: str = "",
-                      commit_sha: str | None = None, ref: str | None = None,
-                      hypothesis: str = "", category: str = "", proposer: str = "",
-                      usage: Mapping[str, Any] | None = None) -> int:
-        """A new candidate in state 'proposed'; parent_id=None makes it the session's one
-        baseline. Returns its id."""
+    def add_candidate(self, description: str, *, parent_id: int | None, **fields) -> int:
+        """A new candidate in state 'proposed' (`fields`: those of `_insert_candidate`);
+        parent_id=None makes it the session's one baseline. Returns its id."""
         with self._write() as db:
-            return self._insert_candidate(db, description, parent_id=parent_id, diff=diff,
-                                          commit_sha=commit_sha, ref=ref,
-                                          hypothesis=hypothesis, category=category,
-                                          proposer=proposer, usage=usage)
+            return self._insert_candidate(db, description, parent_id=parent_id, **fields)
 
     def _insert_candidate(self, db: sqlite3.Connection, description: str, *,
                           parent_id: int | None, diff: str = "", commit_sha: str | None = None,
@@ -356,7 +116,7 @@ class Ledger:
                 "hypothesis, category, proposer, created, state, usage) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'proposed', ?)",
                 (parent_id, commit_sha, ref, diff, description, hypothesis, category,
-                 proposer, _now(), None if usage is None else json.dumps(dict(usage))))
+                 proposer, now(), None if usage is None else json.dumps(dict(usage))))
         except sqlite3.IntegrityError as err:
             what = "a baseline exists already" if parent_id is None else \
                 f"parent {parent_id} is not a candidate"
@@ -364,23 +124,23 @@ class Ledger:
         return int(cur.lastrowid)
 
     def candidate(self, candidate_id: int) -> dict:
-        row = self._one(_CANDIDATES + " WHERE id = ?", (candidate_id,))
+        row = self._one(CANDIDATES + " WHERE id = ?", (candidate_id,))
         if row is None:
             raise LedgerError(f"no candidate {candidate_id} in {self.path}")
-        return _candidate(row)
+        return candidate_row(row)
 
     def candidates(self, states: Iterable[str] | None = None) -> list[dict]:
         """All candidates in id order (optionally only those in `states`); each dict has the
         table's columns, `decision` parsed, and `experiment` (None for the baseline)."""
-        rows = self._db.execute(_CANDIDATES + " ORDER BY id").fetchall()
+        rows = self._db.execute(CANDIDATES + " ORDER BY id").fetchall()
         wanted = None if states is None else set(states)
-        return [_candidate(r) for r in rows if wanted is None or r["state"] in wanted]
+        return [candidate_row(r) for r in rows if wanted is None or r["state"] in wanted]
 
     def baseline(self) -> dict | None:
-        row = self._one(_CANDIDATES + " WHERE parent_id IS NULL")
-        return None if row is None else _candidate(row)
+        row = self._one(CANDIDATES + " WHERE parent_id IS NULL")
+        return None if row is None else candidate_row(row)
 
-    def decide(self, candidate_id: int, verdict: str, decision: Any, *,
+    def record_decision(self, candidate_id: int, verdict: str, decision: Any, *,
                speedup: float | None = None, caught_by: str | None = None) -> None:
         """Record the verdict ('accept' or 'reject') and the judge's Decision (a dataclass or
         a mapping). Accepting makes the candidate the champion in the same transaction, so
@@ -417,7 +177,7 @@ class Ledger:
             row = self._one("SELECT decision, caught_by FROM candidates WHERE id = ?",
                             (candidate_id,))
             payload = json.loads(row["decision"] or "{}")
-            payload["review"] = {"verdict": verdict, "note": note, "at": _now()}
+            payload["review"] = {"verdict": verdict, "note": note, "at": now()}
             self._set_verdict(db, candidate_id, "decided", verdict, payload, row["caught_by"],
                               speedup)
 
@@ -426,10 +186,10 @@ class Ledger:
                      speedup: float | None = None) -> None:
         db.execute("UPDATE candidates SET state = ?, verdict = ?, decision = ?, "
                    "decided_at = ?, caught_by = ? WHERE id = ?",
-                   (state, verdict, json.dumps(payload), _now(), caught_by, candidate_id))
+                   (state, verdict, json.dumps(payload), now(), caught_by, candidate_id))
         if verdict == "accept":
             db.execute("INSERT INTO champions (candidate_id, since, speedup) VALUES (?, ?, ?)",
-                       (candidate_id, _now(), _speedup(candidate_id, speedup)))
+                       (candidate_id, now(), _speedup(candidate_id, speedup)))
 
     def refuse(self, candidate_id: int, reason: str, caught_by: str | None = None) -> None:
         """Refuse a candidate before it runs (its diff leaves the research surface, or the
@@ -465,17 +225,6 @@ class Ledger:
                               f"{row['state']} (needs {' or '.join(allowed)})")
 
     # -- champion -------------------------------------------------------------------------
-
-    def set_champion(self, candidate_id: int, speedup: float) -> None:
-        """Record a new speedup estimate of an accepted candidate as champion, e.g. after it
-        was re-measured. (Accepting a candidate already makes it the champion: `decide`.)"""
-        with self._write() as db:
-            row = self._one("SELECT verdict FROM candidates WHERE id = ?", (candidate_id,))
-            if row is None or row["verdict"] != "accept":
-                raise LedgerError(f"candidate {candidate_id} cannot be champion: only an "
-                                  "accepted candidate can (decide it 'accept' first)")
-            db.execute("INSERT INTO champions (candidate_id, since, speedup) VALUES (?, ?, ?)",
-                       (candidate_id, _now(), _speedup(candidate_id, speedup)))
 
     def champion(self) -> dict | None:
         """The current champion's candidate dict plus `champion_since` and `speedup`."""
@@ -519,7 +268,7 @@ class Ledger:
                                   f"{role} runs")
             run_id = db.execute("INSERT INTO runs (candidate_id, role, seed, state, "
                                 "started_at, lock_path) VALUES (?, ?, ?, 'running', ?, ?)",
-                                (candidate_id, role, int(seed), _now(),
+                                (candidate_id, role, int(seed), now(),
                                  None if lock_path is None else str(lock_path))).lastrowid
             if callable(log_path):
                 log_path = log_path(run_id)
@@ -535,14 +284,14 @@ class Ledger:
         device idling)."""
         with self._write() as db:
             db.execute("UPDATE runs SET lock_at = ?, lock_wait_s = ? WHERE id = ? AND "
-                       "state = 'running'", (_now(), float(waited_s), run_id))
+                       "state = 'running'", (now(), float(waited_s), run_id))
 
     def finish_run(self, run_id: int, outcome: str, result: Mapping | None = None,
                    error: str | None = None, wall_seconds: float | None = None) -> None:
-        """Record a run's outcome (one of OUTCOMES), its result JSON if any, the error tail
-        of a failure and its wall-clock time."""
-        if outcome not in OUTCOMES:
-            raise LedgerError(f"run {run_id}: outcome {outcome!r} is not one of {OUTCOMES}")
+        """Record a run's outcome (one of runner.STATUSES), its result JSON if any, the error
+        tail of a failure and its wall-clock time."""
+        if outcome not in STATUSES:
+            raise LedgerError(f"run {run_id}: outcome {outcome!r} is not one of {STATUSES}")
         with self._write() as db:
             row = self._one("SELECT state FROM runs WHERE id = ?", (run_id,))
             if row is None or row["state"] != "running":
@@ -551,7 +300,7 @@ class Ledger:
             db.execute("UPDATE runs SET state = 'finished', outcome = ?, result = ?, error = ?, "
                        "wall_seconds = ?, finished_at = ? WHERE id = ?",
                        (outcome, None if result is None else json.dumps(dict(result)), error,
-                        wall_seconds, _now(), run_id))
+                        wall_seconds, now(), run_id))
 
     def discard_unfinished_runs(self, reason: str = "the session stopped while it ran "
                                 "(discarded on resume, never counted)") -> list[int]:
@@ -561,7 +310,7 @@ class Ledger:
             ids = [r[0] for r in db.execute("SELECT id FROM runs WHERE state = 'running' "
                                             "ORDER BY id")]
             db.execute("UPDATE runs SET state = 'discarded', error = ?, finished_at = ? "
-                       "WHERE state = 'running'", (reason, _now()))
+                       "WHERE state = 'running'", (reason, now()))
         return ids
 
     def runs_of(self, candidate_id: int, roles: Iterable[str] | None = None,
@@ -576,7 +325,7 @@ class Ledger:
             args += roles
         if ok_only:
             sql += " AND outcome = 'ok'"
-        return [_run(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+        return [run_row(r) for r in self._db.execute(sql + " ORDER BY id", args)]
 
     def results_of(self, candidate_id: int, roles: Iterable[str] | None = None) -> list[dict]:
         """The judge's input: one result dict per finished run, with `status` set to the
@@ -588,14 +337,14 @@ class Ledger:
 
     def running_runs(self) -> list[dict]:
         """Runs in state 'running': what runs now (or what a killed session left behind)."""
-        return [_run(r) for r in self._db.execute(
+        return [run_row(r) for r in self._db.execute(
             "SELECT * FROM runs WHERE state = 'running' ORDER BY id")]
 
     def run(self, run_id: int) -> dict:
         row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
         if row is None:
             raise LedgerError(f"no run {run_id} in {self.path}")
-        return _run(row)
+        return run_row(row)
 
     def used_seeds(self, candidate_id: int | None = None) -> set[int]:
         """Seeds of all runs not discarded (of one candidate, if given): the judge needs a
@@ -605,7 +354,7 @@ class Ledger:
             self._db.execute(sql + " AND candidate_id = ?", (candidate_id,))
         return {r[0] for r in rows}
 
-    # -- the holdout slice (threat 3) ------------------------------------------------------
+    # -- the holdout slice: checkpoints scored afresh (acceptance) -------------------------
 
     def set_holdout(self, run_id: int, val: Mapping, holdout: Mapping) -> None:
         """A run's checkpoint evaluated on the val and holdout slices ({'loss', 'bpb'} each).
@@ -615,7 +364,7 @@ class Ledger:
                 raise LedgerError(f"run {run_id} already has its holdout evaluation")
             db.execute("INSERT INTO holdout VALUES (?, ?, ?, ?, ?, ?)",
                        (run_id, float(val["loss"]), val.get("bpb"), float(holdout["loss"]),
-                        holdout.get("bpb"), _now()))
+                        holdout.get("bpb"), now()))
 
     def holdout_of(self, run_ids: Iterable[int]) -> dict[int, dict]:
         """run id -> {'val_loss', 'val_bpb', 'holdout_loss', 'holdout_bpb'} for the runs whose
@@ -643,7 +392,7 @@ class Ledger:
         with self._write() as db:
             db.execute(f"INSERT INTO spend (time, model, {', '.join(columns)}, cost_usd) "
                        f"VALUES (?, ?, {', '.join('?' * len(columns))}, ?)",
-                       (_now(), model, *(int(usage.get(c) or 0) for c in columns),
+                       (now(), model, *(int(usage.get(c) or 0) for c in columns),
                         float(usage.get("cost_usd") or 0.0)))
 
     def spend(self) -> dict:
@@ -657,7 +406,7 @@ class Ledger:
 
     def log_event(self, text: str) -> None:
         with self._write() as db:
-            db.execute("INSERT INTO events (time, text) VALUES (?, ?)", (_now(), text))
+            db.execute("INSERT INTO events (time, text) VALUES (?, ?)", (now(), text))
 
     def last_event(self, prefix: str) -> dict | None:
         """The latest event whose text starts with `prefix`: {'id', 'time', 'text'}."""

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
 
-from agent.loop import SessionConfig, SessionStop
+from agent.config import SessionConfig, SessionStop
+from agent.rundir import RunDir
+from agent.workspace import GitError, git
+from bench.surface import SURFACE_DIRS
 
 # Flags a resume may change: the session's budgets.
 RESUME_BUDGETS = ("experiments", "hours", "deadline", "budget_usd")
@@ -75,10 +77,8 @@ def deadline(text: str) -> float:
 
 def check_run_dir(run_dir: Path) -> None:
     """A new session's directory: creatable, writable, and not another session's."""
-    from agent.ledger import LEDGER_FILE
-
     path = Path(run_dir)
-    if (path / LEDGER_FILE).exists():
+    if RunDir(path).ledger.exists():
         raise SessionStop(f"--run-dir {path} already holds a session: resume it with "
                           f"`python -m agent run --resume {path}`, or choose another directory")
     existing = path
@@ -138,17 +138,16 @@ def check_data(name: str) -> None:
 def uncommitted_surface(repo: Path) -> list[str]:
     """Paths under model/ and kernels/ that differ from HEAD in the user's checkout: the
     session starts from HEAD, without them."""
-    proc = subprocess.run(["git", "status", "--porcelain", "--", "model", "kernels"],
-                          cwd=repo, capture_output=True, text=True)  # fmt: skip
-    return [line[3:] for line in proc.stdout.splitlines() if line.strip()]
+    listing = git(repo, "status", "--porcelain", "--", *SURFACE_DIRS)
+    return [line[3:] for line in listing.splitlines() if line.strip()]
 
 
 def check_repo(repo: Path) -> None:
-    proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD^{commit}"], cwd=repo,
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
+    try:
+        git(repo, "rev-parse", "--verify", "HEAD^{commit}")
+    except GitError as e:
         raise SessionStop(f"{repo} is not a git repository with a commit to start from "
-                          f"({proc.stderr.strip().splitlines()[-1:]}): run from a clone")
+                          f"({e}): run from a clone") from None
 
 
 def check_proposer(proposer) -> dict | None:

@@ -2,14 +2,15 @@
 
     python -m agent replay nanogpt-speedrun --preset cpu-tiny --runs 2
 
-A replay is a normal session (ledger, worktree, status, report, --resume) whose proposer
-is the ladder: each rung becomes a candidate whose commit is its predecessor's commit plus
-the rung's patch; the baseline is this repository's surface (rung 0), or the surface up to
-the rung before --rungs FROM. For each rung, N runs of its predecessor and N of the rung
-alternate (predecessor, rung, predecessor, rung, ...), each with a fresh seed, so drift of
-the machine hits both sides. The statistics (agent/replay_stats.py) give the measured
-speedup with a confidence interval and the leaderboard's loss test; replay_report.py
-writes replay.md, replay.png and the W&B table.
+A replay is a normal session (ledger, worktree, status, report, --resume): `Replay` is the
+loop of agent/loop.py with the ladder for proposer and its own steps. Each rung becomes a
+candidate whose commit is its predecessor's commit plus the rung's patch; the baseline is
+this repository's surface (rung 0), or the surface up to the rung before --rungs FROM. For
+each rung, N runs of its predecessor and N of the rung alternate (predecessor, rung,
+predecessor, rung, ...), each with a fresh seed, so drift of the machine hits both sides.
+The statistics (agent/rungs.py) give the measured speedup with a confidence interval and
+the leaderboard's loss test; replay_report.py writes replay.md, replay.png and the W&B
+table.
 
 In the ledger every rung that ran is accepted: acceptance is what makes a candidate the
 parent of the next one, and a ladder's next rung builds on this one whatever was measured.
@@ -27,11 +28,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from agent import acceptance, liveness
-from agent.judge import Decision, leaderboard_rules
-from agent.ledger import LEDGER_FILE, Ledger
-from agent.loop import Session, SessionConfig, SessionStop
+from agent.config import SessionConfig, SessionStop, stored
+from agent.judge import Decision
+from agent.leaderboard import leaderboard_rules
+from agent.loop import Session
 from agent.proposers.base import Proposal, ProposalFailed
+from agent.recording import drop_checkpoints, promote
 from agent.replay_report import replay_table, write_replay
 from agent.rungs import OWN, PREFIX, PROPOSER, ReplaySettings, load, rung_of, stats_of
 from agent.workspace import PatchError, apply_patch
@@ -55,7 +57,7 @@ def select(ladder, rungs: str | None) -> tuple[int, int]:
     return first - 1, last - 1
 
 
-def session_config(
+def replay_config(
     ladder, preset: str, runs: int, rungs: str | None = None, rules: str | None = None,
     target_loss: float | None = None, **fields,
 ) -> SessionConfig:  # fmt: skip
@@ -115,182 +117,133 @@ class LadderProposer:
         return None
 
 
-class Replay:
-    """Drives a replay session: start, baseline, then each rung's interleaved step."""
+class Replay(Session):
+    """A replay session: the loop of agent/loop.py with the ladder for proposer, each rung's
+    interleaved step for an experiment, and its table at the end."""
 
-    def __init__(self, session: Session):
-        self.session = session
-        self.settings = ReplaySettings.of(session.config)
-        self.ladder = load(session.config.proposer_arg)
+    def __init__(self, run_dir: Path, proposer: LadderProposer | None = None, say=print,
+                 waiting=None):
+        _, config = stored(run_dir)
+        if config.proposer != PROPOSER:
+            raise SessionStop(f"{run_dir} holds a `python -m agent run` session, not a replay: "
+                              f"resume it with `python -m agent run --resume {run_dir}`")
+        self.settings = ReplaySettings.of(config)
+        self.ladder = load(config.proposer_arg)
         self.rungs = {r.id: r for r in self.ladder.rungs}
+        super().__init__(run_dir, proposer or LadderProposer(self.ladder, self.settings), say,
+                         waiting)
 
-    def run(self) -> str:
-        """Run until every selected rung is measured (or one cannot be); returns why it
-        stopped. Writes replay.md and replay.png, and logs them to W&B."""
-        s = self.session
-        shown = {k: v for k, v in asdict(s.config).items() if k != "fixed_hashes"}
-        s.tracker.start_session(shown)
-        try:
-            with s.running():
-                why = self._run()
-            paths = write_replay(s.run_dir)
-            s.tracker.log_replay(*replay_table(s.run_dir), paths.plot)
-            s.event(f"replay table: {paths.table}; plot: {paths.plot}")
-            return why
-        finally:
-            s.tracker.finish()
-
-    def _run(self) -> str:
-        s = self.session
-        s.resume_state()
-        if s.ledger.baseline() is None:
+    def prepare(self) -> None:
+        if self.ledger.baseline() is None:
             self.check_surface()
-            self.start()
-        s.ensure_baseline()
-        while True:
-            why = self.broken()
-            if why:
-                break
-            pending = s.ledger.candidates(["proposed", "running"])
-            candidate = pending[0] if pending else s.propose()
-            if candidate is None:
-                why = f"every selected rung of {self.ladder.name} was measured"
-                break
-            if candidate["state"] == "refused":
-                continue
-            rung = self.rungs[rung_of(candidate)]
-            s.event(f"{candidate['description']} ({rung.kind}): {self.settings.runs} runs "
-                    "each of it and of the rung before, interleaved")  # fmt: skip
-            self.measure(candidate)
-            self.decide(candidate, rung)
-        s.workspace.reset()
-        s.event(f"{liveness.STOPPED}{why}")
-        return why
+            self.start_commit()
 
-    def broken(self) -> str | None:
+    def stop_reason(self) -> str | None:
         """Why the chain cannot go on: a rung was refused or failed (the rungs after it are
         built on it), or None."""
-        for c in self.session.ledger.candidates(["decided", "refused"]):
+        for c in self.ledger.candidates(["decided", "refused"]):
             if c["experiment"] is not None and c["verdict"] != "accept":
                 what = "was refused" if c["verdict"] == "refused" else "failed"
                 reason = (c["decision"] or {}).get("reason", "").splitlines()[:2]
-                return (
-                    f"{c['description']} {what} ({' '.join(reason)}); the rungs after it "
-                    "build on it and cannot be measured"
-                )
+                return (f"{c['description']} {what} ({' '.join(reason)}); the rungs after it "
+                        "build on it and cannot be measured")
         return None
+
+    def remeasure_due(self) -> bool:
+        return False  # each step re-measures the rung before it (`measure`)
+
+    def nothing_left(self) -> str:
+        return f"every selected rung of {self.ladder.name} was measured"
+
+    def experiment(self, candidate: dict) -> None:
+        rung = self.rungs[rung_of(candidate)]
+        self.event(f"{candidate['description']} ({rung.kind}): {self.settings.runs} runs "
+                   "each of it and of the rung before, interleaved")
+        self.measure(candidate)
+        self.record_step(candidate, rung)
+
+    def finished(self) -> None:
+        paths = write_replay(self.run_dir.root)
+        self.tracker.log_replay(*replay_table(self.run_dir.root), paths.plot)
+        self.event(f"replay table: {paths.table}; plot: {paths.plot}")
 
     def check_surface(self) -> None:
         """Say so when this surface is not the one the ladder's first patch was made on: its
         patches may still apply, but what they measure is not the ladder's."""
         from bench.leaderboards import surface_fingerprint
 
-        found = surface_fingerprint(self.session.workspace.path)
+        found = surface_fingerprint(self.workspace.path)
         if found != self.ladder.base_surface:
-            self.session.event(
-                f"this surface (fingerprint {found[:12]}) is not the one {self.ladder.name} was "
-                f"made on ({self.ladder.base_surface[:12]}): rungs may not apply, or measure "
-                "something else than the ladder's"
-            )
+            self.event(f"this surface (fingerprint {found[:12]}) is not the one "
+                       f"{self.ladder.name} was made on ({self.ladder.base_surface[:12]}): "
+                       "rungs may not apply, or measure something else than the ladder's")
 
-    def start(self) -> None:
+    def start_commit(self) -> None:
         """With --rungs FROM > 1, the baseline is the surface with the rungs before FROM
         applied, as one commit made the champion before the baseline is recorded."""
-        s, first = self.session, self.settings.first
+        first = self.settings.first
         if first == 0:
             return
-        ws = s.workspace
+        ws = self.workspace
         message = f"{START}{self.ladder.name} up to rung {self.ladder.rungs[first - 1].id}"
         if ws.git("log", "-1", "--format=%s", ws.champion).strip() == message:
             return  # made before a kill, the baseline not recorded yet
         ws.reset()
         for rung in self.ladder.rungs[:first]:
             try:
-                apply_patch(ws.path, Path(rung.patch).read_text())
+                ws.apply(Path(rung.patch).read_text())
             except PatchError as e:
                 ws.reset()
                 why = f"rung {rung.id} does not apply on its way to the start: {e}"
                 raise SessionStop(why) from e
-        ws.promote(ws.capture(0, message).commit)
-        s.event(message)
+        ws.move_champion(ws.capture(0, message).commit)
+        self.event(message)
 
     def measure(self, candidate: dict) -> None:
         """The step's runs: predecessor and rung alternate until each has N; a failed run of
         the rung ends the step (the next rungs build on it and cannot be measured)."""
-        s, n = self.session, self.settings.runs
-        pred = s.ledger.candidate(candidate["parent_id"])
+        n = self.settings.runs
+        pred = self.ledger.candidate(candidate["parent_id"])
         while True:
-            done_pred = len(s.ledger.runs_of(pred["id"], roles=["champion"]))
-            mine = s.ledger.runs_of(candidate["id"], roles=OWN)
+            done_pred = len(self.ledger.runs_of(pred["id"], roles=["champion"]))
+            mine = self.ledger.runs_of(candidate["id"], roles=OWN)
             if any(r["outcome"] != "ok" for r in mine) or (done_pred >= n and len(mine) >= n):
                 return
             if done_pred <= len(mine) and done_pred < n:
-                s.benchmark(pred, "champion")
+                self.measurer.benchmark(pred, "champion")
             else:
-                s.benchmark(candidate, "confirm" if mine else "screen")
+                self.measurer.benchmark(candidate, "confirm" if mine else "screen")
 
-    def decide(self, candidate: dict, rung) -> None:
+    def record_step(self, candidate: dict, rung) -> None:
         """Record the rung's measurement: accepted into the chain when its runs measured a
-        time, else rejected (and the replay stops there)."""
-        s = self.session
-        st = stats_of(s.ledger, s.config, candidate, rung)
-        mine = s.ledger.results_of(candidate["id"], roles=OWN)
+        time, else rejected (and the replay stops there). Accepted without the loop's
+        acceptance checks (agent/acceptance.py): they guard a search against its own
+        proposer (a 2x step is held for a human, compile time moved out of the clock
+        rejects), while a replay measures curated rungs, each of which the next one needs."""
+        st = stats_of(self.ledger, self.config, candidate, rung)
+        mine = self.ledger.results_of(candidate["id"], roles=OWN)
         failed = next((r for r in mine if r["status"] != "ok"), None)
         if failed is not None or st.speedup is None:
-            what = (
-                f"run with seed {failed['seed']} {failed['status']}"
-                if failed
-                else "no run measured a time"
-            )
-            s.record(candidate, Decision("reject", what, None, None, None, None, None,
-                                         st.pred.n, st.rung.n, None))  # fmt: skip
+            what = (f"run with seed {failed['seed']} {failed['status']}" if failed
+                    else "no run measured a time")
+            self.recorder.record(candidate, Decision("reject", what, None, None, None, None,
+                                                     None, st.pred.n, st.rung.n, None))
             return
-        sp, loss = st.speedup, st.loss
+        sp, loss, cid = st.speedup, st.loss, candidate["id"]
         ci = "" if sp.ci_low is None else f" (95% CI {sp.ci_low:.3f}-{sp.ci_high:.3f})"
         p = "" if loss.p_value is None else f", p={loss.p_value:.2g}"
         reason = (f"replayed: x{sp.ratio:.3f} over the rung before{ci} from {st.rung.n}+"
                   f"{st.pred.n} runs; loss test {loss.verdict}{p} at target "
-                  f"{s.config.target_loss:.4f}")  # fmt: skip
+                  f"{self.config.target_loss:.4f}")
         decision = Decision("accept", reason, sp.ratio, sp.ci_low, sp.ci_high, sp.p_value,
-                            loss.p_value, st.pred.n, st.rung.n, st.loss_delta)  # fmt: skip
-        self.accept(candidate, decision)
-
-    def accept(self, candidate: dict, decision: Decision) -> None:
-        """Into the chain, without the loop's acceptance checks (agent/acceptance.py): they
-        guard a search against its own proposer (a 2x step is held for a human, compile
-        time moved out of the clock rejects), while a replay measures curated rungs, each
-        of which the next one needs."""
-        s, cid = self.session, candidate["id"]
-        speedup = s.champion()["speedup"] * decision.effect
-        s.ledger.decide(cid, "accept", decision, speedup=speedup)
-        s.workspace.promote(candidate["commit_sha"])
-        acceptance.drop_checkpoints(s.run_dir, s.ledger.runs_of(cid))  # nothing evaluates them
-        s.tracker.log_decision(s.ledger.candidate(cid))
-        s.event(f"{candidate['description']}: {decision.reason}; total x{speedup:.3f}")
-
-
-def _config(run_dir: Path) -> SessionConfig:
-    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger:
-        return SessionConfig.from_dict(ledger.session()["config"])
+                            loss.p_value, st.pred.n, st.rung.n, st.loss_delta)
+        speedup = promote(self.ledger, self.workspace, candidate, sp.ratio,
+                          lambda total: self.ledger.record_decision(cid, "accept", decision,
+                                                                    speedup=total))
+        drop_checkpoints(self.run_dir, self.ledger.runs_of(cid))  # nothing evaluates them
+        self.tracker.log_decision(self.ledger.candidate(cid))
+        self.event(f"{candidate['description']}: {reason}; total x{speedup:.3f}")
 
 
 def is_replay(run_dir: Path) -> bool:
-    return _config(run_dir).proposer == PROPOSER
-
-
-def open_replay(run_dir: Path, say=print, waiting=None) -> Replay:
-    """The replay session in `run_dir`, ready to run or resume."""
-    config = _config(run_dir)
-    if config.proposer != PROPOSER:
-        raise SessionStop(
-            f"{run_dir} holds a `python -m agent run` session, not a replay: "
-            f"resume it with `python -m agent run --resume {run_dir}`"
-        )
-    proposer = LadderProposer(load(config.proposer_arg), ReplaySettings.of(config))
-    return Replay(Session(run_dir, proposer, say=say, waiting=waiting))
-
-
-def create_replay(run_dir: Path, config: SessionConfig, say=print, waiting=None) -> Replay:
-    ladder = load(config.proposer_arg)
-    proposer = LadderProposer(ladder, ReplaySettings.of(config))
-    return Replay(Session.create(run_dir, config, proposer, say=say, waiting=waiting))
+    return stored(run_dir)[1].proposer == PROPOSER

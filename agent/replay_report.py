@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from agent.config import SessionConfig, stored
 from agent.judge import comparable
-from agent.ledger import LEDGER_FILE, Ledger
-from agent.loop import SessionConfig
-from agent.replay_stats import RungStats, Times, times
-from agent.rungs import ReplaySettings, load, rung_of, stats_of
+from agent.ledger import Ledger
+from agent.rundir import RunDir
+from agent.rungs import ReplaySettings, RungStats, Times, load, rung_of, stats_of, times
 
 COLUMNS = ("rung", "title", "kind", "n", "time (s)", "speedup", "cumulative", "val loss",
            "loss test", "published", "reference")  # fmt: skip
@@ -56,9 +56,9 @@ class Replayed:
     device: str  # e.g. "cuda (NVIDIA H100 80GB HBM3) x 8", "cpu (x86_64)"
 
 
-def collect(run_dir: Path) -> Replayed:
-    ledger = Ledger(Path(run_dir) / LEDGER_FILE, create=False)
-    cfg = SessionConfig.from_dict(ledger.session()["config"])
+def collect_replay(run_dir: Path) -> Replayed:
+    _, cfg = stored(run_dir)
+    ledger = Ledger(RunDir(run_dir).ledger, create=False)
     settings = ReplaySettings.of(cfg)
     ladder = load(cfg.proposer_arg)
     by_rung = {rung_of(c): c for c in ledger.candidates() if rung_of(c) is not None}
@@ -132,7 +132,7 @@ def cells(row: Row, ladder) -> list[str]:
 
 
 def replay_table(run_dir: Path) -> tuple[list[str], list[list[str]]]:
-    r = collect(run_dir)
+    r = collect_replay(run_dir)
     return list(COLUMNS), [cells(row, r.ladder) for row in r.rows]
 
 
@@ -221,9 +221,8 @@ def _bars(ax, mids: dict, bands: dict, colour: str, label: str, fmt: str) -> Non
 
 def write_replay(run_dir: Path) -> ReplayPaths:
     """Write replay.md and replay.png in `run_dir` from its ledger and its ladder."""
-    run_dir = Path(run_dir)
-    r = collect(run_dir)
-    paths = ReplayPaths(run_dir / "replay.md", run_dir / "replay.png")
+    r, where = collect_replay(run_dir), RunDir(run_dir)
+    paths = ReplayPaths(where.replay_md, where.replay_png)
     paths.table.write_text(markdown(r))
     plot(paths.plot, r)
     return paths

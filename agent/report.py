@@ -1,5 +1,5 @@
-"""What a session found, derived from its ledger alone: report.md, progress.png, results.tsv
-and the text of `python -m agent status D`.
+"""What a session found, derived from its ledger alone: report.md, progress.png and
+results.tsv, from one snapshot of the ledger (`collect`, which `status` reads too).
 
 Two kinds of numbers appear side by side, and the names keep them apart:
 - `speedup`: a candidate against the baseline, measured here from the ledger's runs (ratio
@@ -18,9 +18,7 @@ the ledger.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,9 +27,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from agent.judge import OBJECTIVES, comparable, measure_noise, primary_metric
-from agent.ledger import LEDGER_FILE, Ledger
-from agent.liveness import STARTED, STOPPED, Liveness, liveness, lock_holder
+from agent.judge import comparable, measure_noise
+from agent.ledger import Ledger
+from agent.liveness import STARTED, STOPPED, Liveness, liveness, when
+from agent.rundir import RunDir
+from agent.stats import (
+    OBJECTIVES,
+    Speedup,
+    censored_metric,
+    metric_values,
+    primary_metric,
+    speedup_vs_baseline,
+)
 
 # Candidate classes: the colours of progress.png and the status column of results.tsv.
 CLASSES = {  # class -> (colour, marker, autoresearch status)
@@ -45,64 +52,14 @@ TSV_EXTRA = ("speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low",
              "p_value", "runs", "val_loss", "outcome", "proposer", "candidate", "caught_by")
 
 
-@dataclass(frozen=True)
-class Speedup:
-    ratio: float  # geometric-mean ratio vs the baseline, > 1 is better
-    ci_low: float | None  # 95% Welch interval on the log scale; None with fewer than 2 runs
-    ci_high: float | None
-    n: int  # runs of the candidate that measured it
-
-
 class ReportPaths(NamedTuple):
     report: Path  # report.md
     progress: Path  # progress.png
     results: Path  # results.tsv
 
 
-def speedup_vs_baseline(baseline: Sequence[dict], results: Sequence[dict],
-                        objective: str) -> Speedup | None:
-    """How much better `results` are than `baseline` (judge-input dicts, `results_of`).
-
-    A baseline run that missed a time-to-loss target counts with its training time, as the
-    judge counts the champion's (a lower bound: conservative); a candidate run that missed
-    it measured no speed and is left out. None when either side has no usable run.
-    """
-    from scipy import stats  # lazily: a second of import that `status` rarely needs
-
-    sign = OBJECTIVES[objective][1]
-    base = sign * np.log(_metric_values(baseline, objective, censored=True))
-    cand = sign * np.log(_metric_values(results, objective))
-    if len(base) == 0 or len(cand) == 0:
-        return None
-    ratio = math.exp(cand.mean() - base.mean())
-    if len(base) < 2 or len(cand) < 2:
-        return Speedup(ratio, None, None, len(cand))
-    if cand.std() == 0.0 and base.std() == 0.0:  # a deterministic benchmark: no spread
-        low = high = cand.mean() - base.mean()
-    else:
-        low, high = stats.ttest_ind(cand, base, equal_var=False).confidence_interval(0.95)
-    return Speedup(ratio, math.exp(low), math.exp(high), len(cand))
-
-
-def _metric_values(results: Sequence[dict], objective: str, censored: bool = False) -> list:
-    """The primary metric of each ok run that measured one. `censored`: a run that missed a
-    time-to-loss target counts with its training time instead (a lower bound)."""
-    values = []
-    for r in results:
-        if r.get("status") != "ok":
-            continue
-        try:
-            v = primary_metric(r, objective)
-        except ValueError:  # a malformed number: the runner should have said invalid-result
-            continue
-        v = r.get("train_seconds") if v is None and censored else v
-        if isinstance(v, (int, float)) and math.isfinite(v) and v > 0:
-            values.append(float(v))
-    return values
-
-
 @dataclass
-class _Experiment:
+class Experiment:
     candidate: dict
     runs: list[dict]  # finished runs, all roles
     results: list[dict]  # the judge's input: comparable results of the runs
@@ -116,7 +73,7 @@ class _Experiment:
 
 
 def _experiment(ledger: Ledger, cand: dict, baseline: list[dict],
-                config: dict) -> _Experiment:
+                config: dict) -> Experiment:
     runs = ledger.runs_of(cand["id"])
     failed = [r["outcome"] for r in runs if r["outcome"] != "ok"]
     if cand["state"] == "refused":
@@ -129,18 +86,18 @@ def _experiment(ledger: Ledger, cand: dict, baseline: list[dict],
         if kind == "rejected" and outcome not in ("ok", "early-stopped"):
             kind = "failed"
     results = comparable(ledger.results_of(cand["id"]), config)
-    return _Experiment(cand, runs, results, outcome, kind, speedup_vs_baseline(
+    return Experiment(cand, runs, results, outcome, kind, speedup_vs_baseline(
         baseline, results, config.get("objective", "time-to-loss")))
 
 
 @dataclass
-class _Session:
+class Snapshot:
     """Everything the report and status show, read from one snapshot of the ledger."""
 
     session: dict
     objective: str
-    base: _Experiment | None
-    rows: list[_Experiment]  # the experiments, baseline excluded, in order
+    base: Experiment | None
+    rows: list[Experiment]  # the experiments, baseline excluded, in order
     champion: dict | None
     champions: list[dict]
     running: list[dict]
@@ -172,7 +129,7 @@ class _Session:
         if shares is None or not runs:
             return ""
         busy, waited = shares
-        span = _duration(self.until - self.session["created"])
+        span = duration(self.until - self.session["created"])
         wait = (f"; they waited {waited:.0%} for the device lock (other processes' runs)"
                 if waited >= 0.005 else "")
         return (f"benchmarks ran {busy:.0%} of the session's {span}{wait}; the device idled "
@@ -183,8 +140,8 @@ class _Session:
                     if e and e.candidate["id"] == candidate_id)
 
 
-def _collect(run_dir: str | Path) -> _Session:
-    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger, ledger.snapshot():
+def collect(run_dir: str | Path) -> Snapshot:
+    with Ledger(RunDir(run_dir).ledger, create=False) as ledger, ledger.snapshot():
         session = ledger.session() or {"id": "(not started)", "created": time.time(),
                                        "config": {}}
         config = session["config"]
@@ -196,7 +153,7 @@ def _collect(run_dir: str | Path) -> _Session:
                          *(r["finished_at"] or r["started_at"] for e in rows for r in e.runs)])
         life = liveness(run_dir, ledger.last_event(STARTED), ledger.last_event(STOPPED),
                         last_seen)
-        return _Session(session, config.get("objective", "time-to-loss"),
+        return Snapshot(session, config.get("objective", "time-to-loss"),
                         next((e for e in rows if e.candidate["experiment"] is None), None),
                         [e for e in rows if e.candidate["experiment"] is not None],
                         ledger.champion(), ledger.champions(), ledger.running_runs(),
@@ -211,11 +168,11 @@ def _ci(low, high, spec: str = ".3f") -> str:
     return "" if low is None or high is None else f" [{low:{spec}}, {high:{spec}}]"
 
 
-def _speedup(s: Speedup | None, spec: str = ".3f") -> str:
+def speedup_text(s: Speedup | None, spec: str = ".3f") -> str:
     return "–" if s is None else f"×{s.ratio:{spec}}{_ci(s.ci_low, s.ci_high, spec)}"
 
 
-def _short(text: str, limit: int = 0) -> str:
+def short(text: str, limit: int = 0) -> str:
     """One line, at most `limit` characters."""
     text = " ".join(str(text).split())
     return text[:limit - 1] + "…" if limit and len(text) > limit else text
@@ -223,14 +180,10 @@ def _short(text: str, limit: int = 0) -> str:
 
 def _cell(text: str, limit: int = 0) -> str:
     """A markdown table cell."""
-    return _short(text, limit).replace("|", "\\|")
+    return short(text, limit).replace("|", "\\|")
 
 
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else \
         f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -242,14 +195,14 @@ def _fence(diff: str) -> str:
     return f"{ticks}diff\n{diff.rstrip()}\n{ticks}"
 
 
-def _noise(s: _Session) -> str:
+def _noise(s: Snapshot) -> str:
     """The baseline's noise, measured as the judge measures it."""
     ok = [r for r in (s.base.results if s.base else []) if r["status"] == "ok"]
     try:
         noise = measure_noise(ok, s.objective)
     except ValueError as err:
         return f"{len(ok)} ok baseline run(s): noise not measured ({err})."
-    values = _metric_values(ok, s.objective, censored=True)
+    values = metric_values(ok, lambda r: censored_metric(r, s.objective))
     return (f"{noise.n} ok baseline runs: `{OBJECTIVES[s.objective][0]}` mean "
             f"{np.mean(values):.4g} (sd {np.std(values, ddof=1):.3g}); noise of a ratio "
             f"{noise.log_metric_sd:.2%} (sd of the log metric); val loss sd "
@@ -266,12 +219,12 @@ def _reason(decision: dict) -> str:
     return reason
 
 
-def _markdown(s: _Session) -> str:
+def _markdown(s: Snapshot) -> str:
     metric = OBJECTIVES[s.objective][0]
     lines = [f"# speedloop session {s.session['id']}", ""]
     if s.untrusted():
         lines += [f"**{s.untrusted()}**", ""]
-    lines += [f"Started {_when(s.session['created'])}; objective `{s.objective}` (primary "
+    lines += [f"Started {when(s.session['created'])}; objective `{s.objective}` (primary "
              f"metric `{metric}`). Speedups are against the baseline, measured from the "
              "ledger's runs (95% CI); effects, intervals and p-values are the judge's, against "
              "the champion of their time.", "",
@@ -295,7 +248,7 @@ def _markdown(s: _Session) -> str:
         mine = next(e for e in [s.base, *s.rows] if e and e.candidate["id"] == champ["id"])
         lines.append(f"Candidate {champ['id']} ({_cell(champ['description'])}), commit "
                      f"`{(champ['commit_sha'] or '-')[:10]}`: speedup "
-                     f"**{_speedup(mine.speedup)}** vs the baseline over "
+                     f"**{speedup_text(mine.speedup)}** vs the baseline over "
                      f"{mine.speedup.n if mine.speedup else 0} runs; "
                      f"×{champ['speedup']:.3f} recorded when it became champion.")
     counts = {k: sum(e.kind == k for e in s.rows) for k in (*CLASSES, "pending")}
@@ -311,7 +264,7 @@ def _markdown(s: _Session) -> str:
         lines.append(
             f"| {c['experiment']} | {c['id']} | {_cell(c['description'], 60)} | "
             f"{_cell(c['proposer'])} | {e.outcome} | {c['verdict'] or 'pending'} | "
-            f"{_cell(c['caught_by'] or '')} | {_speedup(e.speedup)} | {_f(d.get('effect'))}"
+            f"{_cell(c['caught_by'] or '')} | {speedup_text(e.speedup)} | {_f(d.get('effect'))}"
             f"{_ci(d.get('ci_low'), d.get('ci_high'))} | {_f(d.get('p_value'), '.2g')} | "
             f"{len(e.runs)} | {_f(d.get('loss_delta'), '+.4f')} | "
             f"{_cell(_reason(d), 120)} |")
@@ -341,7 +294,7 @@ def _markdown(s: _Session) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _results(s: _Session) -> tuple[list[str], list[list]]:
+def _results(s: Snapshot) -> tuple[list[str], list[list]]:
     """The rows of results.tsv with typed values (None: not measured), baseline first."""
     columns = ["commit", OBJECTIVES[s.objective][0], "memory_gb", "status", "description",
                *TSV_EXTRA]
@@ -350,7 +303,7 @@ def _results(s: _Session) -> tuple[list[str], list[list]]:
         if e.kind == "pending" and e is not s.base:
             continue
         c, d, sp = e.candidate, e.candidate["decision"] or {}, e.speedup
-        values = _metric_values(e.results, s.objective)
+        values = metric_values(e.results, lambda r: primary_metric(r, s.objective))
         memory, losses = e.ok_values("peak_memory_bytes"), e.ok_values("val_loss")
         rows.append([
             (c["commit_sha"] or "-")[:7], float(np.mean(values)) if values else None,
@@ -366,10 +319,10 @@ def _results(s: _Session) -> tuple[list[str], list[list]]:
 
 def results_table(run_dir: str | Path) -> tuple[list[str], list[list]]:
     """results.tsv's columns and rows as values (None where nothing was measured)."""
-    return _results(_collect(run_dir))
+    return _results(collect(run_dir))
 
 
-def _tsv(s: _Session) -> str:
+def _tsv(s: Snapshot) -> str:
     columns, rows = _results(s)
     # autoresearch writes 0 for what a crash did not measure; the new columns stay empty.
     specs = [None, ".6f", ".1f", None, None, *[".4f"] * 6, ".4g", None, ".4f"]
@@ -386,7 +339,7 @@ def _tsv(s: _Session) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, s: _Session) -> None:
+def _plot(path: Path, s: Snapshot) -> None:
     # Lazily, and without pyplot: `status` needs no matplotlib, and a Figure with the Agg
     # canvas touches no global backend state of the process that imports us.
     from matplotlib.figure import Figure
@@ -420,7 +373,7 @@ def _plot(path: Path, s: _Session) -> None:
     for k, e in enumerate(kept):  # labels alternate above and below, point inwards at the end
         x = e.candidate["experiment"]
         right = x > 0.6 * last_x
-        ax.annotate(_short(e.candidate["description"], 36), (x, e.speedup.ratio),
+        ax.annotate(short(e.candidate["description"], 36), (x, e.speedup.ratio),
                     xytext=(-6 if right else 6, 8 if k % 2 == 0 else -14),
                     textcoords="offset points", ha="right" if right else "left", fontsize=8,
                     color="darkgreen", in_layout=False,
@@ -443,9 +396,8 @@ def _plot(path: Path, s: _Session) -> None:
 
 def write_report(run_dir: str | Path) -> ReportPaths:
     """Write report.md, progress.png and results.tsv in `run_dir` from its ledger."""
-    run_dir = Path(run_dir)
-    s = _collect(run_dir)
-    paths = ReportPaths(run_dir / "report.md", run_dir / "progress.png", run_dir / "results.tsv")
+    s, where = collect(run_dir), RunDir(run_dir)
+    paths = ReportPaths(where.report_md, where.progress_png, where.results_tsv)
     paths.report.write_text(_markdown(s))
     paths.results.write_text(_tsv(s))
     _plot(paths.progress, s)
@@ -478,81 +430,3 @@ def llm_spend(spend: dict, candidates: Sequence[dict]) -> str:
         f"{spend['output_tokens']:,}, cache read {spend['cache_read_input_tokens']:,}, "
         f"cache write {spend['cache_creation_input_tokens']:,}"
     )
-
-
-def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
-    """What `python -m agent status D` prints: champion, speedup so far, the last experiments,
-    what runs now and the latest events, as plain text."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    s = _collect(run_dir)
-    now, cfg = time.time(), s.session["config"]
-    console = Console(record=True, width=width, file=io.StringIO(), color_system=None,
-                      markup=False, highlight=False)  # descriptions may hold [brackets]
-    if s.untrusted():
-        console.print(s.untrusted())
-    console.print(f"speedloop session {s.session['id']}, started {_when(s.session['created'])} "
-                  f"({_duration(now - s.session['created'])} ago)")
-    console.print(s.life.text)
-    console.print(f"preset {cfg.get('preset', '?')}, objective {s.objective}, proposer "
-                  f"{cfg.get('proposer', '?')}")
-    budget = cfg.get("experiments")
-    console.print(f"experiments decided: {s.n_experiments}"
-                  + (f" of {budget}" if budget else ""))
-    spend = llm_spend(s.spend, [e.candidate for e in s.rows])
-    if spend:
-        console.print(spend)
-    if s.busy_text():
-        console.print(s.busy_text())
-    if s.champion is None:
-        console.print("champion: none yet (the baseline is being measured)")
-    else:
-        c = s.champion
-        console.print(f"champion: candidate {c['id']} ({c['description']}), speedup "
-                      f"×{c['speedup']:.3f} vs baseline, since "
-                      f"{_duration(now - c['champion_since'])} ago")
-    if s.rows:
-        table = Table(title=f"last {min(last, len(s.rows))} experiments", title_justify="left",
-                      box=box.SIMPLE_HEAD, pad_edge=False)
-        for name in ("#", "id", "description", "proposer", "outcome", "verdict", "check",
-                     "vs baseline", "runs"):  # the judge's reasons are in report.md
-            table.add_column(name, no_wrap=name != "description",
-                             min_width=20 if name == "description" else None)
-        for e in s.rows[-last:]:
-            c = e.candidate
-            table.add_row(str(c["experiment"]), str(c["id"]), _short(c["description"], 40),
-                          c["proposer"],
-                          e.outcome, c["verdict"] or "pending", c["caught_by"] or "",
-                          _speedup(e.speedup, ".2f"), str(len(e.runs)))
-        console.print(table)
-    for e in (e for e in s.rows if e.kind == "held"):
-        c = e.candidate
-        console.print(f"held for review: candidate {c['id']} (#{c['experiment']} "
-                      f"{c['description']}), x{(c['decision'] or {}).get('effect') or 0:.3f} "
-                      f"vs its champion; `python -m agent review --run-dir {run_dir} {c['id']} "
-                      "--accept|--reject`")
-    for r in s.running:
-        c = s.candidate(r["candidate_id"])
-        what = f"candidate {c['id']} ({c['description']}), {r['role']} run {r['id']}, seed " \
-            f"{r['seed']}"
-        if s.life.state != "alive":
-            console.print(f"left running by the ended process: {what}; a resume discards and "
-                          "re-runs it")
-        elif r["lock_at"] is None and r["lock_path"]:
-            held = lock_holder(r["lock_path"]).removeprefix("held by ")
-            console.print(f"waiting now: {what}, for the lock held by {held} "
-                          f"({r['lock_path']}), for {_duration(now - r['started_at'])}")
-        else:
-            since = r["lock_at"] or r["started_at"]
-            console.print(f"running now: {what}, for {_duration(now - since)}; log "
-                          f"{r['log_path'] or '-'}")
-    if not s.running:
-        console.print("running now: nothing")
-    if s.events:
-        console.print("events:")
-        for ev in s.events:
-            console.print(f"  {time.strftime('%H:%M:%S', time.localtime(ev['time']))} "
-                          f"{ev['text']}")
-    return console.export_text()

@@ -1,12 +1,14 @@
-"""A human's review of the candidates the loop held (threat 8 of bench/INTEGRITY.md): a step
-too large to believe is neither accepted nor rejected by the loop.
+"""A human's review of the candidates the loop held (`implausible-speedup` in
+bench/INTEGRITY.md): a step too large to believe is neither accepted nor rejected by the
+loop.
 
     python -m agent review --run-dir D                          # list what is held
     python -m agent review --run-dir D ID                       # its evidence and diff
     python -m agent review --run-dir D ID --accept|--reject [--note TEXT]
 
-Accepting promotes the candidate exactly as the loop's accept would (champion in the
-ledger, champion branch in git, total speedup = the champion's times its effect); both
+Accepting promotes the candidate as the loop's accept does (agent/recording.py `promote`:
+champion in the ledger, champion branch in git, total speedup = the champion's times its
+effect); both
 verdicts are recorded with the note. What it must never do: decide while a session runs in
 the same directory (the loop holds `session.lock` while it runs), or accept a candidate made
 on a champion that is no longer the champion (that would drop the changes accepted since).
@@ -14,58 +16,22 @@ on a champion that is no longer the champion (that would drop the changes accept
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import Ledger
+from agent.liveness import session_lock
+from agent.recording import promote
+from agent.rundir import RunDir
 from agent.workspace import Workspace
-
-LOCK_FILE = "session.lock"
 
 
 class ReviewError(RuntimeError):
     """A review that cannot be made as asked; the message says why and what to do."""
 
 
-class SessionBusy(ReviewError):
-    """Another process holds the run directory (a running session, or a review)."""
-
-
-@contextlib.contextmanager
-def session_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory's lock: the loop while it runs, a review while it decides;
-    SessionBusy when another process holds it. An flock, so the kernel releases it when its
-    holder dies (even by kill -9). The file says who holds it (`status` reads it); a lock
-    held for an instant (`status` probing it) is waited for, briefly."""
-    path = Path(run_dir) / LOCK_FILE
-    with open(path, "a+") as f:
-        for _ in range(10):
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.05)
-        else:
-            raise SessionBusy(
-                f"another process works in {run_dir} (it holds {path}): a "
-                "running session? Stop it (Ctrl-C) or wait for it to end"
-            ) from None
-        try:
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def held_text(run_dir: Path) -> str:
     """The held candidates, one paragraph each, or a line saying there are none."""
-    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger:
+    with Ledger(RunDir(run_dir).ledger, create=False) as ledger:
         held = ledger.held()
         if not held:
             return "no candidate is held for review"
@@ -100,18 +66,18 @@ def _describe(ledger: Ledger, c: dict, run_dir: Path) -> str:
 
 def show(run_dir: Path, candidate_id: int) -> str:
     """One held candidate's evidence and its diff."""
-    with Ledger(Path(run_dir) / LEDGER_FILE, create=False) as ledger:
+    with Ledger(RunDir(run_dir).ledger, create=False) as ledger:
         c = ledger.candidate(candidate_id)
         if c["state"] != "held":
             raise ReviewError(f"candidate {candidate_id} is {c['state']}, not held")
         return _describe(ledger, c, run_dir) + "\n\n" + (c["diff"] or "(no diff)")
 
 
-def decide(run_dir: Path, candidate_id: int, accept: bool, note: str = "") -> str:
-    """Accept or reject a held candidate; returns a line saying what was done."""
-    run_dir = Path(run_dir)
-    with session_lock(run_dir), \
-            Ledger(run_dir / LEDGER_FILE, create=False) as ledger:  # fmt: skip
+def settle(run_dir: Path, candidate_id: int, accept: bool, note: str = "") -> str:
+    """A human's verdict on a held candidate, accept or reject; returns a line saying what
+    was done."""
+    where = RunDir(run_dir)
+    with session_lock(where.root), Ledger(where.ledger, create=False) as ledger:
         c = ledger.candidate(candidate_id)
         if c["state"] != "held":
             raise ReviewError(
@@ -131,15 +97,13 @@ def decide(run_dir: Path, candidate_id: int, accept: bool, note: str = "") -> st
                 "accepted since. Reject it, and propose its diff again on the current champion "
                 "(e.g. --proposer patches)"
             )
-        speedup = champion["speedup"] * c["decision"]["effect"]
         session = ledger.session()
         # The worktree is opened before the ledger changes: a session without one cannot
         # promote, and then nothing is recorded.
-        ws = Workspace.open(
-            Path(session["config"].get("repo", ".")), run_dir / "worktree", session["id"]
-        )
-        ledger.review(candidate_id, "accept", note, speedup=speedup)
-        ws.promote(c["commit_sha"])
+        ws = Workspace.open(Path(session["config"].get("repo", ".")), where.worktree,
+                            session["id"])
+        speedup = promote(ledger, ws, c, c["decision"]["effect"], lambda total: ledger.review(
+            candidate_id, "accept", note, speedup=total))
         text = (
             f"accepted candidate {candidate_id} ({c['description']}): it is the champion, "
             f"total x{speedup:.3f}"

@@ -1,11 +1,13 @@
 """The runner: executes one benchmark run of `train.py` in a child process and classifies it.
 
 `run(spec)` starts `python train.py --preset P --seed S --out OUT ...` in the candidate's
-worktree, in a new process group, holding a per-device lock so that no two benchmarks on one
+worktree, as a supervised child (agent/child.py: its own process group, killed with all
+its processes at the timeout), holding a per-device lock so that no two benchmarks on one
 machine share a CPU or a GPU and corrupt each other's timings. Stdout and stderr stream into
 a log file line by line; eval lines are parsed as they arrive so that a candidate falling
-clearly behind the champion can be stopped early. The outcome is one of `STATUSES`, with
-the parsed result JSON when there is one.
+clearly behind the champion can be stopped early. The outcome is one of `STATUSES` (the
+one list of run outcomes; the ledger stores them), with the parsed result JSON when there
+is one.
 
 What the runner must never do: run candidate code in its own process, leave any process of
 a run alive after `run` returns (not even on Ctrl-C), judge a candidate (that is the judge's
@@ -15,22 +17,19 @@ validated against the harness's contract.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import json
-import math
 import os
-import selectors
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from agent import child
 from bench import protocol
 from bench.locks import LOCK_HELD_ENV, DeviceLock, device_lock
 
@@ -69,7 +68,7 @@ class RunSpec:
     nproc: int = 1  # processes of one run (torchrun), one per GPU on cuda: K GPUs from gpu_index
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)  # overrides of the inherited environment
-    early_stop: EarlyStop | None = None  # called at every eval line, see behind_champion
+    early_stop: EarlyStop | None = None  # called at every eval line (measure.behind_champion)
     checkpoint: Path | None = None  # train.py saves the final weights here when the run is ok
     sandbox: bool = True  # False: train.py --no-sandbox (the result is marked untrusted)
     kill_grace_s: float = 5.0  # between SIGTERM and SIGKILL, for the run to release its GPU
@@ -107,24 +106,17 @@ def run(spec: RunSpec) -> RunOutcome:
             _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")
         watch = _Watch(log, spec.early_stop)
         started = time.monotonic()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=worktree,
-            env=_child_env(spec),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, so that one killpg ends it all
-            preexec_fn=_die_with_parent,
-        )
+        proc = child.start(cmd, worktree, _child_env(spec))
         try:
-            killed_for = _supervise(proc, watch, started + spec.timeout_s)
+            killed = child.pump(proc, watch.feed, started + spec.timeout_s,
+                                stop=lambda: watch.stop_requested)
+            killed_for = {"stop": "early-stop"}.get(killed, killed)
             wall_seconds = time.monotonic() - started
         finally:
             # Also on exceptions and Ctrl-C: no process of the run may outlive it.
-            _end_group(proc, spec.kill_grace_s)
             watch.early_stop = None  # the run is over; lines still in the pipes are only logged
-            watch.drain(proc)
+            child.end(proc, watch.feed, spec.kill_grace_s)
+            watch.flush()
         if killed_for == "timeout":
             _log_note(log, f"killed: over the {spec.timeout_s:g} s timeout")
         elif killed_for == "early-stop":
@@ -167,49 +159,6 @@ def device_locks(spec: RunSpec) -> Iterator[DeviceLock]:
         yield max(locks, key=lambda lock: lock.waited_s)
 
 
-def behind_champion(
-    champion_curve: Sequence[dict], margin: float, min_fraction: float = 0.3,
-    axis: str = "seconds",
-) -> EarlyStop:
-    """An early-stop rule: stop when the candidate's val loss is worse than the champion's at
-    the same point of training by more than `margin` nats.
-
-    The point is the training time (`axis="seconds"`: who gets lower sooner, for the
-    time-to-loss and loss-at-time objectives) or the tokens seen (`axis="tokens"`: the
-    throughput objective compares loss at equal tokens). The champion's curve is
-    interpolated linearly on that axis, and held at its ends. Nothing is stopped before
-    `min_fraction` of the champion's whole run on that axis: early evaluations are noisy,
-    and a different schedule can start slower.
-    """
-    if axis not in ("seconds", "tokens"):
-        raise ValueError(f"axis {axis!r}: use 'seconds' or 'tokens'")
-    points = sorted((float(row[axis]), float(row["val_loss"])) for row in champion_curve)
-    if not points:
-        raise ValueError("behind_champion needs a champion curve with at least one evaluation")
-    xs = [x for x, _ in points]
-    losses = [loss for _, loss in points]
-    earliest = min_fraction * xs[-1]
-
-    def champion_loss(x: float) -> float:
-        i = bisect.bisect_left(xs, x)
-        if i == 0:
-            return losses[0]
-        if i == len(xs):
-            return losses[-1]
-        x0, x1 = xs[i - 1], xs[i]
-        return losses[i - 1] + (losses[i] - losses[i - 1]) * (x - x0) / (x1 - x0)
-
-    def should_stop(tokens: int, seconds: float, val_loss: float) -> bool:
-        x = seconds if axis == "seconds" else tokens
-        if x < earliest:
-            return False
-        if not math.isfinite(val_loss):
-            return True  # a NaN loss is as far behind as a run can be
-        return val_loss > champion_loss(x) + margin
-
-    return should_stop
-
-
 class _Watch:
     """Splits the child's output into lines, logs them, and keeps what classification needs."""
 
@@ -239,27 +188,6 @@ class _Watch:
                 self.partial[stream] = b""
                 self._line(stream, rest)
 
-    def drain(self, proc: subprocess.Popen) -> None:
-        """Read what is left in the pipes after the group is gone, then close them."""
-        sel = selectors.DefaultSelector()
-        for stream in ("stdout", "stderr"):
-            sel.register(getattr(proc, stream), selectors.EVENT_READ, stream)
-        deadline = time.monotonic() + 2.0  # every writer is dead: EOF comes at once
-        while sel.get_map() and time.monotonic() < deadline:
-            for key, _ in sel.select(timeout=0.1):
-                self.read(sel, key)
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
-        self.flush()
-
-    def read(self, sel: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
-        data = os.read(key.fd, 65536)
-        if data:
-            self.feed(key.data, data)
-        else:
-            sel.unregister(key.fileobj)
-
     def _line(self, stream: str, raw: bytes) -> None:
         self.log.write(raw + b"\n")
         self.log.flush()  # so the log is complete up to here even if we are killed next
@@ -277,64 +205,6 @@ class _Watch:
             if self.early_stop is not None and not self.stop_requested:
                 stop = self.early_stop(point["tokens"], point["seconds"], point["val_loss"])
                 self.stop_requested = bool(stop)
-
-
-def _supervise(proc: subprocess.Popen, watch: _Watch, deadline: float) -> str | None:
-    """Stream output until the child exits (None), or say why we must kill it."""
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    try:
-        while not _has_exited(proc.pid):
-            if watch.stop_requested:
-                return "early-stop"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "timeout"
-            if not sel.get_map():  # both pipes closed, the child still running
-                time.sleep(min(0.05, remaining))
-            for key, _ in sel.select(timeout=min(0.05, remaining)):
-                watch.read(sel, key)
-        return "early-stop" if watch.stop_requested else None
-    finally:
-        sel.close()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the runner dies, even by
-    kill -9, so an orphaned benchmark never keeps the device busy under the next run."""
-    if sys.platform == "linux":
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _has_exited(pid: int) -> bool:
-    # WNOWAIT leaves the child a zombie: its pid, and so its process group id, cannot be
-    # reused by another process before _end_group has signalled the group.
-    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    return info is not None
-
-
-def _end_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """Terminate the run's process group, then SIGKILL whatever is left, then reap."""
-    try:
-        if not _has_exited(proc.pid):
-            _signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while not _has_exited(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-    finally:  # even when a second Ctrl-C cuts the grace period short
-        # Stragglers (compile workers, children the candidate spawned) may hold the GPU even
-        # after the leader has exited; the leader is not reaped yet, so the group id is ours.
-        _signal_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
 
 
 def _child_env(spec: RunSpec) -> dict[str, str]:

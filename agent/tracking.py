@@ -26,6 +26,8 @@ from pathlib import Path
 from agent import report
 from agent.judge import comparable
 from agent.ledger import Ledger
+from agent.rundir import RunDir
+from agent.stats import speedup_vs_baseline
 
 MODES = ("online", "offline", "disabled")  # and "auto": decide from the environment
 _ALIASES = {"dryrun": "offline", "run": "online"}  # older values of WANDB_MODE
@@ -77,7 +79,7 @@ class Tracker:
 
     The loop calls, after the ledger has the facts: `start_session()` once the session is
     set (again on resume), `log_run(ledger.run(r), ledger.candidate(c))` after each
-    `finish_run`, `log_decision(ledger.candidate(c))` after each `decide` or `refuse`, and
+    `finish_run`, `log_decision(ledger.candidate(c))` after each verdict or refusal, and
     `finish()` at the end, Ctrl-C included.
     """
 
@@ -99,7 +101,7 @@ class Tracker:
             return
         self._wandb = wandb
         # WANDB_DIR, when set, says where the files go; else beside the ledger.
-        self.dir = None if os.environ.get("WANDB_DIR") else str(ledger.run_dir)
+        self.dir = None if os.environ.get("WANDB_DIR") else str(RunDir(ledger.run_dir).wandb)
 
     def _say(self, text: str) -> None:
         print(f"speedloop: {text}", file=sys.stderr)
@@ -194,7 +196,7 @@ class Tracker:
         cand, decision = candidate_row, candidate_row["decision"] or {}
         config = self.ledger.session()["config"]
         base = self.ledger.baseline()
-        measured = report.speedup_vs_baseline(
+        measured = speedup_vs_baseline(
             comparable(self.ledger.results_of(base["id"]) if base else [], config),
             comparable(self.ledger.results_of(cand["id"]), config),
             config.get("objective", "time-to-loss"))

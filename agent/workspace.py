@@ -1,15 +1,24 @@
-"""A session's git workspace: its own worktree, a champion branch, one commit per candidate.
+"""The engine's git layer: `git` (every git command of the engine runs through it), a
+session's workspace, and unified diffs read one way (`parse_diff`).
 
 The user's checkout is never touched: a session works in a worktree of its own, on a
 champion branch made for it. A candidate is the proposer's edit of the worktree, taken
 as one commit on top of the champion and kept under a ref of its own, accepted or not,
 so nothing is lost. A change that touches anything outside the research surface is
 refused before it can run, with the paths named.
+
+What this module must never do: change the user's checkout or branches, or commit a
+change outside the research surface.
 """
 
+from __future__ import annotations
+
+import os
+import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import faults
@@ -50,11 +59,12 @@ class Candidate:
     paths: list[str]
 
 
-def git(cwd: Path, *args: str, input: str | None = None) -> str:
+def git(cwd: Path, *args: str, input: str | None = None, env: dict | None = None) -> str:
+    """`git ARGS` in `cwd`; its stdout, or GitError with its stderr. A step boundary of the
+    fault injection (agent/faults.py), as every git command of the engine is."""
     faults.boundary(lambda: f"git {args[0]} in {faults.caller(('<lambda>', 'boundary', 'git'))}")
-    proc = subprocess.run(
-        ["git", *IDENTITY, *args], cwd=cwd, capture_output=True, text=True, input=input
-    )
+    proc = subprocess.run(["git", *IDENTITY, *args], cwd=cwd, capture_output=True, text=True,
+                          input=input, env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         raise GitError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()}")
     return proc.stdout
@@ -89,7 +99,7 @@ class Workspace:
         self.ref_prefix = f"refs/speedloop/{session}/candidates"
 
     @classmethod
-    def create(cls, repo: Path, path: Path, session: str, start: str = "HEAD") -> "Workspace":
+    def create(cls, repo: Path, path: Path, session: str, start: str = "HEAD") -> Workspace:
         """The session's champion branch (at `start`) and its worktree. Idempotent: a
         creation killed between its steps is finished, from the branch it made."""
         ws = cls(repo, path, session)
@@ -101,7 +111,7 @@ class Workspace:
         _add_worktree(ws.repo, ws.path, commit.strip())
         return ws
 
-    def second(self, path: Path) -> "Workspace":
+    def second(self, path: Path) -> Workspace:
         """Another worktree of the same session (for proposing while this one runs)."""
         other = Workspace(self.repo, path, self.session)
         if not (other.path / ".git").exists():
@@ -109,7 +119,7 @@ class Workspace:
         return other
 
     @classmethod
-    def open(cls, repo: Path, path: Path, session: str) -> "Workspace":
+    def open(cls, repo: Path, path: Path, session: str) -> Workspace:
         ws = cls(repo, path, session)
         if not (ws.path / ".git").exists():
             raise FileNotFoundError(
@@ -162,9 +172,85 @@ class Workspace:
         finally:
             self.reset()
 
-    def promote(self, commit: str) -> None:
-        """Make `commit` the champion."""
+    def move_champion(self, commit: str) -> None:
+        """Make `commit` the champion branch's head (agent/recording.py's `promote` records
+        it in the ledger first)."""
         self.git("update-ref", f"refs/heads/{self.champion_branch}", commit)
 
-    def file(self, relative: str) -> Path:
-        return self.path / relative
+    def apply(self, patch: str) -> None:
+        apply_patch(self.path, patch)
+
+    def file_at(self, commit: str, path: str) -> str | None:
+        """The text of `path` at `commit`; None when it has none there (or is not text)."""
+        try:
+            return self.git("show", f"{commit}:{path}")
+        except (GitError, UnicodeDecodeError):
+            return None
+
+
+def current_diff(worktree: Path) -> str:
+    """The worktree's change against HEAD, as the workspace will capture it (`git add -A`),
+    computed in a throwaway index so the worktree's own index is left alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        git(worktree, "read-tree", "HEAD", env=env)
+        git(worktree, "add", "-A", env=env)
+        return git(worktree, "diff", "--cached", "--no-color", "--no-ext-diff", env=env)
+
+
+# -- unified diffs ---------------------------------------------------------------------------
+
+_HUNK = re.compile(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,\d+)? @@")
+
+
+@dataclass
+class FileDiff:
+    header: str  # "diff --git a/PATH b/PATH"
+    path: str | None  # the file after the change; None when the change deletes it
+    added: dict[int, str] = field(default_factory=dict)  # line number in the new file -> text
+    changes: list[str] = field(default_factory=list)  # "+text" and "-text", in order
+
+
+def parse_diff(diff: str) -> list[FileDiff]:
+    """The files of a `git diff` (each starts with its `diff --git` line) and what it adds
+    and removes in each."""
+    files: list[FileDiff] = []
+    line = 0
+    for raw in diff.splitlines():
+        if raw.startswith("diff --git "):
+            files.append(FileDiff(raw, raw.split(" b/", 1)[-1]))
+            line = 0
+        elif not files:
+            continue
+        elif raw.startswith("+++ "):
+            target = raw[4:].split("\t")[0].strip()
+            files[-1].path = None if target == "/dev/null" else target.removeprefix("b/")
+        elif raw.startswith("--- "):
+            continue
+        elif raw.startswith("@@"):
+            m = _HUNK.match(raw)
+            line = int(m.group(1)) if m else 0
+        elif raw[:1] in "+-":
+            files[-1].changes.append(raw)
+            if raw.startswith("+") and line:
+                files[-1].added[line] = raw[1:]
+                line += 1
+        elif raw.startswith(" ") and line:
+            line += 1
+        # "\ No newline at end of file" does not move the new file's line number
+    return files
+
+
+def changed_paths(diff: str) -> list[str]:
+    """The paths a diff touches (a deleted file by its old path)."""
+    return [f.header.split(" b/", 1)[-1] for f in parse_diff(diff)]
+
+
+def normalized(diff: str) -> tuple[str, ...]:
+    """A diff's files and changed lines with all whitespace removed: two edits that differ
+    only in spacing, indentation or context compare equal."""
+    out = []
+    for f in parse_diff(diff):
+        out.append(f.header)
+        out += [c[0] + "".join(c[1:].split()) for c in f.changes if c[1:].split()]
+    return tuple(out)

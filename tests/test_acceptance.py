@@ -118,6 +118,43 @@ def test_caught_by_names_the_checks_of_the_violation_records():
         is None
 
 
+def test_the_checks_in_order_and_their_verdict_are_plain_functions():
+    """What the engine asks, in order, of a candidate the judge would accept, on ledger runs
+    and numbers alone: the first check that catches decides, and only the numbers of the
+    checks up to it are kept."""
+    cfg = AcceptanceConfig(max_speedup=2.0)
+
+    def run(run_id, seed, start, val_loss=3.0):
+        return {"id": run_id, "seed": seed, "wall_seconds": 40.0,
+                "result": {"seed": seed, "init_fingerprint": start, "val_loss": val_loss,
+                           "train_seconds": 7.5, "eval_seconds": 2.5}}
+
+    mine, theirs = [run(1, 11, "a"), run(2, 12, "b")], [run(3, 1, "c"), run(4, 2, "d")]
+    checks = acceptance.checks_on_runs(mine, theirs, cfg)
+    assert not acceptance.caught(checks)
+    copies = acceptance.verdict(acceptance.checks_on_runs([run(1, 11, "a"), run(2, 12, "a")],
+                                                          theirs, cfg))
+    assert (copies.verdict, copies.caught_by) == ("reject", "seed-ignored")
+    assert set(copies.checks) == {"seed-ignored"}  # the overhead test was not reached
+
+    scored = {1: {"val_loss": 3.0, "holdout_loss": 3.1}, 2: {"val_loss": 3.0, "holdout_loss": 3.1}}
+    assert acceptance.reproduce_checks(mine, scored, 1e-5) == []
+    (missing,) = acceptance.reproduce_checks(mine, {1: scored[1]}, 1e-5)
+    assert missing.caught and missing.name == "holdout-gap" and "[2]" in missing.reason
+    (again,) = acceptance.reproduce_checks(mine, {**scored, 2: {"val_loss": 2.9}}, 1e-5)
+    assert again.caught and again.name == "eval-reproduce" and again.numbers["again"] == 2.9
+
+    skipped = acceptance.gap_check([0.1, 0.1], [0.1], cfg)
+    assert not skipped.caught and "needs 2" in skipped.numbers["skipped"]
+    review = "python -m agent review --run-dir D 7 --accept|--reject"
+    held = acceptance.verdict([*checks, skipped, acceptance.step_check(2.5, cfg, review)])
+    assert (held.verdict, held.caught_by) == ("hold", "implausible-speedup")
+    assert review in held.reason
+    accepted = acceptance.verdict([*checks, skipped, acceptance.step_check(1.5, cfg, review)])
+    assert accepted.verdict == "accept" and accepted.caught_by is None
+    assert set(accepted.checks) == {"seed-ignored", "untimed-overhead", "holdout-gap"}
+
+
 def test_the_config_is_checked():
     with pytest.raises(ValueError, match="max_speedup=1.0: must be above 1"):
         AcceptanceConfig(max_speedup=1.0)
@@ -155,7 +192,8 @@ def edit(path: Path, old: str, new: str) -> None:
 @pytest.fixture
 def session(tmp_path, monkeypatch):
     """A session with a hand-made baseline champion (nothing runs train.py)."""
-    from agent.loop import Session, SessionConfig
+    from agent.config import SessionConfig
+    from agent.loop import Session
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     repo = working_tree_repo(tmp_path / "repo")
@@ -163,15 +201,17 @@ def session(tmp_path, monkeypatch):
                        say=lambda text: None)  # fmt: skip
     base = s.ledger.add_candidate("baseline", parent_id=None, commit_sha=s.workspace.champion)
     decision = Decision("accept", "baseline", 1.0, None, None, None, None, 0, 3, None)
-    s.ledger.decide(base, "accept", decision, speedup=1.0)
-    s.fixed_hashes()
+    s.ledger.record_decision(base, "accept", decision, speedup=1.0)
     return s
 
 
 def test_the_ledger_names_the_check_that_caught_a_candidate(session):
     def propose(description, path, change):
-        session.proposer.edits.append((description, path, change))
-        return session.take(session.draft(session.workspace, *session.propose_context()))
+        def edit(worktree: Path) -> Proposal:
+            change(worktree / path)
+            return Proposal(description, "it is faster", "other")
+
+        return session.submit(edit)
 
     clock = propose(
         "reads the clock",
@@ -187,17 +227,17 @@ def test_the_ledger_names_the_check_that_caught_a_candidate(session):
     # A commit that changes a fixed file, made behind the workspace's back: the run fails
     # on the hashes without running train.py, and the rejection names the check.
     ws = session.workspace
-    ws.checkout(session.champion()["commit_sha"])
+    ws.checkout(session.ledger.champion()["commit_sha"])
     edit(ws.path / "train.py", "import argparse\n", "import argparse  # harmless?\n")
     git(ws.path, "commit", "-qam", "edit the harness")
     commit = git(ws.path, "rev-parse", "HEAD").strip()
     ws.reset()
-    cid = session.ledger.add_candidate("edits train.py", parent_id=session.champion()["id"],
+    cid = session.ledger.add_candidate("edits train.py", parent_id=session.ledger.champion()["id"],
                                        commit_sha=commit)  # fmt: skip
     candidate = session.ledger.candidate(cid)
-    assert session.benchmark(candidate, "screen")["status"] == "integrity-violation"
+    assert session.measurer.benchmark(candidate, "screen")["status"] == "integrity-violation"
     failed = Decision("reject", "run failed", None, None, None, None, None, 2, 1, None)
-    session.record(candidate, failed)
+    session.recorder.record(candidate, failed)
     row = session.ledger.candidate(cid)
     assert (row["verdict"], row["caught_by"]) == ("reject", "fixed-hash")
     assert session.ledger.runs_of(cid)[0]["error"].startswith("fixed-hash: ")
@@ -212,8 +252,9 @@ def test_a_step_above_the_limit_is_held_then_accepted_by_review(tmp_path, data_c
     speedup limit of 1.01: the judge would accept it, the holdout and overhead checks pass
     (it is honest), and it is held instead; `agent review --accept` then promotes it."""
     from agent.cli import main
+    from agent.config import SessionConfig
     from agent.ledger import Ledger
-    from agent.loop import Session, SessionConfig
+    from agent.loop import Session
 
     for key, value in (("SPEEDLOOP_DATA", str(data_cache)), ("WANDB_MODE", "disabled"),
                        ("SPEEDLOOP_LOCKS", str(tmp_path / "locks"))):  # fmt: skip
@@ -271,18 +312,19 @@ def test_review_refuses_what_it_cannot_decide(tmp_path, capsys):
     """Only a held candidate, only while no session runs, and only on the current champion."""
     from agent.cli import main
     from agent.ledger import Ledger
-    from agent.review import SessionBusy, decide, session_lock
+    from agent.liveness import SessionBusy, session_lock
+    from agent.review import settle
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.set_session({"preset": "cpu-tiny"})
     base = ledger.add_candidate("baseline", parent_id=None, commit_sha="a" * 40)
-    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+    ledger.record_decision(base, "accept", {"reason": "baseline"}, speedup=1.0)
     held = ledger.add_candidate("x3", parent_id=base, commit_sha="b" * 40)
     ledger.finish_run(ledger.start_run(held, "screen", 1), "ok", {"status": "ok"})
     ledger.hold(held, {"reason": "x3 > 2", "effect": 3.0, "checks": {}}, "implausible-speedup")
     later = ledger.add_candidate("x1.1", parent_id=base, commit_sha="c" * 40)
     ledger.finish_run(ledger.start_run(later, "screen", 2), "ok", {"status": "ok"})
-    ledger.decide(later, "accept", {"reason": "faster"}, speedup=1.1)
+    ledger.record_decision(later, "accept", {"reason": "faster"}, speedup=1.1)
     ledger.close()
 
     assert main(["review", "--run-dir", str(tmp_path)]) == 0
@@ -294,7 +336,7 @@ def test_review_refuses_what_it_cannot_decide(tmp_path, capsys):
     assert main(["review", "--run-dir", str(tmp_path), str(held), "--accept"]) == 2
     assert f"the champion is now {later}" in capsys.readouterr().err
     with session_lock(tmp_path), pytest.raises(SessionBusy, match="a running session"):
-        decide(tmp_path, held, accept=False)
+        settle(tmp_path, held, accept=False)
     assert main(["review", "--run-dir", str(tmp_path), str(held), "--reject", "--note",
                  "built on an old champion"]) == 0  # fmt: skip
     with Ledger(tmp_path / "ledger.sqlite") as ledger:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.loop import Session, SessionConfig, failure_cause
+from agent.config import SessionConfig
+from agent.loop import Session, failure_cause
 from agent.proposers import make_proposer
 
 

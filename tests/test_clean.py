@@ -9,9 +9,9 @@ from pathlib import Path
 
 from fakes.repo import git
 
-from agent.ledger import LEDGER_FILE, Ledger
-from agent.liveness import STARTED, STOPPED
-from agent.review import session_lock
+from agent.ledger import Ledger
+from agent.liveness import STARTED, STOPPED, session_lock
+from agent.rundir import LEDGER_FILE
 from agent.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def make_session(repo: Path, run_dir: Path, *events: str) -> str:
         session = ledger.session()["id"]
     ws = Workspace.create(repo, run_dir / "worktree", session)
     ws.second(run_dir / "propose")
-    ws.file("model/recipe.py").write_text("lr = 0.2\n")
+    (ws.path / "model/recipe.py").write_text("lr = 0.2\n")
     ws.capture(1, "a candidate")
     return session
 

@@ -20,8 +20,10 @@ import pytest
 from fakes.harness import fake_harness_repo, patch_of
 
 from agent.faults import FAULT_AT, FAULT_TRACE
-from agent.ledger import LEDGER_FILE, Ledger
-from agent.report import status_text, write_report
+from agent.ledger import Ledger
+from agent.report import write_report
+from agent.rundir import LEDGER_FILE
+from agent.status import status_text
 
 START = ["run", "--preset", "cpu-tiny", "--objective", "throughput", "--baseline-runs", "2",
          "--proposer", "patches", "--experiments", "5", "--wandb", "disabled"]  # fmt: skip

@@ -2,11 +2,11 @@
 fixed-file hashes, each on small real patches of the surface, and an honest candidate that
 passes them. (What a run itself cannot be fooled by is tests/test_adversarial.py's.)
 
-- The diff scan runs through the real engine: a proposer edits the session's worktree,
-  `Session.draft` captures the commit, `Session.take` refuses it with the rule named in the
-  ledger. It is an early refusal of the obvious; nothing relies on it.
-- The fixed-file hashes run through `Session.benchmark`: a commit that changes a fixed file
-  fails as an integrity violation without train.py ever starting.
+- The diff scan runs through the real engine: an edit of the session's worktree is
+  submitted (`Session.submit`), captured as a commit and refused with the rule named in
+  the ledger. It is an early refusal of the obvious; nothing relies on it.
+- The fixed-file hashes run through the Measurer's benchmark: a commit that changes a fixed
+  file fails as an integrity violation without train.py ever starting.
 """
 
 from pathlib import Path
@@ -78,43 +78,38 @@ def honest_edit(p: Path) -> None:
     edit(p, "    matrix_lr: float = 0.04", "    matrix_lr: float = 0.05")
 
 
-class EditProposer:
-    """Applies one edit to the worktree per call: a stand-in for an LLM that cheats."""
+class Cheater:
+    """The session's proposer, as the ledger names it: the tests submit its edits."""
 
     name = "test"
-
-    def __init__(self):
-        self.next: tuple[str, str, object] | None = None
-
-    def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
-        description, path, change = self.next
-        change(worktree / path)
-        return Proposal(description, "it is faster", "other")
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    """A session on a copy of the repository, with a baseline champion and its fixed-file
-    hashes taken, ready to draft and take candidates (nothing runs train.py)."""
+    """A session on a copy of the repository, with a baseline champion, ready to take
+    candidates (nothing runs train.py; the fixed files' hashes are taken at its first run)."""
+    from agent.config import SessionConfig
     from agent.judge import Decision
-    from agent.loop import Session, SessionConfig
+    from agent.loop import Session
 
     repo = working_tree_repo(tmp_path_factory.mktemp("repo"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
-        proposer = EditProposer()
+        proposer = Cheater()
         config = SessionConfig(repo=str(repo))
         s = Session.create(tmp_path_factory.mktemp("s") / "run", config, proposer, say=print)
         base = s.ledger.add_candidate("baseline", parent_id=None, commit_sha=s.workspace.champion)
         decision = Decision("accept", "baseline", 1.0, None, None, None, None, 0, 3, None)
-        s.ledger.decide(base, "accept", decision, speedup=1.0)
-        s.fixed_hashes()  # as at session start
+        s.ledger.record_decision(base, "accept", decision, speedup=1.0)
         yield s
 
 
 def propose(session, description: str, path: str, change) -> dict:
-    session.proposer.next = (description, path, change)
-    return session.take(session.draft(session.workspace, *session.propose_context()))
+    def edit(worktree: Path) -> Proposal:
+        change(worktree / path)
+        return Proposal(description, "it is faster", "other")
+
+    return session.submit(edit)
 
 
 @pytest.mark.parametrize("cheat", SCAN_CHEATS, ids=[c[0] for c in SCAN_CHEATS])
@@ -130,7 +125,8 @@ def test_the_scan_refuses_a_cheating_candidate(session, cheat):
 def test_an_honest_candidate_is_taken(session):
     taken = propose(session, "matrix_lr 0.05", RECIPE, honest_edit)
     assert taken["state"] == "proposed" and taken["commit_sha"]
-    assert integrity.scan_diff(taken["diff"], session.source_at(taken["commit_sha"])) == []
+    source = lambda path: session.workspace.file_at(taken["commit_sha"], path)  # noqa: E731
+    assert integrity.scan_diff(taken["diff"], source) == []
 
 
 def test_allow_flagged_lets_a_flagged_candidate_run(session):
@@ -147,16 +143,16 @@ def test_a_changed_fixed_file_fails_the_run_without_running_it(session):
     """A commit that changes train.py (made behind the workspace's back: capture refuses
     such a change) is caught by the hashes of session start, with the path named."""
     ws = session.workspace
-    ws.checkout(session.champion()["commit_sha"])
+    ws.checkout(session.ledger.champion()["commit_sha"])
     edit(ws.path / "train.py", "CPU_EXTRA_FRACTION, CPU_EXTRA_S = ",
          "CPU_EXTRA_FRACTION, CPU_EXTRA_S = 9.0, 9.0  # a kinder check: ")
     git(ws.path, "commit", "-qam", "edit the harness")
     commit = git(ws.path, "rev-parse", "HEAD").strip()
     ws.reset()
     cid = session.ledger.add_candidate(
-        "edits train.py", parent_id=session.champion()["id"], commit_sha=commit
+        "edits train.py", parent_id=session.ledger.champion()["id"], commit_sha=commit
     )
-    result = session.benchmark(session.ledger.candidate(cid), "screen")
+    result = session.measurer.benchmark(session.ledger.candidate(cid), "screen")
     assert result["status"] == "integrity-violation"
     assert result["integrity"]["changed"] == ["train.py"]
     (run,) = session.ledger.runs_of(cid)

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from agent.judge import (
-    OBJECTIVES,
-    JudgeConfig,
-    _welch,
-    decide,
-    fake_run,
-    measure_noise,
-    sequential_level,
-    simulate,
-)
+from agent.judge import JudgeConfig, assess, fake_run, measure_noise, sequential_level, simulate
+from agent.stats import OBJECTIVES, welch
 
 CFG = JudgeConfig()
 
@@ -81,7 +73,7 @@ def test_loss_exactly_at_margin_is_accepted_at_most_alpha_loss():
 def test_welch_matches_scipy():
     rng = np.random.default_rng(6)
     x, y = rng.normal(0.1, 1.0, 4), rng.normal(0.0, 2.0, 7)
-    diff = _welch(x, y)
+    diff = welch(x, y)
     ref = stats.ttest_ind(x, y, equal_var=False, alternative="greater")
     assert diff.p_above(0.0) == pytest.approx(ref.pvalue, rel=1e-9)
     assert diff.df == pytest.approx(ref.df, rel=1e-9)
@@ -109,20 +101,20 @@ def test_a_a_stays_honest_with_other_champion_sizes_and_noisier_candidates(n_cha
 def test_failure_rejects_immediately(status):
     champion = runs("time-to-loss", 5)
     failed = {"status": status, "seed": 100}
-    decision = decide(champion, [failed], CFG)
+    decision = assess(champion, [failed], CFG)
     assert decision.verdict == "reject" and status in decision.reason
     good = runs("time-to-loss", 2, log_gain=0.5, seed0=200, rng_seed=1)
-    assert decide(champion, [*good, failed], CFG).verdict == "reject"
+    assert assess(champion, [*good, failed], CFG).verdict == "reject"
 
 
 def test_missing_target_rejects_candidate_and_censors_champion():
     champion = runs("time-to-loss", 5)
     missed = dict(champion[0], seed=100, time_to_target=None)
-    decision = decide(champion, [missed], CFG)
+    decision = assess(champion, [missed], CFG)
     assert decision.verdict == "reject" and "target" in decision.reason
     # A champion run that missed the target counts at its stop time and does not crash.
     champion[1] = dict(champion[1], time_to_target=None, train_seconds=400.0)
-    screened = decide(champion, runs("time-to-loss", 1, seed0=100, rng_seed=1), CFG)
+    screened = assess(champion, runs("time-to-loss", 1, seed0=100, rng_seed=1), CFG)
     assert screened.verdict in ("more", "reject") and screened.effect is not None
 
 
@@ -135,9 +127,9 @@ def test_direction_is_right_for_each_objective(objective):
     field = OBJECTIVES[objective][0]
     higher = better[0][field] > champion[0][field]
     assert higher == (objective == "throughput")  # faster means more tokens, less time/loss
-    good = decide(champion, better, cfg)
+    good = assess(champion, better, cfg)
     assert good.verdict == "accept" and good.effect > 1.0 and good.ci_low > 1.0
-    bad = decide(champion, worse, cfg)
+    bad = assess(champion, worse, cfg)
     assert bad.verdict == "reject" and bad.effect < 1.0
 
 
@@ -145,14 +137,14 @@ def test_never_accepts_before_min_replicates():
     champion = runs("time-to-loss", 5)
     huge = runs("time-to-loss", CFG.min_replicates - 1, log_gain=1.0, seed0=100, rng_seed=1)
     for n in range(1, len(huge) + 1):
-        assert decide(champion, huge[:n], CFG).verdict == "more"
+        assert assess(champion, huge[:n], CFG).verdict == "more"
 
 
 def test_decision_is_json_serialisable():
     champion = runs("time-to-loss", 5)
     for candidate in ([], runs("time-to-loss", 2, seed0=100, rng_seed=1),
                       [{"status": "crash", "seed": 100}]):
-        json.dumps(asdict(decide(champion, candidate, CFG)), allow_nan=False)
+        json.dumps(asdict(assess(champion, candidate, CFG)), allow_nan=False)
 
 
 def test_identical_runs_do_not_crash():
@@ -161,22 +153,22 @@ def test_identical_runs_do_not_crash():
     champion = [dict(run, seed=s) for s in range(3)]
     same = [dict(run, seed=s) for s in range(100, 103)]
     faster = [dict(run, seed=s, time_to_target=90.0) for s in range(100, 103)]
-    assert decide(champion, same, CFG).verdict == "reject"
-    assert decide(champion, faster, CFG).verdict == "accept"
+    assert assess(champion, same, CFG).verdict == "reject"
+    assert assess(champion, faster, CFG).verdict == "accept"
 
 
 def test_champion_needs_two_ok_runs():
     champion = runs("time-to-loss", 3)
     champion[1]["status"] = champion[2]["status"] = "crash"
     with pytest.raises(ValueError, match="at least 2"):
-        decide(champion, runs("time-to-loss", 1, seed0=100), CFG)
+        assess(champion, runs("time-to-loss", 1, seed0=100), CFG)
 
 
 def test_repeated_seed_is_refused():
     champion = runs("time-to-loss", 5)
     twice = runs("time-to-loss", 1, seed0=100) * 2
     with pytest.raises(ValueError, match="fresh seed"):
-        decide(champion, twice, CFG)
+        assess(champion, twice, CFG)
 
 
 def test_noise_is_std_of_log_metric_and_grows_with_remeasurements():
@@ -222,7 +214,7 @@ def test_a_futility_reject_quotes_the_bound_it_used():
     does not quote the wider repeated interval, which here still holds 1.0."""
     cfg = JudgeConfig(objective="throughput")
     champion = runs("throughput", 5)
-    decision = decide(champion, runs("throughput", 3, log_gain=-0.02, seed0=100), cfg)
+    decision = assess(champion, runs("throughput", 3, log_gain=-0.02, seed0=100), cfg)
     assert decision.verdict == "reject" and decision.ci_high > 1.0
     bound = float(decision.reason.split("80% upper bound ")[1].split()[0])
     assert bound <= 1.0 and "<= 1," in decision.reason
@@ -230,6 +222,6 @@ def test_a_futility_reject_quotes_the_bound_it_used():
 
 
 def test_an_early_stop_reads_as_falling_behind_not_failing():
-    decision = decide(runs("time-to-loss", 5), [{"status": "early-stopped", "seed": 9}], CFG)
+    decision = assess(runs("time-to-loss", 5), [{"status": "early-stopped", "seed": 9}], CFG)
     assert decision.verdict == "reject"
     assert decision.reason == "run with seed 9 fell behind the champion and was stopped early"

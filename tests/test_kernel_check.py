@@ -1,5 +1,6 @@
-"""The fixed-side kernel check (threat 6): every kernel entry point against its fixed
-definition on fresh random shapes, outputs and gradients, on both backends."""
+"""The fixed-side kernel check (a kernel must match its reference): every kernel entry
+point against its fixed definition on fresh random shapes, outputs and gradients, on both
+backends."""
 
 import pytest
 import torch

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent.judge import Decision
-from agent.ledger import LEDGER_FILE, SCHEMA_VERSION, Ledger, LedgerError
+from agent.ledger import Ledger, LedgerError
+from agent.rundir import LEDGER_FILE
+from agent.store import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,8 @@ def with_baseline(ledger: Ledger) -> int:
     for seed in (1, 2):
         run = ledger.start_run(base, "baseline", seed)
         ledger.finish_run(run, "ok", {"status": "ok", "seed": seed, "val_loss": 3.3})
-    ledger.decide(base, "accept", {"verdict": "accept", "reason": "baseline"}, speedup=1.0)
+    ledger.record_decision(base, "accept", {"verdict": "accept", "reason": "baseline"},
+                           speedup=1.0)
     return base
 
 
@@ -119,18 +122,18 @@ def test_candidate_lifecycle(ledger):
     run = ledger.start_run(cid, "screen", 11, "logs/r.log")
     assert ledger.candidate(cid)["state"] == "running"
     with pytest.raises(LedgerError, match="run .* is still running"):
-        ledger.decide(cid, "reject", {})
+        ledger.record_decision(cid, "reject", {})
     ledger.finish_run(run, "ok", {"status": "ok", "time_to_target": 9.0}, None, 12.5)
     with pytest.raises(LedgerError, match="pass speedup= exactly when accepting"):
-        ledger.decide(cid, "accept", {})
+        ledger.record_decision(cid, "accept", {})
     judged = Decision("accept", "faster", 1.2, 1.1, 1.3, 0.01, 0.02, 2, 3, 0.001)
-    ledger.decide(cid, "accept", judged, speedup=1.2)
+    ledger.record_decision(cid, "accept", judged, speedup=1.2)
     cand = ledger.candidate(cid)
     assert cand["state"] == "decided" and cand["verdict"] == "accept"
     assert cand["decision"] == dataclasses.asdict(judged) and cand["decided_at"] > 0
     assert ledger.champion()["id"] == cid
     with pytest.raises(LedgerError, match="it is decided"):
-        ledger.decide(cid, "reject", {})  # never decided (or counted) twice
+        ledger.record_decision(cid, "reject", {})  # never decided (or counted) twice
     with pytest.raises(LedgerError, match="no more screen runs"):
         ledger.start_run(cid, "screen", 12)
 
@@ -164,11 +167,9 @@ def test_argument_checks(ledger):
     with pytest.raises(LedgerError, match="cannot finish run .*: it is finished"):
         ledger.finish_run(run, "ok")
     with pytest.raises(LedgerError, match="verdict 'maybe'"):
-        ledger.decide(cid, "maybe", {})
-    with pytest.raises(LedgerError, match="only an accepted candidate"):
-        ledger.set_champion(cid, 1.5)
+        ledger.record_decision(cid, "maybe", {})
     with pytest.raises(LedgerError, match="speedup nan is not a positive finite ratio"):
-        ledger.decide(cid, "accept", {}, speedup=float("nan"))
+        ledger.record_decision(cid, "accept", {}, speedup=float("nan"))
     assert ledger.candidate(cid)["state"] == "running"  # the failed decide left nothing
     with pytest.raises(LedgerError, match="no candidate 42"):
         ledger.candidate(42)
@@ -228,8 +229,9 @@ def test_discard_unfinished_runs_on_resume(tmp_path):
 
 def test_champion_history_and_events(ledger):
     base = with_baseline(ledger)
-    ledger.set_champion(base, 1.02)  # a re-measurement moved the estimate
-    assert ledger.champion()["speedup"] == 1.02
+    faster = ledger.add_candidate("x1.02", parent_id=base)
+    ledger.record_decision(faster, "accept", {"reason": "faster"}, speedup=1.02)
+    assert ledger.champion()["id"] == faster and ledger.champion()["speedup"] == 1.02
     assert [c["speedup"] for c in ledger.champions()] == [1.0, 1.02]
     for i in range(5):
         ledger.log_event(f"event {i}")
@@ -243,7 +245,7 @@ def test_a_failed_write_leaves_nothing(ledger):
     ledger._db.execute("CREATE TRIGGER fail BEFORE INSERT ON champions "
                        "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(sqlite3.IntegrityError, match="disk full"):
-        ledger.decide(cid, "accept", {"reason": "faster"}, speedup=1.5)
+        ledger.record_decision(cid, "accept", {"reason": "faster"}, speedup=1.5)
     assert ledger.candidate(cid)["state"] == "proposed" and ledger.champion()["id"] == base
     ledger.log_event("still writable")  # the failed transaction left no lock behind
 
@@ -270,14 +272,14 @@ ledger.discard_unfinished_runs()
 base = ledger.baseline()
 base = base["id"] if base else ledger.add_candidate("baseline", parent_id=None)
 if ledger.champion() is None:
-    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+    ledger.record_decision(base, "accept", {"reason": "baseline"}, speedup=1.0)
 print("ready", flush=True)
 for i in range(10**6):
     cid = ledger.add_candidate(f"candidate {i}", parent_id=base, diff="+x" * 500)
     run = ledger.start_run(cid, "screen", 1000 + i)
     ledger.finish_run(run, "ok", {"status": "ok", "i": i, "curve": list(range(200))},
                       None, 1.0)
-    ledger.decide(cid, "accept" if i % 2 else "reject", {"reason": f"r{i}"},
+    ledger.record_decision(cid, "accept" if i % 2 else "reject", {"reason": f"r{i}"},
                   speedup=1.0 + i if i % 2 else None)
     ledger.log_event(f"decided {cid}")
     print(cid, flush=True)
@@ -335,7 +337,7 @@ def test_held_candidates_wait_for_a_review(ledger):
     assert ledger.held() == [held] and ledger.n_experiments() == 1
     assert ledger.champion()["id"] == base  # held is not accepted
     with pytest.raises(LedgerError, match="cannot decide accept candidate .* it is held"):
-        ledger.decide(cid, "accept", {}, speedup=3.0)  # only a review decides it
+        ledger.record_decision(cid, "accept", {}, speedup=3.0)  # only a review decides it
     with pytest.raises(LedgerError, match="pass speedup= exactly when accepting"):
         ledger.review(cid, "accept", "looks real")
     ledger.review(cid, "accept", "checked the diff: real", speedup=3.0)
@@ -355,12 +357,12 @@ def test_caught_by_names_the_check(ledger):
     ledger.refuse(refused, "model/gpt.py:3: clock (...)", "diff-scan:clock")
     cheat = ledger.add_candidate("learns val", parent_id=base)
     ledger.finish_run(ledger.start_run(cheat, "screen", 3), "ok", {"status": "ok"})
-    ledger.decide(cheat, "reject", {"reason": "gap"}, caught_by="holdout-gap")
+    ledger.record_decision(cheat, "reject", {"reason": "gap"}, caught_by="holdout-gap")
     honest = ledger.add_candidate("lr", parent_id=base)
     ledger.finish_run(ledger.start_run(honest, "screen", 4), "ok", {"status": "ok"})
     with pytest.raises(LedgerError, match="accepted, yet caught by holdout-gap"):
-        ledger.decide(honest, "accept", {}, speedup=1.1, caught_by="holdout-gap")
-    ledger.decide(honest, "reject", {"reason": "slower"})
+        ledger.record_decision(honest, "accept", {}, speedup=1.1, caught_by="holdout-gap")
+    ledger.record_decision(honest, "reject", {"reason": "slower"})
     assert [c["caught_by"] for c in ledger.candidates()] == [
         None, "diff-scan:clock", "holdout-gap", None]
 

@@ -69,21 +69,22 @@ def _accept(session, description: str, edit) -> dict:
     ws = session.workspace
     edit(ws.path)
     made = ws.capture(len(session.ledger.candidates()), description)
-    champion = session.champion()
+    champion = session.ledger.champion()
     cid = session.ledger.add_candidate(
         description, parent_id=champion["id"], diff=made.diff, commit_sha=made.commit
     )
     decision = Decision("accept", "by hand", 1.1, 1.0, 1.2, 0.01, 0.01, 3, 3, 0.0)
-    session.ledger.decide(cid, "accept", decision, speedup=1.1)
-    ws.promote(made.commit)
+    session.ledger.record_decision(cid, "accept", decision, speedup=1.1)
+    ws.move_champion(made.commit)
     return session.ledger.candidate(cid)
 
 
 def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, monkeypatch):
     """Drafting overlaps with running: when the champion changes meanwhile, the draft is
     re-applied on the new champion, or, when it no longer applies, proposed anew."""
+    from agent.config import SessionConfig
     from agent.judge import Decision
-    from agent.loop import Session, SessionConfig
+    from agent.loop import Session
     from agent.proposers import SweepProposer
     from agent.proposers.sweep import read_value, write_value
 
@@ -94,16 +95,16 @@ def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, 
         "baseline", parent_id=None, commit_sha=session.workspace.champion
     )
     decision = Decision("accept", "baseline", 1.0, None, None, None, None, 0, 3, None)
-    session.ledger.decide(base, "accept", decision, speedup=1.0)
+    session.ledger.record_decision(base, "accept", decision, speedup=1.0)
     recipe = "model/recipe.py"
 
     # The sweep drafts a change of its first knob (embed_lr) in the second worktree...
     second = session.workspace.second(tmp_path / "s" / "propose")
-    draft = session.draft(second, *session.propose_context())
+    draft = session.drafter.draft(second, *session.drafter.inputs())
     assert draft.made is not None and "embed_lr" in draft.proposal.description
     # ...while another candidate, changing another line, becomes the champion.
     new = _accept(session, "head_lr by hand", lambda p: write_value(p / recipe, "head_lr", 0.01))
-    taken = session.take(draft)
+    taken = session.drafter.take(draft)
     assert taken["parent_id"] == new["id"] and taken["description"] == draft.proposal.description
     parent = subprocess.run(
         ["git", "rev-parse", f"{taken['commit_sha']}^"], cwd=repo, capture_output=True, text=True
@@ -114,18 +115,19 @@ def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, 
     assert read_value(path, "head_lr") == 0.01 and read_value(path, "embed_lr") != 0.3
 
     # A draft whose lines the new champion changed is dropped and proposed anew.
-    draft = session.draft(second, *session.propose_context())
+    draft = session.drafter.draft(second, *session.drafter.inputs())
     changed = draft.proposal.description.split()[1]
     _accept(session, f"{changed} by hand", lambda p: write_value(p / recipe, changed, 0.123))
-    redone = session.take(draft)
+    redone = session.drafter.take(draft)
     assert redone["description"] != draft.proposal.description
     assert any("does not apply" in e["text"] for e in session.ledger.events(50))
 
 
 @pytest.mark.slow
 def test_llm_proposers_see_a_profile_of_the_champion(repo, env, tmp_path, monkeypatch):
+    from agent.config import SessionConfig
     from agent.judge import Decision
-    from agent.loop import Session, SessionConfig
+    from agent.loop import Session
 
     for key in ("SPEEDLOOP_DATA", "SPEEDLOOP_LOCKS", "WANDB_MODE"):
         monkeypatch.setenv(key, env[key])
@@ -138,8 +140,8 @@ def test_llm_proposers_see_a_profile_of_the_champion(repo, env, tmp_path, monkey
         "baseline", parent_id=None, commit_sha=session.workspace.champion
     )
     decision = Decision("accept", "baseline", 1.0, None, None, None, None, 0, 3, None)
-    session.ledger.decide(base, "accept", decision, speedup=1.0)
-    _, _, context = session.propose_context()
+    session.ledger.record_decision(base, "accept", decision, speedup=1.0)
+    _, _, context = session.drafter.inputs()
     assert "cpu-tiny" in context["profile"] and "aten::" in context["profile"]
     assert (tmp_path / "s" / "profiles" / f"c{base:03d}.txt").read_text() == context["profile"]
 
@@ -148,7 +150,7 @@ def test_llm_proposers_see_a_profile_of_the_champion(repo, env, tmp_path, monkey
 def test_an_llm_session_drafts_in_the_background_and_records_every_request(repo, env, tmp_path):
     """`agent run --proposer anthropic` with the real SDK talking to a loopback fake, overlap
     on (the default): three conversations, two of them drafted in the proposer's thread while
-    a candidate runs (which once crashed the session: the thread wrote to the ledger). Each
+    a candidate runs (the drafting thread must never write to the ledger itself). Each
     edits a different line of the recipe, checks and submits; the engine runs and judges all
     three; the ledger's spend is exactly what the fake server was asked for, request by
     request, and the report shows it."""

@@ -18,7 +18,8 @@ import pytest
 from fakes.messages_api import FakeMessagesAPI, text
 from fakes.repo import working_tree_repo
 
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import Ledger
+from agent.rundir import LEDGER_FILE
 
 SESSION = ["--preset", "cpu-tiny", "--objective", "throughput", "--baseline-runs", "2",
            "--wandb", "disabled"]  # fmt: skip
@@ -165,7 +166,8 @@ def test_uncommitted_surface_edits_are_named_and_a_bad_harness_input_stops_at_on
 
 
 def test_a_failed_create_leaves_nothing_behind(fake_repo, tmp_path, monkeypatch):
-    from agent.loop import Session, SessionConfig
+    from agent.config import SessionConfig
+    from agent.loop import Session
 
     monkeypatch.setenv("WANDB_MODE", "bogus")  # the tracker refuses it in the new session
     with pytest.raises(ValueError, match="bogus"):
@@ -177,7 +179,7 @@ def test_resume_compares_what_was_given_with_the_sessions_own_settings(tmp_path)
     """Not with the parser's defaults: a flag that repeats the session's setting passes,
     one that differs is refused by name, a budget passes."""
     from agent.cli import build_parser
-    from agent.loop import SessionConfig, SessionStop
+    from agent.config import SessionConfig, SessionStop
     from agent.preflight import resume_conflicts
 
     config = SessionConfig(baseline_runs=2, wandb="disabled", experiments=6)
@@ -225,3 +227,20 @@ def test_a_resume_stores_its_budget(fake_repo, env, tmp_path):
     assert again.returncode == 0, again.stderr
     with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
         assert ledger.n_experiments() == 2 and ledger.session()["config"]["experiments"] == 2
+
+
+def test_settings_are_loaded_strictly_one_way(tmp_path):
+    """Every settings class is built from a dict by config.from_dict, which names a key it
+    does not know instead of dropping it; a stored session with one refuses to load."""
+    from agent.config import SessionConfig, SessionStop, stored
+
+    with pytest.raises(ValueError, match=r"unknown session settings \['bogus'\]"):
+        SessionConfig.from_dict({"preset": "cpu-tiny", "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown judge settings \['alpah'\]"):
+        SessionConfig(judge={"alpah": 0.1}).judge_config()
+    with pytest.raises(ValueError, match=r"unknown acceptance settings \['max_sped'\]"):
+        SessionConfig(acceptance={"max_sped": 3}).acceptance_config()
+    with Ledger(tmp_path / LEDGER_FILE) as ledger:
+        ledger.set_session({**asdict(SessionConfig()), "bogus": 1})
+    with pytest.raises(SessionStop, match=r"ledger.sqlite: unknown session settings \['bogus'\]"):
+        stored(tmp_path)

@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 from fakes.repo import git, working_tree_repo
 
-from agent.judge import RULES, Decision, LossTest, fake_run, loss_test, under_rules
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.judge import Decision, fake_run
+from agent.leaderboard import LEADERBOARDS, under_rules
+from agent.ledger import Ledger
 from agent.proposers.sweep import write_value
-from agent.replay_stats import rung_stats, speedup, times
+from agent.rundir import LEDGER_FILE
+from agent.rungs import rung_stats, times
+from agent.stats import LossTest, loss_test, speedup
 from bench.leaderboards import surface_fingerprint
 
 RECIPE = "model/recipe.py"
-SPEEDRUN = RULES["nanogpt-speedrun"]
+SPEEDRUN = LEADERBOARDS["nanogpt-speedrun"]
 
 
 def simulated(rng, n: int, log_gain: float, noise_sd: float, loss: float, seed0: int):
@@ -41,7 +44,7 @@ def test_a_known_speedup_is_recovered_and_its_interval_covers_it(noise_ratio):
     for _ in range(200):
         pred = simulated(rng, 5, 0.0, 0.03, 3.27, 0)
         rung = simulated(rng, 5, math.log(1.3), 0.03 * noise_ratio, 3.27, 100)
-        sp = speedup(times(pred), times(rung))
+        sp = speedup(times(pred).values, times(rung).values)
         ratios.append(sp.ratio)
         covered += sp.ci_low <= 1.3 <= sp.ci_high
     print(f"\nnoise x{noise_ratio}: median x{np.median(ratios):.4f}, coverage {covered / 200:.1%}")
@@ -51,8 +54,8 @@ def test_a_known_speedup_is_recovered_and_its_interval_covers_it(noise_ratio):
 
 def test_no_speedup_is_called_significant_about_5_percent_of_the_time():
     rng = np.random.default_rng(1)
-    p = [speedup(times(simulated(rng, 4, 0.0, 0.03, 3.27, 0)),
-                 times(simulated(rng, 4, 0.0, 0.03, 3.27, 100))).p_value
+    p = [speedup(times(simulated(rng, 4, 0.0, 0.03, 3.27, 0)).values,
+                 times(simulated(rng, 4, 0.0, 0.03, 3.27, 100)).values).p_value
          for _ in range(400)]  # fmt: skip
     assert 0.02 <= np.mean(np.array(p) < 0.05) <= 0.09
 
@@ -84,7 +87,7 @@ def test_one_run_a_side_gives_a_ratio_but_no_interval_and_no_loss_verdict():
     assert st.speedup.ratio > 1.0 and st.speedup.ci_low is None and st.speedup.p_value is None
     assert st.loss.verdict == "n/a" and st.loss.p_value is None and st.rung.sd is None
     assert st.rung.interval() is None
-    assert speedup(times([]), st.rung) is None
+    assert speedup(times([]).values, st.rung.values) is None
 
 
 def test_a_run_short_of_the_target_counts_its_training_time_and_failures_count_none():
@@ -158,7 +161,7 @@ def ladder_dir(repo, tmp_path_factory) -> Path:
 
 
 def test_the_ladder_loads_and_the_settings_follow_the_preset(ladder_dir, repo):
-    from agent.replay import load, select, session_config
+    from agent.replay import load, replay_config, select
 
     ladder = load(ladder_dir)
     assert [r.id for r in ladder.rungs] == ["r1", "r2"]
@@ -167,14 +170,14 @@ def test_the_ladder_loads_and_the_settings_follow_the_preset(ladder_dir, repo):
     with pytest.raises(Exception, match="rungs 1 to 2"):
         select(ladder, "1:3")
     # gpt2-124m reaches the leaderboard's target: no baseline replicates needed to set one.
-    big = session_config(ladder, "gpt2-124m", 3, rules="nanogpt-speedrun", gpus=8, repo=str(repo))
+    big = replay_config(ladder, "gpt2-124m", 3, rules="nanogpt-speedrun", gpus=8, repo=str(repo))
     assert big.target_loss == 3.28 and big.baseline_runs == 0 and big.gpus == 8
     assert big.proposer_options["waive_systems"] and big.proposer_options["p_value"] == 0.01
-    small = session_config(ladder, "cpu-tiny", 2, repo=str(repo))
+    small = replay_config(ladder, "cpu-tiny", 2, repo=str(repo))
     assert small.target_loss is None and small.baseline_runs == 2
     assert small.proposer_options["target_from"] == "baseline"
     assert not small.proposer_options["waive_systems"]  # only the rules waive
-    given = session_config(ladder, "cpu-tiny", 2, target_loss=7.5)
+    given = replay_config(ladder, "cpu-tiny", 2, target_loss=7.5)
     assert given.target_loss == 7.5 and given.baseline_runs == 0
     assert given.proposer_options["target_from"] == "given"
 
@@ -188,10 +191,10 @@ def result(seed: int, seconds: float, loss: float, target: float) -> dict:
 
 
 def test_the_table_and_plot_are_written_from_a_ledger_of_fake_results(ladder_dir, tmp_path):
-    from agent.replay import load, session_config
+    from agent.replay import load, replay_config
     from agent.replay_report import replay_table, write_replay
 
-    config = session_config(load(ladder_dir), "cpu-tiny", 2, rules="nanogpt-speedrun")
+    config = replay_config(load(ladder_dir), "cpu-tiny", 2, rules="nanogpt-speedrun")
     config.target_loss = 4.0  # as the baseline's replicates would have set it
     ledger = Ledger(tmp_path / LEDGER_FILE)
     ledger.set_session(asdict(config))
@@ -203,12 +206,12 @@ def test_the_table_and_plot_are_written_from_a_ledger_of_fake_results(ladder_dir
             ledger.finish_run(rid, "ok", result(s, s, loss, 4.0), None, s + 2)
 
     base = ledger.add_candidate("baseline", parent_id=None, commit_sha="a" * 40)
-    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+    ledger.record_decision(base, "accept", {"reason": "baseline"}, speedup=1.0)
     r1 = ledger.add_candidate("rung r1: knobs 1", parent_id=base, commit_sha="b" * 40)
     runs(base, "champion", [10.0, 10.4])
     runs(r1, "screen", [8.0])
     runs(r1, "confirm", [8.2])
-    ledger.decide(r1, "accept", {"reason": "replayed"}, speedup=1.25)
+    ledger.record_decision(r1, "accept", {"reason": "replayed"}, speedup=1.25)
     r2 = ledger.add_candidate("rung r2: knobs 2", parent_id=r1, commit_sha="c" * 40)
     runs(r1, "champion", [8.1, 7.9])
     runs(r2, "screen", [8.0, 8.1], loss=4.1)  # at a loss above the target: waived (systems)
@@ -284,7 +287,7 @@ def test_a_real_replay_on_cpu_tiny_writes_its_table_and_resumes_without_rerunnin
 
 def test_agent_run_takes_the_rules_and_the_gpus(tmp_path, capsys):
     from agent.cli import build_parser, main, session_config
-    from agent.loop import Session
+    from agent.recording import with_rules
 
     def config(*flags):
         return session_config(build_parser().parse_args(["run", *flags]), tmp_path)
@@ -297,8 +300,7 @@ def test_agent_run_takes_the_rules_and_the_gpus(tmp_path, capsys):
     assert "--gpus 0" in capsys.readouterr().err
 
     # The session applies the rules after the judge: the loss test at the session's target.
-    small.target_loss, small.wandb = 3.28, "disabled"
-    session = Session.create(tmp_path / "s", small, proposer=None, say=lambda text: None)
+    small.target_loss = 3.28
     over = [{"status": "ok", "val_loss": v} for v in (3.279, 3.281, 3.283)]
-    assert session.under_rules(decision(), over, {"category": "optimizer"}).verdict == "more"
-    assert session.under_rules(decision(), over, {"category": "systems"}).verdict == "accept"
+    assert with_rules(small, decision(), over, {"category": "optimizer"}).verdict == "more"
+    assert with_rules(small, decision(), over, {"category": "systems"}).verdict == "accept"

@@ -6,8 +6,11 @@ import struct
 import pytest
 
 from agent.judge import Decision
-from agent.ledger import LEDGER_FILE, Ledger
-from agent.report import speedup_vs_baseline, status_text, write_report
+from agent.ledger import Ledger
+from agent.report import write_report
+from agent.rundir import LEDGER_FILE
+from agent.stats import speedup_vs_baseline
+from agent.status import status_text
 
 DIFF_ACCEPTED = """--- a/model/recipe.py
 +++ b/model/recipe.py
@@ -50,7 +53,7 @@ def build_session(run_dir) -> dict:
                                         commit_sha="a" * 40, proposer="-")}
     for seed, t in [(1, 20.0), (2, 22.0), (3, 18.0)]:
         run(ledger, ids["base"], "baseline", seed, res=result(seed, t))
-    ledger.decide(ids["base"], "accept", {"verdict": "accept", "reason": "baseline"},
+    ledger.record_decision(ids["base"], "accept", {"verdict": "accept", "reason": "baseline"},
                   speedup=1.0)
 
     ids["fast"] = ledger.add_candidate(
@@ -59,18 +62,19 @@ def build_session(run_dir) -> dict:
         category="optimizer", proposer="sweep")
     for seed, t in [(11, 10.0), (12, 11.0), (13, 9.0)]:
         run(ledger, ids["fast"], "screen" if seed == 11 else "confirm", seed, res=result(seed, t))
-    ledger.decide(ids["fast"], "accept", decision("accept", 2.0, "speed ratio 2.000"),
+    ledger.record_decision(ids["fast"], "accept", decision("accept", 2.0, "speed ratio 2.000"),
                   speedup=2.0)
 
     ids["slow"] = ledger.add_candidate("batch 64", parent_id=ids["fast"], commit_sha="c" * 40,
                                        diff="--- a/x\n+++ b/x\n+slow\n", proposer="sweep")
     run(ledger, ids["slow"], "screen", 21, res=result(21, 40.0))
-    ledger.decide(ids["slow"], "reject", decision("reject", 0.25, "screen: worse"))
+    ledger.record_decision(ids["slow"], "reject", decision("reject", 0.25, "screen: worse"))
 
     ids["crash"] = ledger.add_candidate("fused kernel", parent_id=ids["fast"],
                                         commit_sha="d" * 40, proposer="llm")
     run(ledger, ids["crash"], "screen", 31, outcome="crash", error="Traceback: boom")
-    ledger.decide(ids["crash"], "reject", decision("reject", None, "run with seed 31 failed"))
+    ledger.record_decision(ids["crash"], "reject",
+                           decision("reject", None, "run with seed 31 failed"))
 
     ids["refused"] = ledger.add_candidate("edit train.py", parent_id=ids["fast"],
                                           proposer="llm")
@@ -79,7 +83,7 @@ def build_session(run_dir) -> dict:
     ids["stopped"] = ledger.add_candidate("no warmup", parent_id=ids["fast"],
                                           commit_sha="e" * 40, proposer="sweep")
     run(ledger, ids["stopped"], "screen", 41, outcome="early-stopped", res=result(41, None))
-    ledger.decide(ids["stopped"], "reject", decision("reject", None, "early-stopped"))
+    ledger.record_decision(ids["stopped"], "reject", decision("reject", None, "early-stopped"))
 
     ids["running"] = ledger.add_candidate("muon momentum 0.9", parent_id=ids["fast"],
                                           proposer="sweep")
@@ -171,7 +175,7 @@ def test_progress_png(session):
 
 
 def test_status_text(session):
-    from agent.review import session_lock
+    from agent.liveness import session_lock
 
     run_dir, ids, _ = session
     with session_lock(run_dir):  # as a running session holds it
@@ -230,13 +234,14 @@ def test_checks_and_held_candidates_are_shown(tmp_path):
     base = ledger.add_candidate("baseline", parent_id=None, commit_sha="a" * 40)
     for seed, t in [(1, 20.0), (2, 22.0)]:
         run(ledger, base, "baseline", seed, res=result(seed, t))
-    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+    ledger.record_decision(base, "accept", {"reason": "baseline"}, speedup=1.0)
     scanned = ledger.add_candidate("reads the clock", parent_id=base)
     ledger.refuse(scanned, "model/gpt.py:3: clock (reads the clock)", "diff-scan:clock")
     gap = ledger.add_candidate("learns the val slice", parent_id=base, commit_sha="b" * 40)
     run(ledger, gap, "screen", 3, res=result(3, 15.0))
-    ledger.decide(gap, "reject", {**vars(decision("reject", 1.3, "")), "reason": "holdout-gap: "
-                  "rise of +0.2"}, caught_by="holdout-gap")
+    ledger.record_decision(gap, "reject", {**vars(decision("reject", 1.3, "")),
+                                           "reason": "holdout-gap: rise of +0.2"},
+                           caught_by="holdout-gap")
     held = ledger.add_candidate("three times faster", parent_id=base, commit_sha="c" * 40)
     run(ledger, held, "screen", 4, res=result(4, 7.0))
     ledger.hold(held, {**vars(decision("accept", 3.0, "")), "reason": "implausible-speedup: "

@@ -1,9 +1,11 @@
 """The runner on small fake train.py scripts, one per outcome (crash, hang, OOM, divergence,
-garbage, early stop, ...), the device lock, and one real cpu-tiny run of the real harness."""
+garbage, early stop, ...), the device lock, one real cpu-tiny run of the real harness, and
+the engine's other children (agent/child.py run_tool)."""
 
 import dataclasses
 import json
 import math
+import sys
 import textwrap
 import threading
 import time
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.runner import STATUSES, RunSpec, behind_champion, device_lock, run
+from agent.measure import behind_champion
+from agent.runner import STATUSES, RunSpec, device_lock, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -441,3 +444,32 @@ def test_a_single_process_run_is_train_py_itself(tmp_path):
     outcome = run(fake_spec(tmp_path, "emit(dict(RESULT, argv=sys.argv[1:]))"))
     assert outcome.status == "ok"
     assert outcome.result["argv"][:4] == ["--preset", "cpu-tiny", "--seed", "0"]
+
+
+# -- the engine's other children: child.run_tool --------------------------------------------
+
+
+def test_a_tool_gets_its_stdin_and_its_output_comes_back(tmp_path):
+    from agent.child import run_tool
+
+    done = run_tool(["sh", "-c", "cat; echo err >&2; exit 3"], tmp_path, 20.0, stdin="hello\n")
+    assert (done.code, done.out, done.err) == (3, "hello\n", "err\n")
+    merged = run_tool(["sh", "-c", "echo out; echo err >&2"], tmp_path, 20.0, merge=True)
+    assert merged.code == 0 and merged.out.split() == ["out", "err"] and merged.err == ""
+    assert merged.last_lines(1) == "err"
+
+
+def test_a_tool_past_its_timeout_is_killed_with_its_children(tmp_path):
+    from agent.child import run_tool
+
+    script = ("import subprocess, time; p = subprocess.Popen(['sleep', '1000']); "
+              "open('child.pid', 'w').write(str(p.pid)); print('started', flush=True); "
+              "time.sleep(1000)")
+    done = run_tool([sys.executable, "-c", script], tmp_path, 1.0, device="cpu")
+    assert done.code is None and "started" in done.out
+    pid = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):  # the orphaned sleeper is reaped by init asynchronously
+        if not alive(pid):
+            break
+        time.sleep(0.02)
+    assert not alive(pid), f"the tool's child process {pid} outlived it"

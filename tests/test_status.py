@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from agent.ledger import LEDGER_FILE, Ledger
-from agent.liveness import STARTED, STOPPED
-from agent.report import status_text, write_report
-from agent.review import session_lock
+from agent.ledger import Ledger
+from agent.liveness import STARTED, STOPPED, session_lock
+from agent.report import write_report
+from agent.rundir import LEDGER_FILE
+from agent.status import status_text
 from bench.locks import device_lock, lock_path
 
 

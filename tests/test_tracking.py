@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from agent.ledger import LEDGER_FILE, Ledger
+from agent.ledger import Ledger
+from agent.rundir import LEDGER_FILE
 from agent.tracking import Tracker, resolve_mode
 
 CONFIG = {"preset": "cpu-tiny", "objective": "time-to-loss", "proposer": "sweep"}
@@ -41,12 +42,12 @@ def session_ledger(run_dir) -> tuple[Ledger, list[int], int]:
     for seed, t in [(1, 20.0), (2, 21.0)]:
         runs.append(ledger.start_run(base, "baseline", seed))
         ledger.finish_run(runs[-1], "ok", result(seed, t), None, 25.0)
-    ledger.decide(base, "accept", {"reason": "baseline"}, speedup=1.0)
+    ledger.record_decision(base, "accept", {"reason": "baseline"}, speedup=1.0)
     cand = ledger.add_candidate("lr 0.02", parent_id=base, commit_sha="b" * 40,
                                 diff="--- a/model/recipe.py\n+++ b/model/recipe.py\n+lr = 0.02\n")
     runs.append(ledger.start_run(cand, "screen", 3))
     ledger.finish_run(runs[-1], "crash", None, "Traceback: boom", 2.0)
-    ledger.decide(cand, "reject", {"reason": "run with seed 3 failed", "effect": None})
+    ledger.record_decision(cand, "reject", {"reason": "run with seed 3 failed", "effect": None})
     return ledger, runs, cand
 
 
@@ -80,6 +81,9 @@ def test_offline_runs_hold_the_session(tmp_path, wandb_env):
     assert tracker.mode == "offline"
     track_session(tracker, ledger, runs, cand)
     assert tracker.mode == "offline", ledger.events()  # no error turned it off
+    import wandb
+
+    wandb.teardown()  # W&B's writer runs in its service: wait until it has written all
 
     session_id = ledger.session()["id"]
     run_dirs = sorted((wandb_env / "wandb").glob("offline-run-*"))

@@ -44,18 +44,18 @@ def test_surface_paths():
 def test_candidate_is_a_commit_under_a_ref_and_the_worktree_returns_to_champion(repo):
     ws = Workspace.create(repo, repo / "runs" / "s1" / "worktree", "s1")
     start = ws.champion
-    ws.file("model/recipe.py").write_text("lr = 0.2\n")
+    (ws.path / "model/recipe.py").write_text("lr = 0.2\n")
     (ws.path / "kernels").mkdir()
-    ws.file("kernels/fast.py").write_text("x = 1\n")
+    (ws.path / "kernels/fast.py").write_text("x = 1\n")
     cand = ws.capture(1, "try lr 0.2")
     assert cand.paths == ["kernels/fast.py", "model/recipe.py"]
     assert "+lr = 0.2" in cand.diff and "+x = 1" in cand.diff
     assert git(repo, "rev-parse", "refs/speedloop/s1/candidates/1").strip() == cand.commit
     assert git(repo, "rev-parse", f"{cand.commit}^").strip() == start
     # Not promoted: the worktree is back at the champion, the new file gone.
-    assert ws.file("model/recipe.py").read_text() == "lr = 0.1\n"
-    assert not ws.file("kernels/fast.py").exists()
-    ws.promote(cand.commit)
+    assert (ws.path / "model/recipe.py").read_text() == "lr = 0.1\n"
+    assert not (ws.path / "kernels/fast.py").exists()
+    ws.move_champion(cand.commit)
     assert ws.champion == cand.commit
     # The user's checkout did not move.
     assert git(repo, "rev-parse", "HEAD").strip() == start
@@ -64,12 +64,12 @@ def test_candidate_is_a_commit_under_a_ref_and_the_worktree_returns_to_champion(
 
 def test_change_outside_surface_is_refused_with_the_path(repo):
     ws = Workspace.create(repo, repo / "runs" / "s2" / "worktree", "s2")
-    ws.file("model/recipe.py").write_text("lr = 0.3\n")
-    ws.file("train.py").write_text("print('patched clock')\n")
+    (ws.path / "model/recipe.py").write_text("lr = 0.3\n")
+    (ws.path / "train.py").write_text("print('patched clock')\n")
     with pytest.raises(RefusedChange, match="train.py") as info:
         ws.capture(1, "sneaky")
     assert info.value.paths == ["train.py"] and "patched clock" in info.value.diff
-    assert ws.file("train.py").read_text() == "print('fixed')\n"
+    assert (ws.path / "train.py").read_text() == "print('fixed')\n"
     with pytest.raises(GitError):
         git(repo, "rev-parse", "--verify", "refs/speedloop/s2/candidates/1")
 
@@ -107,6 +107,6 @@ def test_a_creation_killed_half_way_is_finished_from_the_branch_it_made(repo):
     path.mkdir(parents=True)
     (path / "half.py").write_text("a worktree add that was killed\n")
     ws = Workspace.create(repo, path, "s5")
-    assert ws.champion == start and ws.file("model/recipe.py").read_text() == "lr = 0.1\n"
-    assert not ws.file("half.py").exists()
+    assert ws.champion == start and (ws.path / "model/recipe.py").read_text() == "lr = 0.1\n"
+    assert not (ws.path / "half.py").exists()
     assert Workspace.create(repo, path, "s5").champion == start  # and again: nothing to do

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import anthropic
 
+from agent.config import from_dict
 from agent.context import read_brief, research_context, stable_prompt
 from agent.costs import (
     ProposerStop,
@@ -31,7 +32,8 @@ from agent.costs import (
     spent_in_history,
 )
 from agent.proposers.base import Proposal, ProposalFailed
-from agent.proposers.tools import TOOL_SPECS, CheckSettings, Submission, SurfaceTools, ToolError
+from agent.proposers.checks import CheckSettings
+from agent.proposers.tools import TOOL_SPECS, Submission, SurfaceTools, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,7 @@ class LLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LLMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LLM settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data, "LLM settings")
 
     def validate(self) -> None:
         if not 1 <= self.max_tokens <= MAX_NONSTREAMING_TOKENS:

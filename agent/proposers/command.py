@@ -16,21 +16,15 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from agent.config import from_dict
 from agent.context import digest_line, read_brief, research_context, stable_prompt
 from agent.proposers.base import CATEGORIES, Proposal, ProposalFailed
-from agent.proposers.tools import (
-    CheckSettings,
-    SurfaceTools,
-    ToolError,
-    current_diff,
-    find_duplicate,
-    run_command,
-    tail,
-)
-from agent.workspace import git
+from agent.proposers.checks import CheckFailed, CheckSettings, quick_checks, run_command, tail
+from agent.proposers.tools import find_duplicate
+from agent.workspace import changed_paths, current_diff, git
 from bench.sandbox import available
 from bench.surface import SURFACE_DIRS
 
@@ -65,22 +59,12 @@ class CommandConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CommandConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown command proposer settings {unknown}; known: "
-                             f"{sorted(known)}")
-        return cls(**data)
+        return from_dict(cls, data, "command proposer settings")
 
 
 def prompt_text(brief: str, context: dict, history: list[dict], n_diffs: int) -> str:
     workflow = WORKFLOW.format(categories=" | ".join(CATEGORIES))
     return stable_prompt(brief) + workflow + "\n" + research_context(context, history, n_diffs)
-
-
-def changed_paths(diff: str) -> list[str]:
-    return [line.split(" b/", 1)[-1] for line in diff.splitlines()
-            if line.startswith("diff --git ")]
 
 
 class CommandProposer:
@@ -130,12 +114,10 @@ class CommandProposer:
             raise ProposalFailed(description, "this exact change was tried already: "
                                               + digest_line(twin))
         if cfg.checks and diff.strip():
-            tools = SurfaceTools(worktree, history, context.get("preset", "cpu-tiny"),
-                                 CheckSettings(timeout_s=cfg.check_timeout_s,
-                                               sandbox=cfg.sandbox))
+            settings = CheckSettings(timeout_s=cfg.check_timeout_s, sandbox=cfg.sandbox)
             try:
-                tools.tool_run_checks()
-            except ToolError as e:
+                quick_checks(worktree.resolve(), context.get("preset", "cpu-tiny"), settings)
+            except CheckFailed as e:
                 raise ProposalFailed(description, f"the edit fails the quick checks: {e}") \
                     from None
         category = meta.get("category") if meta.get("category") in CATEGORIES else "other"

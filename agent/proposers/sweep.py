@@ -75,7 +75,7 @@ def steps(value: float, low: float, high: float, scale: str) -> list[float]:
     return out
 
 
-def describe(name: str, old: float, new: float) -> str:
+def description(name: str, old: float, new: float) -> str:
     return f"{PREFIX}{name} {old:g} -> {new:g}"
 
 
@@ -105,7 +105,7 @@ class SweepProposer:
                     continue
                 write_value(recipe, name, value)
                 return Proposal(
-                    description=describe(name, current, value),
+                    description=description(name, current, value),
                     hypothesis=f"{name} at {value:g} instead of {current:g} trains faster",
                     category="hyperparameter",
                 )

@@ -5,7 +5,8 @@ can neither read nor write the fixed benchmark. Edits are all-or-nothing: a snip
 match exactly once, a Python file must still parse, and a file is replaced atomically
 (written beside it, then renamed), so a failed tool call changes nothing. Every edit is
 journalled, and `restore` puts the touched files back when a conversation fails. The
-quick checks run the edited surface in a child process with a timeout, never in this one.
+quick checks (agent/proposers/checks.py) run the edited surface in a child process with a
+timeout, never in this one.
 A failure comes back as a ToolError whose message tells the model what to fix.
 """
 
@@ -14,66 +15,19 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import signal
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from agent.context import digest_line
 from agent.proposers.base import CATEGORIES
-from bench.sandbox import Sandbox, SandboxError, available
+from agent.proposers.checks import CheckFailed, CheckSettings, quick_checks
+from agent.workspace import current_diff, normalized
 from bench.surface import SURFACE_DIRS, in_surface
 
 MAX_READ_LINES = 400  # lines per read_file answer; the model pages with start_line
 MAX_MATCHES = 60  # search_surface answers
-MAX_OUTPUT_CHARS = 6000  # tail of a check's output sent back to the model
 SKIP_DIRS = {"__pycache__", ".pytest_cache"}
-
-# The quick CPU smoke (argv[1]: the session's preset): two train steps of the cpu-tiny
-# recipe on random tokens, finite losses, fp32 logits of the right shape, the evaluator's
-# twin rows on random text (a look at the future or across rows shows there), and the
-# session preset's recipe built on the meta device (its shapes and optimizers, without
-# memory or time). It runs sandboxed like every process that imports the surface.
-SMOKE = r"""
-import math, sys
-import numpy as np
-import torch
-import kernels
-from bench.evaluator import EvalSet, evaluate
-from model import build_recipe
-
-preset, vocab, cpu = sys.argv[1], 256, torch.device("cpu")
-kernels.set_backend("torch")
-torch.manual_seed(0)
-recipe = build_recipe("cpu-tiny", cpu, vocab, compile=False)
-for step in range(2):
-    _, T = recipe.batch_shape(step / 2)
-    x = torch.randint(0, vocab, (2, T))
-    loss = float(recipe.train_step(x, torch.roll(x, -1, 1), step / 2))
-    if not math.isfinite(loss):
-        sys.exit(f"cpu-tiny train step {step}: the loss is {loss}")
-    print(f"cpu-tiny train step {step}: loss {loss:.4f}")
-logits = recipe.logits(x)
-if tuple(logits.shape) != (2, T, vocab) or logits.dtype != torch.float32:
-    sys.exit(f"recipe.logits gave {logits.dtype} {tuple(logits.shape)}, "
-             f"expected float32 {(2, T, vocab)}")
-text = np.random.default_rng(0).integers(0, vocab, 8 * (T + 1))
-rows = EvalSet(text, T, 4, 8 * T, vocab)
-with torch.no_grad():
-    ev = evaluate(lambda x: recipe.logits(torch.from_numpy(x)), rows, cpu,
-                  np.random.default_rng(0))
-if not ev.twins.ok:
-    sys.exit(f"the model is not causal: a row's log-probabilities moved by "
-             f"{ev.twins.max_change:.3g} when later tokens or other rows changed")
-print(f"twin rows: ok (max change {ev.twins.max_change:.2g})")
-if preset != "cpu-tiny":
-    build_recipe(preset, torch.device("meta"), 50257, compile=False)
-    print(f"{preset}: the recipe builds (meta device)")
-print("smoke: ok")
-"""
-
 
 class ToolError(Exception):
     """A tool call the model must correct; the message says how."""
@@ -85,15 +39,6 @@ class Submission:
     hypothesis: str
     expected_effect: str
     category: str
-
-
-@dataclass
-class CheckSettings:
-    timeout_s: float = 300.0  # per check command
-    device: str = "cpu"  # "cpu": hide GPUs, so checks never disturb a benchmark running there
-    kernel_tests: bool = True  # whether run_checks may run tests/test_kernels_*.py
-    require_checks: bool = True  # submit needs passing checks after the last edit
-    sandbox: bool = True  # the checks import the surface: they run sandboxed
 
 
 TOOL_SPECS = [
@@ -212,78 +157,16 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def run_command(cmd: list[str] | str, cwd: Path, timeout_s: float, env: dict | None = None,
-                stdin: str | None = None, sandbox: Sandbox | None = None,
-                **confine) -> tuple[int | None, str]:
-    """Run a command in its own process group; (exit code or None on timeout, output).
-    With `sandbox`, inside it (`confine`: Sandbox.command's keywords; `env` is then what
-    the sandboxed process may see besides the allow-list).
-
-    On timeout the whole group is killed, so no grandchild outlives it.
-    """
-    streams = dict(stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                   text=True)
-    if sandbox is not None:
-        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
-        proc = sandbox.popen(argv, cwd, env=env or {}, **confine, **streams)
-    else:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, shell=isinstance(cmd, str), **streams)
-    try:
-        out, _ = proc.communicate(stdin, timeout=timeout_s)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return None, out
-
-
-def tail(text: str, limit: int = MAX_OUTPUT_CHARS) -> str:
-    return text if len(text) <= limit else "...\n" + text[-limit:]
-
-
-def current_diff(worktree: Path) -> str:
-    """The worktree's change against HEAD, as the workspace will capture it (`git add -A`),
-    computed in a throwaway index so the worktree's own index is left alone."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
-
-        def git(*args: str) -> str:
-            proc = subprocess.run(["git", *args], cwd=worktree, env=env, capture_output=True,
-                                  text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"git {' '.join(args)} in {worktree}: {proc.stderr.strip()}")
-            return proc.stdout
-
-        git("read-tree", "HEAD")
-        git("add", "-A")
-        return git("diff", "--cached", "--no-color", "--no-ext-diff")
-
-
-def normalize_diff(diff: str) -> tuple[str, ...]:
-    """A diff's files and changed lines with all whitespace removed: two edits that differ
-    only in spacing, indentation or context compare equal."""
-    out = []
-    for line in diff.splitlines():
-        if line.startswith("diff --git "):
-            out.append(line)
-        elif line[:1] in "+-" and not line.startswith(("+++ ", "--- ")):
-            body = "".join(line[1:].split())
-            if body:
-                out.append(line[0] + body)
-    return tuple(out)
-
-
 def changes(diff: str) -> bool:
     """Whether a diff changes anything but whitespace."""
-    return any(not line.startswith("diff --git ") for line in normalize_diff(diff))
+    return any(not line.startswith("diff --git ") for line in normalized(diff))
 
 
 def find_duplicate(diff: str, history: list[dict]) -> dict | None:
     """The earliest history row whose diff equals `diff` up to whitespace, if any."""
-    key = normalize_diff(diff)
+    key = normalized(diff)
     for row in history:
-        if row.get("diff") and normalize_diff(row["diff"]) == key:
+        if row.get("diff") and normalized(row["diff"]) == key:
             return row
     return None
 
@@ -475,45 +358,13 @@ class SurfaceTools:
 
     # -- checking and submitting -----------------------------------------------------------
 
-    def check_env(self) -> dict:
-        """What the sandboxed checks see besides the sandbox's allow-list."""
-        env = {"PYTHONDONTWRITEBYTECODE": "1"}
-        if self.checks.device == "cpu":
-            env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
-        return env
-
-    def sandbox(self) -> Sandbox:
-        return available() if self.checks.sandbox else Sandbox(None)
-
     def tool_run_checks(self, kernel_tests: bool = False) -> str:
-        commands = [[sys.executable, "-c", SMOKE, self.preset]]
-        if kernel_tests:
-            if not self.checks.kernel_tests:
-                raise ToolError("the kernel tests are switched off for this session "
-                                "(kernel_tests=false in the proposer's config)")
-            tests = sorted(str(p.relative_to(self.root))
-                           for p in (self.root / "tests").glob("test_kernels_*.py"))
-            if not tests:
-                raise ToolError("this worktree has no kernel tests (tests/test_kernels_*.py)")
-            commands.append([sys.executable, "-m", "pytest", "-q", "-x", "-p",
-                             "no:cacheprovider", *tests])
-        reports = []
-        for cmd in commands:
-            name = "smoke" if cmd[1] == "-c" else "kernel tests"
-            try:
-                sandbox = self.sandbox()
-            except SandboxError as e:
-                raise ToolError(f"{name}: cannot run sandboxed here: {e}") from None
-            code, out = run_command(cmd, self.root, self.checks.timeout_s, self.check_env(),
-                                    sandbox=sandbox, gpu=self.checks.device != "cpu")
-            if code is None:
-                raise ToolError(f"{name}: timed out after {self.checks.timeout_s:.0f} s "
-                                f"(a hang, or far too slow?)\n{tail(out)}")
-            if code != 0:
-                raise ToolError(f"{name} failed (exit {code}):\n{tail(out)}")
-            reports.append(f"{name}: passed\n{tail(out, 1500)}")
+        try:
+            report = quick_checks(self.root, self.preset, self.checks, kernel_tests)
+        except CheckFailed as e:
+            raise ToolError(str(e)) from None
         self.checked_at = self.edits
-        return "\n".join(reports)
+        return report
 
     def tool_submit(self, description: str, hypothesis: str, expected_effect: str,
                     category: str) -> Submission:

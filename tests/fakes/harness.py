@@ -1,11 +1,12 @@
 """A fast stand-in for the benchmark, for tests that run many whole sessions.
 
 `fake_harness_repo(dest)` is this working tree as a fresh repository whose fixed harness is
-replaced by small fakes: train.py honours train.py's contract (clock lines, the result JSON
-on stdout and in --out, a checkpoint, exit 2 with "error: ..." on bad input) in a fraction
-of a second; bench/score.py and bench/profile.py answer the loop's acceptance check and
-profile the same way. Everything else is real: the engine runs them through the real
-runner, as child processes, under the device lock, in the session's own worktree.
+replaced by small fakes: train.py honours the harness's contract (bench/protocol.py: the
+result JSON on stdout and in --out, a checkpoint, exit 2 with "error: ..." on bad input)
+in a fraction of a second; bench/score.py and bench/profile.py answer the loop's
+acceptance check and profile the same way. Everything else is real: the engine runs them
+through the real runner, as child processes, under the device lock, in the session's own
+worktree.
 
 The fake's speed is model/speed.txt (tokens per second = 1000 x speed), its noise 1% a run,
 drawn from the seed; so a session on it decides the same way every time it is run.
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from bench.protocol import SCHEMA_VERSION
+
 # What the engine reads of the harness: each preset's device, default data and target.
 PRESETS = {"cpu-tiny": SimpleNamespace(device="cpu", data="embedded", target_loss=None)}
 
@@ -42,10 +45,12 @@ def main(argv):
     rng = random.Random(seed)
     speed = float(Path("model/speed.txt").read_text())
     loss = 5.0 + 0.002 * rng.gauss(0, 1)
+    print("clock start", flush=True)
     time.sleep(0.01)
+    print("clock pause", flush=True)
     result = {
-        "schema_version": 3, "status": "ok", "sandbox": True, "preset": flag(argv, "--preset"),
-        "seed": seed,
+        "schema_version": SCHEMA_VERSION, "status": "ok", "sandbox": "--no-sandbox" not in argv,
+        "preset": flag(argv, "--preset"), "seed": seed,
         "tokens": 4096, "tokens_per_sec": 1000.0 * speed * (1 + 0.01 * rng.gauss(0, 1)),
         "train_seconds": 0.01, "val_loss": loss, "time_to_target": None,
         "curve": [{"tokens": 4096, "seconds": 0.01, "val_loss": loss}],
@@ -63,21 +68,17 @@ if __name__ == "__main__":
 '''
 
 SCORE = '''\
-"""A fake checkpoint scorer (tests/fakes/harness.py): a checkpoint's val loss, and a holdout
-loss a seed-dependent gap above it."""
+"""A fake scorer (tests/fakes/harness.py): a checkpoint's val loss, and a holdout loss a
+seed-dependent gap above it."""
 import json
 import random
 import sys
 from pathlib import Path
 
 VALUED = ("--preset", "--device", "--data", "--kernels", "--splits")
-args, paths = sys.argv[1:], []
-while args:
-    arg = args.pop(0)
-    if arg in VALUED:
-        args.pop(0)
-    elif not arg.startswith("--"):
-        paths.append(arg)
+args = sys.argv[1:]
+paths = [a for i, a in enumerate(args)
+         if not a.startswith("--") and (i == 0 or args[i - 1] not in VALUED)]
 rows = []
 for path in paths:
     saved = json.loads(Path(path).read_text())

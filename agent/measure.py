@@ -1,0 +1,235 @@
+"""Measuring: one benchmark run of a candidate, as the session's settings say, recorded.
+
+`Measurer.benchmark` checks out the candidate, takes a fresh seed, starts the run in the
+ledger (its files named by the ledger's run id), checks the fixed files against their
+hashes at session start (`fixed-hash`: a changed harness never runs), runs train.py
+through the runner with the session's timeout and early-stop rule, and records the
+outcome in the ledger and W&B. It also profiles the champion for the LLM proposers, the
+same way, under the device lock.
+
+What this module must never do: run candidate code in the engine's process (the runner
+starts train.py; the profile runs as a child too), reuse a seed, or let a stale result,
+log or checkpoint pass for a run's own.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from agent import acceptance, child, integrity, runner
+from agent.config import SessionConfig, SessionStop
+from agent.ledger import Ledger
+from agent.rundir import RunDir, run_name
+from agent.runner import EarlyStop
+from agent.stats import OBJECTIVES, primary_metric
+from agent.workspace import Workspace
+from bench import protocol
+from bench.locks import lock_path
+
+# Expected wall time of a first run, before any run was measured (timeouts scale it).
+FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
+
+
+class Measurer:
+    """Benchmark runs of one session: `workspace()` gives its worktree (made on first use),
+    `say` prints a line of progress, `waiting(text)` shows a spinner while a run runs."""
+
+    def __init__(self, run_dir: RunDir, ledger: Ledger, config: SessionConfig,
+                 workspace: Callable[[], Workspace], tracker, say, waiting):
+        self.run_dir, self.ledger, self.config = run_dir, ledger, config
+        self.workspace, self.tracker, self.say, self.waiting = workspace, tracker, say, waiting
+
+    def session_hashes(self) -> dict:
+        """The hashes of the fixed files, taken from the champion once and kept in the
+        session's config, so a resumed session checks against the same ones."""
+        if self.config.fixed_hashes is None:
+            ws = self.workspace()
+            ws.reset()
+            self.config.fixed_hashes = integrity.fixed_hashes(ws.path)
+            self.ledger.set_session(asdict(self.config))
+        return self.config.fixed_hashes
+
+    def timeout(self) -> float:
+        """A run's hard limit: a multiple of the longest run so far, and never under the
+        preset's first-run allowance, so a loaded machine that slows start-up several times
+        does not kill a valid run before its clock starts."""
+        walls = [r["wall_seconds"] for c in self.ledger.candidates()
+                 for r in self.ledger.runs_of(c["id"], ok_only=True) if r["wall_seconds"]]
+        floor = FIRST_RUN_SECONDS.get(self.config.preset, 600.0)
+        return max(self.config.timeout_factor * max(walls, default=floor), floor)
+
+    def objective_args(self) -> list[str]:
+        cfg = self.config
+        if cfg.objective == "time-to-loss" and cfg.target_loss is not None:
+            return ["--target-loss", f"{cfg.target_loss:.4f}"]
+        if cfg.objective == "loss-at-time" and cfg.seconds is not None:
+            return ["--budget-seconds", f"{cfg.seconds:g}"]
+        return []
+
+    def benchmark(self, candidate: dict, role: str, early_stop: EarlyStop | None = None) -> dict:
+        """Run train.py once for `candidate` and record the run; returns its result dict."""
+        expected = self.session_hashes()
+        ws = self.workspace()
+        ws.checkout(candidate["commit_sha"])
+        seed, cid = max(self.ledger.used_seeds() | {0}) + 1, candidate["id"]
+        run_id = self.ledger.start_run(
+            cid, role, seed, lambda i: self.run_dir.log(run_name(i, cid, role, seed)),
+            lock_path=lock_path(self.config.device))  # fmt: skip
+        name = run_name(run_id, cid, role, seed)
+        log = self.run_dir.log(name)
+        # The final weights, for the holdout check at acceptance; a champion's
+        # re-measurements are evaluated at the next check too: more runs, more power.
+        checkpoint = self.run_dir.checkpoint(name)
+        checkpoint.unlink(missing_ok=True)  # a stale one must never pass for this run's
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        self.say(f"  run {name}: {candidate['description']}")
+        changed = integrity.changed_fixed(ws.path, expected)
+        if changed:  # the run fails as an integrity violation, without running train.py
+            detail = f"fixed files differ from the session start: {', '.join(changed[:10])}"
+            found = [protocol.violation(acceptance.FIXED_HASH, detail)]
+            outcome = runner.RunOutcome(
+                "integrity-violation", {"integrity": {"ok": False, "violations": found,
+                                                      "changed": changed}},
+                f"{acceptance.FIXED_HASH}: {detail}", 0.0, str(log), None)  # fmt: skip
+        else:
+            outcome = self._train(ws, run_id, seed, name, early_stop, checkpoint)
+        if outcome.status != "ok":
+            checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
+        self.ledger.finish_run(run_id, outcome.status, outcome.result, outcome.error,
+                               outcome.wall_seconds)  # fmt: skip
+        self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(cid))
+        if outcome.returncode == protocol.EXIT_USAGE and role in ("baseline", "champion"):
+            # The champion's own code refused the session's settings (a dataset gone, say):
+            # every run would, so stop now and say why. A candidate's exit 2 is its crash.
+            lines = (outcome.error or "").splitlines()
+            raise SessionStop(f"train.py refused its input: {lines[-1] if lines else ''} "
+                              f"(exit {protocol.EXIT_USAGE}; log {log})")
+        result = {**(outcome.result or {}), "status": outcome.status, "seed": seed}
+        self.say(f"  -> {outcome.status}{summary(result, self.config.objective)}")
+        if outcome.error and outcome.status == "integrity-violation":
+            self.say(f"     {outcome.error}")
+        return result
+
+    def _train(self, ws: Workspace, run_id: int, seed: int, name: str,
+               early_stop: EarlyStop | None, checkpoint: Path) -> runner.RunOutcome:
+        """train.py in the worktree through the runner, with the session's settings; the
+        ledger hears when the run has its device lock (until then it waits, not runs)."""
+        cfg = self.config
+        spec = runner.RunSpec(
+            worktree=ws.path, preset=cfg.preset, seed=seed, out_path=self.run_dir.result(name),
+            log_path=self.run_dir.log(name), timeout_s=self.timeout(),
+            extra_args=list(cfg.train_args) + self.objective_args(), device=cfg.device,
+            nproc=cfg.gpus, early_stop=early_stop, checkpoint=checkpoint, sandbox=cfg.sandbox,
+            on_lock=lambda lock: self.ledger.lock_taken(run_id, lock.waited_s),
+        )  # fmt: skip
+        try:
+            with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
+                return runner.run(spec)
+        except FileNotFoundError as e:  # the candidate removed the harness itself
+            return runner.RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)
+
+    def champion_profile(self, champion: dict) -> str | None:
+        """Where the champion spends its time (bench/profile.py): made once per champion,
+        under the device lock, so never during a benchmark; None when it failed (said)."""
+        path = self.run_dir.profile_path(champion["id"])
+        if not path.exists():
+            ws = self.workspace()
+            ws.checkout(champion["commit_sha"])
+            cfg = self.config
+            cmd = [sys.executable, "-m", "bench.profile", "--preset", cfg.preset,
+                   *train_flags(cfg.train_args, ("--data",)), "--out", str(path),
+                   *([] if cfg.sandbox else ["--no-sandbox"])]  # it sandboxes itself
+            path.parent.mkdir(parents=True, exist_ok=True)
+            done = child.run_tool(cmd, ws.path, self.timeout(), device=cfg.device)
+            if done.code != 0:
+                self.say(f"no profile of the champion: {done.last_lines()}")
+                self.ledger.log_event(f"no profile of the champion: {done.last_lines()}")
+                return None
+        return path.read_text()
+
+
+def train_flags(args: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The flags `names`, each with its value, among train.py arguments."""
+    out = []
+    for i, arg in enumerate(args[:-1]):
+        if arg in names:
+            out += [arg, args[i + 1]]
+    return out
+
+
+def early_stop_rule(champion: Sequence[dict], config: SessionConfig,
+                    loss_margin: float) -> EarlyStop | None:
+    """The rule that stops a screening run that is clearly losing, by the objective's own
+    comparison: loss at equal training time (time-to-loss, loss-at-time), or at equal
+    tokens past the judge's loss margin (throughput, whose loss test is at equal tokens).
+    Against the champion's slowest run, from half of it on: only a clear loser stops, not
+    a run that met a slow minute of a shared machine."""
+    curves = [r["curve"] for r in champion if r.get("status") == "ok" and r["curve"]]
+    if not curves:
+        return None
+    if config.objective == "throughput":
+        slowest = min(curves, key=lambda curve: curve[-1]["tokens"] / curve[-1]["seconds"])
+        margin = config.early_stop_margin + loss_margin
+        return behind_champion(slowest, margin, min_fraction=0.5, axis="tokens")
+    slowest = max(curves, key=lambda curve: curve[-1]["seconds"])
+    return behind_champion(slowest, config.early_stop_margin, min_fraction=0.5)
+
+
+def behind_champion(
+    champion_curve: Sequence[dict], margin: float, min_fraction: float = 0.3,
+    axis: str = "seconds",
+) -> EarlyStop:  # fmt: skip
+    """An early-stop rule: stop when the candidate's val loss is worse than the champion's at
+    the same point of training by more than `margin` nats.
+
+    The point is the training time (`axis="seconds"`: who gets lower sooner, for the
+    time-to-loss and loss-at-time objectives) or the tokens seen (`axis="tokens"`: the
+    throughput objective compares loss at equal tokens). The champion's curve is
+    interpolated linearly on that axis, and held at its ends. Nothing is stopped before
+    `min_fraction` of the champion's whole run on that axis: early evaluations are noisy,
+    and a different schedule can start slower.
+    """
+    if axis not in ("seconds", "tokens"):
+        raise ValueError(f"axis {axis!r}: use 'seconds' or 'tokens'")
+    points = sorted((float(row[axis]), float(row["val_loss"])) for row in champion_curve)
+    if not points:
+        raise ValueError("behind_champion needs a champion curve with at least one evaluation")
+    xs = [x for x, _ in points]
+    losses = [loss for _, loss in points]
+    earliest = min_fraction * xs[-1]
+
+    def champion_loss(x: float) -> float:
+        i = bisect.bisect_left(xs, x)
+        if i == 0:
+            return losses[0]
+        if i == len(xs):
+            return losses[-1]
+        x0, x1 = xs[i - 1], xs[i]
+        return losses[i - 1] + (losses[i] - losses[i - 1]) * (x - x0) / (x1 - x0)
+
+    def should_stop(tokens: int, seconds: float, val_loss: float) -> bool:
+        x = seconds if axis == "seconds" else tokens
+        if x < earliest:
+            return False
+        if not math.isfinite(val_loss):
+            return True  # a NaN loss is as far behind as a run can be
+        return val_loss > champion_loss(x) + margin
+
+    return should_stop
+
+
+def summary(result: dict, objective: str) -> str:
+    """`: time_to_target 12.3, 9,876 tok/s, val loss 5.432` for a progress line."""
+    if result["status"] != "ok":
+        return ""
+    speed = f"{result['tokens_per_sec']:,.0f} tok/s, val loss {result['val_loss']:.4f}"
+    if objective == "time-to-loss" and result.get("target_loss") is None:
+        return f": {speed}"  # ran without a target: the baseline replicates that set it
+    metric = primary_metric(result, objective)
+    shown = "not reached" if metric is None else f"{metric:.4g}"
+    return f": {OBJECTIVES[objective][0]} {shown}, {speed}"

@@ -1,0 +1,237 @@
+"""Deciding and recording: the judge's loop over a candidate's runs, the acceptance checks on
+what it would accept, and the verdict written to the ledger and to git.
+
+`Recorder.judge` runs a candidate (a screen, then replicates with fresh seeds) until the
+judge (agent/judge.py), and a leaderboard's loss test under --rules, conclude.
+`Recorder.record` writes the verdict: an accept must first pass the acceptance checks
+(agent/acceptance.py), for which the runs' checkpoints are scored by the fixed scorer
+(bench/score.py) and cached in the ledger; one that fails is rejected with the check
+named, a step too large to believe is held for a human. `promote` is the one way a
+candidate becomes the champion: the ledger first, then the champion branch (a kill between
+the two is mended on resume, which puts the branch where the ledger says).
+
+What this module must never do: decide without the judge, accept what a check caught, or
+keep a checkpoint that no check will read again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from agent import acceptance, child
+from agent.acceptance import Acceptance, Check
+from agent.config import SessionConfig
+from agent.judge import Decision, assess, comparable
+from agent.leaderboard import leaderboard_rules, under_rules
+from agent.ledger import Ledger
+from agent.measure import Measurer, early_stop_rule, train_flags
+from agent.rundir import RunDir
+from agent.workspace import Workspace
+
+
+class EvaluationFailed(RuntimeError):
+    """The fixed scorer did not give numbers for every checkpoint; the message says why."""
+
+
+class TwinsFailed(EvaluationFailed):
+    """A checkpoint scored afresh failed its twin rows: the forward pass is not causal."""
+
+
+def promote(ledger: Ledger, workspace: Workspace, candidate: dict, effect: float,
+            write: Callable[[float], None]) -> float:
+    """Make `candidate` the champion, `effect` times faster than the current one: `write`
+    records the verdict in the ledger with the total speedup (which makes it the champion
+    there), then the champion branch moves. Returns the total speedup vs the baseline."""
+    speedup = ledger.champion()["speedup"] * effect
+    write(speedup)
+    workspace.move_champion(candidate["commit_sha"])
+    return speedup
+
+
+def drop_checkpoints(run_dir: RunDir, runs: Sequence[dict]) -> None:
+    """Delete the runs' checkpoints: evaluated (their numbers are in the ledger) or of a
+    candidate that will never be evaluated. No checkpoint outlives its use."""
+    for run in runs:
+        run_dir.run_checkpoint(run).unlink(missing_ok=True)
+
+
+def with_rules(config: SessionConfig, decision: Decision, results: Sequence[dict],
+               candidate: dict) -> Decision:
+    """With --rules, an accept also needs the leaderboard's loss test at the session's
+    target (a change of category "systems" may be waived)."""
+    if config.rules is None:
+        return decision
+    return under_rules(
+        decision, results, leaderboard_rules(config.rules), config.target_loss,
+        systems=candidate.get("category") == "systems",
+        max_runs=config.judge_config().max_replicates)  # fmt: skip
+
+
+def evidence(candidate: dict, runs: Sequence[dict], decision: Decision,
+             checked: Acceptance) -> dict:
+    """What a held (or check-rejected) candidate's ledger record carries for a human: the
+    judge's decision, the checks' numbers, the commit, and every run with its log."""
+    return {**asdict(decision), "checks": checked.checks, "commit": candidate["commit_sha"],
+            "ref": candidate["ref"],
+            "runs": [{"id": r["id"], "role": r["role"], "seed": r["seed"],
+                      "outcome": r["outcome"], "log": r["log_path"]} for r in runs]}
+
+
+class Recorder:
+    def __init__(self, run_dir: RunDir, ledger: Ledger, config: SessionConfig,
+                 workspace: Callable[[], Workspace], measurer: Measurer, tracker, event):
+        self.run_dir, self.ledger, self.config = run_dir, ledger, config
+        self.workspace, self.measurer, self.tracker, self.event = (workspace, measurer,
+                                                                   tracker, event)
+
+    def results(self, candidate: dict) -> list[dict]:
+        return comparable(self.ledger.results_of(candidate["id"]), asdict(self.config))
+
+    def judge(self, candidate: dict) -> Decision:
+        """Benchmark `candidate` until the judge concludes; returns its decision."""
+        cfg = self.config.judge_config()
+        while True:
+            results = self.results(candidate)
+            champion = self.results(self.ledger.champion())
+            if results:
+                decision = with_rules(self.config, assess(champion, results, cfg), results,
+                                      candidate)
+                if decision.verdict != "more":
+                    return decision
+            early = None if results else early_stop_rule(champion, self.config, cfg.loss_margin)
+            self.measurer.benchmark(candidate, "confirm" if results else "screen", early)
+
+    def record(self, candidate: dict, decision: Decision) -> None:
+        """Record the judge's decision; an accept passes the acceptance checks first."""
+        cid, title = candidate["id"], f"#{candidate['experiment']} {candidate['description']}"
+        if decision.verdict != "accept":
+            caught_by = acceptance.caught_by_runs(self.ledger.runs_of(cid))
+            self.ledger.record_decision(cid, "reject", decision, caught_by=caught_by)
+            self.event(f"reject {title}: {decision.reason}")
+        else:
+            checked = self.checks(candidate, decision.effect)
+            if checked.verdict == "accept":
+                old = self.ledger.champion()
+                payload = {**asdict(decision), "checks": checked.checks}
+                speedup = promote(self.ledger, self.workspace(), candidate, decision.effect,
+                                  lambda total: self.ledger.record_decision(
+                                      cid, "accept", payload, speedup=total))  # fmt: skip
+                # No check will compare against the old champion again.
+                drop_checkpoints(self.run_dir, self.ledger.runs_of(old["id"]))
+                self.tracker.log_decision(self.ledger.candidate(cid))
+                self.event(f"ACCEPT {title}: x{decision.effect:.3f} ({decision.reason}); "
+                           f"total x{speedup:.3f}")
+                return
+            payload = evidence(candidate, self.ledger.runs_of(cid), decision, checked)
+            reason = f"{checked.caught_by}: {checked.reason} (the judge: {decision.reason})"
+            if checked.verdict == "hold":
+                self.ledger.hold(cid, {**payload, "verdict": "held", "reason": reason},
+                                 checked.caught_by)
+                self.tracker.log_decision(self.ledger.candidate(cid))
+                self.event(f"HELD {title} for a human: {reason}")
+                return
+            self.ledger.record_decision(cid, "reject", {**payload, "verdict": "reject",
+                                                        "reason": reason},
+                                        caught_by=checked.caught_by)  # fmt: skip
+            self.event(f"reject {title}: {reason}")
+        drop_checkpoints(self.run_dir, self.ledger.runs_of(cid))
+        self.tracker.log_decision(self.ledger.candidate(cid))
+
+    def checks(self, candidate: dict, effect: float) -> Acceptance:
+        """The acceptance checks for `candidate`, which the judge would accept with speed
+        ratio `effect` over the current champion, in order; the scorer runs only when the
+        cheaper checks passed."""
+        cfg, champion = self.config.acceptance_config(), self.ledger.champion()
+        mine = self.ledger.runs_of(candidate["id"], ok_only=True)
+        theirs = self.ledger.runs_of(champion["id"], ok_only=True)
+        checks = acceptance.checks_on_runs(mine, theirs, cfg)
+        if acceptance.caught(checks):
+            return acceptance.verdict(checks)
+        try:
+            scored = self.scored(candidate, mine)
+        except TwinsFailed as e:
+            return acceptance.verdict([*checks, Check(acceptance.TWINS, True, str(e), None)])
+        except EvaluationFailed as e:  # fail closed: no numbers, no acceptance
+            return acceptance.verdict([*checks, Check(acceptance.HOLDOUT_GAP, True,
+                                                      f"holdout evaluation failed: {e}", None)])
+        checks += acceptance.reproduce_checks(
+            mine, scored, acceptance.REPRODUCE_TOLERANCE.get(self.config.device, 1e-3))
+        if acceptance.caught(checks):
+            return acceptance.verdict(checks)
+        try:
+            champion_gaps = _gaps(self.scored(champion, theirs))
+        except EvaluationFailed as e:
+            champion_gaps = {}
+            self.event(f"the champion's holdout evaluation failed: {e}")
+        gap = acceptance.gap_check(list(_gaps(scored).values()), list(champion_gaps.values()),
+                                   cfg)
+        if "skipped" in gap.numbers:
+            self.event(f"holdout gap not tested: {gap.numbers['skipped']}")
+        review = (f"python -m agent review --run-dir {self.run_dir} {candidate['id']} "
+                  "--accept|--reject")
+        return acceptance.verdict([*checks, gap, acceptance.step_check(effect, cfg, review)])
+
+    def scored(self, candidate: dict, runs: Sequence[dict]) -> dict[int, dict]:
+        """run id -> the ledger's holdout row for the runs with numbers: cached in the ledger,
+        or scored now from their checkpoints (then cached, and the checkpoints deleted)."""
+        cached = self.ledger.holdout_of(r["id"] for r in runs)
+        todo = [r for r in runs
+                if r["id"] not in cached and self.run_dir.run_checkpoint(r).is_file()]
+        if todo:
+            ws, cfg = self.workspace(), self.config
+            ws.checkout(candidate["commit_sha"])
+            try:
+                numbers = score(ws.path, [self.run_dir.run_checkpoint(r) for r in todo], cfg,
+                                self.measurer.timeout())
+            finally:
+                ws.reset()
+            for run, row in zip(todo, numbers):
+                failed = [s for s in ("val", "holdout") if row[s].get("twins_ok") is False]
+                if failed:
+                    raise TwinsFailed(f"run {run['id']}'s final weights failed the twin rows "
+                                      f"when scored afresh on {' and '.join(failed)}")
+                self.ledger.set_holdout(run["id"], row["val"], row["holdout"])
+            drop_checkpoints(self.run_dir, todo)
+            cached = self.ledger.holdout_of(r["id"] for r in runs)
+        return cached
+
+
+def _gaps(scored: dict[int, dict]) -> dict[int, float]:
+    return {i: row["holdout_loss"] - row["val_loss"] for i, row in scored.items()}
+
+
+def score(worktree: Path, checkpoints: Sequence[Path], config: SessionConfig,
+          timeout_s: float) -> list[dict]:
+    """Run `python -m bench.score` in `worktree` (checked out at the commit that made the
+    checkpoints), under the device lock: each checkpoint scored on the holdout and val
+    slices by a fresh sandboxed forward worker; one {'val', 'holdout'} per checkpoint, in
+    order, each {'loss', 'bpb', 'twins_ok'}."""
+    cmd = [sys.executable, "-m", "bench.score", "--preset", config.preset, "--device",
+           config.device, *train_flags(config.train_args, ("--data", "--kernels")),
+           "--splits", "holdout,val", *([] if config.sandbox else ["--no-sandbox"]),
+           *map(str, checkpoints)]  # fmt: skip
+    done = child.run_tool(cmd, worktree, timeout_s, device=config.device)
+    if done.code is None:
+        raise EvaluationFailed(f"the scorer took over {timeout_s:.0f} s")
+    lines = done.out.strip().splitlines()
+    if done.code != 0 or not lines:
+        raise EvaluationFailed(f"the scorer exited {done.code}: {done.last_lines()}")
+    try:
+        rows = {row["checkpoint"]: row for row in json.loads(lines[-1])}
+        out = []
+        for path in checkpoints:
+            row = rows[str(path)]
+            for split in ("val", "holdout"):
+                loss = row[split]["loss"]
+                if not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+                    raise ValueError(f"{split} loss {loss!r} of {path}")
+            out.append({"val": row["val"], "holdout": row["holdout"]})
+    except (ValueError, KeyError, TypeError) as e:
+        raise EvaluationFailed(
+            f"the scorer's output is not the contract's: {e!r}: {lines[-1][:200]}") from None
+    return out
