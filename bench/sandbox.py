@@ -34,6 +34,7 @@ import functools
 import os
 import resource
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -147,7 +148,13 @@ class Sandbox:
 
 
 def _limits() -> None:
-    """In the child before exec: no core dumps, no file past MAX_FILE_BYTES."""
+    """In the child before exec: no core dumps, no file past MAX_FILE_BYTES, and death with
+    the parent (bwrap's --die-with-parent covers the sandbox; this covers --no-sandbox)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     limit = MAX_FILE_BYTES if hard == resource.RLIM_INFINITY else min(hard, MAX_FILE_BYTES)
