@@ -137,13 +137,16 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
     violations: list[dict] = []
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        kw = dict(preset=args.preset, device=device, kernels=setup.kernels,
-                  vocab=data.vocab, threads=threads)
+        kw = dict(preset=args.preset, device=device, kernels=setup.kernels, vocab=data.vocab)
         trainer = stack.enter_context(contextlib.closing(Trainer(
             sandbox, REPO, weights, seed=args.seed, compile=setup.compile, nproc=args.nproc,
-            **kw)))
+            threads=threads, **kw)))
+        # The forward worker runs only while the trainer is frozen: it may use every core
+        # this run has, untimed (0: torch's own count on CUDA).
+        cores = len(os.sched_getaffinity(0)) if device.type == "cpu" else 0
         forward = stack.enter_context(contextlib.closing(Forward(
-            sandbox, REPO, weights, batch=(data.val.batch_size, data.val.seq_len), **kw)))
+            sandbox, REPO, weights, batch=(data.val.batch_size, data.val.seq_len),
+            threads=cores, **kw)))
         info = trainer.ready()
         forward.ready()
         forward.freeze()  # idle until the first evaluation: it takes nothing from training

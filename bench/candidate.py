@@ -315,10 +315,13 @@ class Forward(Worker):
             return
         self.shared = buffer
 
+    def thaw(self) -> list[str]:
+        self.holding = False
+        return super().thaw()
+
     def _release(self) -> None:
         if self.holding:
             self.thaw()
-            self.holding = False
 
     def load(self, path: Path) -> None:
         self._release()
