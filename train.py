@@ -52,6 +52,7 @@ from bench.hardware import mfu
 from bench.harness import Budget, Clock, Data, Evaluations, held_device, work_dir
 from bench.presets import PRESETS, Setup, UsageError, add_setup_arguments, resolve_setup
 from bench.sandbox import Sandbox, SandboxError, available
+from bench.telemetry import Telemetry, visible_gpus
 from data.cache import DataMissingError
 from data.shards import ShardError
 
@@ -162,7 +163,16 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
 
         evaluations = Evaluations(trainer, forward, data.val, device, violations)
         cpu_before = trainer.cpu_times()
+        # The GPUs' clocks, power, heat and throttle reasons just outside the clock.
+        gpus = visible_gpus(args.nproc) if device.type == "cuda" else ()
+        telemetry = Telemetry.open(device.type, gpus)
+        stack.callback(telemetry.close)
+        telemetry.start()
         timed = timed_run(args, setup.preset, data, trainer, evaluations, info["shape"])
+        telemetry.end()
+        gpu_telemetry = telemetry.as_result()
+        if gpu_telemetry["throttled"]:
+            print(f"the GPU throttled: {', '.join(gpu_telemetry['throttled'])}", flush=True)
         cpu_seconds, extra = extra_cpu(cpu_before, trainer.cpu_times(), threads or 1 << 16)
         allowed = CPU_EXTRA_FRACTION * timed["train_seconds"] + CPU_EXTRA_S
         if device.type == "cpu" and args.nproc == 1 and extra > allowed:
@@ -222,6 +232,7 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
         "mfu": mfu(flops, tokens_per_sec, gpu_name) if isinstance(flops, (int, float)) else None,
         "peak_memory_bytes": trainer.reported_peak_memory,  # as the trainer reports it
         "logits_via": logits_via,
+        "telemetry": gpu_telemetry,
         "twins": evaluations.twins,
         "integrity": {"ok": not violations, "violations": violations},
         "checkpoint": str(args.checkpoint) if args.checkpoint and status == "ok" else None,

@@ -34,6 +34,7 @@ from typing import Any
 
 from agent.runner import STATUSES
 from agent.store import CANDIDATES, LedgerError, Store, candidate_row, now, run_row
+from bench.telemetry import flagged
 
 ROLES = ("baseline", "screen", "confirm", "champion")
 VERDICTS = ("accept", "reject")  # what `record_decision` records; "refused" comes from
@@ -289,7 +290,8 @@ class Ledger(Store):
     def finish_run(self, run_id: int, outcome: str, result: Mapping | None = None,
                    error: str | None = None, wall_seconds: float | None = None) -> None:
         """Record a run's outcome (one of runner.STATUSES), its result JSON if any, the error
-        tail of a failure and its wall-clock time."""
+        tail of a failure and its wall-clock time; a run whose GPU throttled (the result's
+        telemetry, bench/telemetry.py) gets a `run N throttled: reasons` event with it."""
         if outcome not in STATUSES:
             raise LedgerError(f"run {run_id}: outcome {outcome!r} is not one of {STATUSES}")
         with self._write() as db:
@@ -301,6 +303,10 @@ class Ledger(Store):
                        "wall_seconds = ?, finished_at = ? WHERE id = ?",
                        (outcome, None if result is None else json.dumps(dict(result)), error,
                         wall_seconds, now(), run_id))
+            throttled = flagged(result)
+            if throttled:  # its time is slower than the GPU is: flagged where status shows it
+                db.execute("INSERT INTO events (time, text) VALUES (?, ?)",
+                           (now(), f"run {run_id} throttled: {', '.join(throttled)}"))
 
     def discard_unfinished_runs(self, reason: str = "the session stopped while it ran "
                                 "(discarded on resume, never counted)") -> list[int]:

@@ -39,6 +39,7 @@ from agent.stats import (
     primary_metric,
     speedup_vs_baseline,
 )
+from bench.telemetry import flagged
 
 # Candidate classes: the colours of progress.png and the status column of results.tsv.
 CLASSES = {  # class -> (colour, marker, autoresearch status)
@@ -114,6 +115,16 @@ class Snapshot:
             return ""
         return (f"UNTRUSTED: candidate code ran without a sandbox ({unconfined} of {len(runs)} "
                 "runs): it could reach what measured it, so these numbers are not evidence")
+
+    def throttled(self) -> str:
+        """A warning when a run's GPU throttled by heat or power (bench/telemetry.py)."""
+        runs = [r for e in [self.base, *self.rows] if e for r in e.runs]
+        hit = [f"run {r['id']}: {', '.join(flagged(r.get('result')))}" for r in runs
+               if flagged(r.get("result"))]
+        if not hit:
+            return ""
+        return (f"THROTTLED: the GPU slowed down for heat or power in {len(hit)} of {len(runs)} "
+                f"runs ({'; '.join(hit)}): their times are slower than the GPU is")
 
     @property
     def until(self) -> float:
@@ -222,8 +233,9 @@ def _reason(decision: dict) -> str:
 def _markdown(s: Snapshot) -> str:
     metric = OBJECTIVES[s.objective][0]
     lines = [f"# speedloop session {s.session['id']}", ""]
-    if s.untrusted():
-        lines += [f"**{s.untrusted()}**", ""]
+    for warning in (s.untrusted(), s.throttled()):
+        if warning:
+            lines += [f"**{warning}**", ""]
     lines += [f"Started {when(s.session['created'])}; objective `{s.objective}` (primary "
              f"metric `{metric}`). Speedups are against the baseline, measured from the "
              "ledger's runs (95% CI); effects, intervals and p-values are the judge's, against "

@@ -28,8 +28,9 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     now, cfg = time.time(), s.session["config"]
     console = Console(record=True, width=width, file=io.StringIO(), color_system=None,
                       markup=False, highlight=False)  # descriptions may hold [brackets]
-    if s.untrusted():
-        console.print(s.untrusted())
+    for warning in (s.untrusted(), s.throttled()):
+        if warning:
+            console.print(warning)
     console.print(f"speedloop session {s.session['id']}, started {when(s.session['created'])} "
                   f"({duration(now - s.session['created'])} ago)")
     console.print(s.life.text)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 
+# The version changes when a field is removed or changes its meaning; an optional field
+# added (OPTIONAL_FIELDS) keeps it, since every reader handles a result without it.
 SCHEMA_VERSION = 3
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTEGRITY = 0, 1, 2, 3, 4
@@ -26,6 +28,14 @@ REQUIRED_FIELDS = {
     "curve": list,
 }
 CURVE_FIELDS = ("tokens", "seconds", "val_loss")
+# Fields a result may have, with their types when present.
+OPTIONAL_FIELDS = {
+    # bench/telemetry.py: {"source": "nvml", "unavailable": why not or None, "start" and
+    # "end": one NVML sample per GPU around the timed region, "throttled": reason names}
+    "telemetry": dict,
+}
+TELEMETRY_FIELDS = {"unavailable": (str, type(None)), "start": list, "end": list,
+                    "throttled": list}
 
 _EVAL_LINE = re.compile(
     r"^eval\s+step\s+\d+\s*\|\s*tokens\s+(?P<tokens>[\d,]+)\s*\|\s*val loss\s+(?P<loss>\S+)"
@@ -61,6 +71,14 @@ def contract_problem(result: dict) -> str | None:
         value = result[name]
         if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
             return f"the result's '{name}' is {value!r}, not of type {_type_name(kind)}"
+    for name, kind in OPTIONAL_FIELDS.items():
+        if name in result and not isinstance(result[name], kind):
+            return f"the result's '{name}' is {result[name]!r}, not of type {_type_name(kind)}"
+    telemetry = result.get("telemetry", {})
+    for name, kind in TELEMETRY_FIELDS.items():
+        if telemetry and not isinstance(telemetry.get(name), kind):
+            return (f"the result's telemetry.{name} is {telemetry.get(name)!r}, not of type "
+                    f"{_type_name(kind)}")
     if result["schema_version"] != SCHEMA_VERSION:
         return (f"result schema_version {result['schema_version']} but this reader knows "
                 f"version {SCHEMA_VERSION}: bench/protocol.py and train.py disagree")
