@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SYSPY   ?= python3
 
-.PHONY: demo test gpu-check lint
+.PHONY: demo test gpu-check bench bench-compare lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(SYSPY) -m venv $(VENV)
@@ -34,13 +34,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests
 
-# On the GPU: the gpu-marked tests, the kernel and model tests natively, a gpu-small run
-# with triton kernels and with the torch references, and the kernel benchmarks.
+# On the GPU, within 8 minutes: the GPU tests, gpu-small runs with triton kernels and with
+# the torch references, the kernel benchmarks, as one table (bench/gpu_check.py).
 gpu-check:
-	$(SYSPY) -m pytest -q tests/test_kernels*.py tests/test_model.py tests/test_evaluator.py
 	$(SYSPY) -m bench.gpu_check
-	$(SYSPY) -m bench.profile --preset gpu-small --data embedded --steps 3
-	$(SYSPY) -m bench.kernels_bench
+
+# The kernel benchmarks (pytest-benchmark, tests/bench_kernels.py), saved in bench/results/;
+# bench-compare also compares with the last saved run. The GPU machine's Python on a GPU,
+# else the venv's (tiny shapes in Triton's interpreter).
+BENCHPY := $(shell nvidia-smi -L >/dev/null 2>&1 && echo $(SYSPY) || echo $(PY))
+
+bench:
+	$(BENCHPY) -m bench.kernels_bench
+
+bench-compare:
+	$(BENCHPY) -m bench.kernels_bench --compare
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

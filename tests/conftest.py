@@ -56,3 +56,22 @@ def fake_repo(tmp_path_factory) -> Path:
     from fakes.harness import fake_harness_repo
 
     return fake_harness_repo(tmp_path_factory.mktemp("fake-harness") / "repo")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("speedloop kernel benchmarks (tests/bench_kernels.py)")
+    group.addoption("--bench-preset", help="benchmark at this preset's shapes, or 'tiny' "
+                    "(default: gpu-small on CUDA, tiny on the CPU)")
+    group.addoption("--bench-rounds", type=int, help="timed rounds per benchmark")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Every saved benchmark run says which GPU and which torch and triton made it."""
+    import triton
+
+    machine_info["speedloop"] = {
+        "gpu": torch.cuda.get_device_name() if HAS_CUDA else None,
+        "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
