@@ -49,14 +49,16 @@ STEP_LIMITS = {"GPU tests": 150, "gpu-small triton": 170, "gpu-small torch": 170
 class Steps:
     """The check's steps: each one's status, seconds and a short detail, against a deadline."""
 
-    def __init__(self, deadline_s: float):
+    def __init__(self, deadline_s: float, limits: dict[str, float] = STEP_LIMITS,
+                 min_s: float = 10.0):
         self.end = time.monotonic() + deadline_s
+        self.limits, self.min_s = limits, min_s  # a step with less time left is cut
         self.rows: list[dict] = []
 
     def run(self, name: str, cmd: list[str]) -> subprocess.CompletedProcess | None:
         """Run one step's command; None when it failed, timed out or had no time left."""
-        limit = min(STEP_LIMITS[name], self.end - time.monotonic())
-        if limit < 10:
+        limit = min(self.limits[name], self.end - time.monotonic())
+        if limit < self.min_s:
             self.add(name, "cut", 0.0, "no time left before the deadline")
             return None
         t = time.monotonic()
