@@ -21,7 +21,7 @@ FIELDS = {
     "torch_version", "kernels", "compile", "data", "data_fingerprint", "tokens", "steps",
     "train_seconds", "eval_seconds", "wall_seconds", "untimed", "tokens_per_sec", "val_loss",
     "val_bpb", "time_to_target", "mfu", "curve", "twins", "integrity", "flops_per_token",
-    "n_params", "init_fingerprint", "world_size",
+    "n_params", "init_fingerprint", "world_size", "telemetry",
 }  # fmt: skip
 
 
@@ -47,6 +47,8 @@ def test_default_budget_trains_and_reports_every_field(data_cache, tmp_path):
     assert result["status"] == "ok" and result["device"] == "cpu" and result["mfu"] is None
     assert result["tokens"] >= train.PRESETS["cpu-tiny"].budget_tokens
     assert result["kernels"] == "torch" and result["compile"] is False
+    assert result["telemetry"] == {"source": "nvml", "unavailable": "a cpu run: no GPU to read",
+                                   "start": [], "end": [], "throttled": []}
     curve = [row["val_loss"] for row in result["curve"]]
     assert len(curve) >= 5 and curve[-1] < curve[0]
     assert result["val_loss"] < math.log(4096) - 2  # well under the uniform prediction
