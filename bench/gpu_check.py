@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -62,11 +64,16 @@ class Steps:
             self.add(name, "cut", 0.0, "no time left before the deadline")
             return None
         t = time.monotonic()
+        # Its own process group, so a step cut at its limit takes its children with it.
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+            stdout, stderr = child.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
+            _end_group(child)
             self.add(name, "timeout", time.monotonic() - t, f"killed after {limit:.0f} s")
             return None
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
         seconds = time.monotonic() - t
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
@@ -79,6 +86,21 @@ class Steps:
     def add(self, name: str, status: str, seconds: float, detail: str) -> None:
         self.rows.append({"name": name, "status": status, "seconds": seconds, "detail": detail})
         print(f"[gpu-check] {name}: {status} in {seconds:.0f} s {detail}", flush=True)
+
+
+def _end_group(child: subprocess.Popen) -> None:
+    """SIGTERM to the child's process group (train.py unwinds its workers on it), SIGKILL
+    to what is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.communicate(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def pytest_summary(output: str) -> str:

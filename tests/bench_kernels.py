@@ -52,6 +52,14 @@ def many_graphs():
     torch._dynamo.config.recompile_limit = limit
 
 
+@pytest.fixture(autouse=True)
+def release_memory():
+    """Each benchmark's inputs go with it: the next one starts from an empty cache."""
+    yield
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
 def test_kernel(benchmark, request, case, which, impl):
     rounds = request.config.getoption("--bench-rounds") or (25 if CUDA else 2)
     prepared = prepare(case, impl, which, DEVICE, DTYPE)

@@ -2,6 +2,7 @@
 child processes), pytest's summary read back, and its refusal on a machine without CUDA."""
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +13,25 @@ from bench.gpu_check import Steps, pytest_summary
 PY = sys.executable
 
 
-def test_steps_record_ok_failed_timeout_and_cut_against_the_deadline():
-    steps = Steps(deadline_s=5.0, limits={"ok": 30, "bad": 30, "slow": 0.5, "late": 30},
+def test_steps_record_ok_failed_timeout_and_cut_against_the_deadline(tmp_path):
+    steps = Steps(deadline_s=5.0, limits={"ok": 30, "bad": 30, "slow": 1.0, "late": 30},
                   min_s=0.1)
     assert steps.run("ok", [PY, "-c", "print('hi')"]).stdout == "hi\n"
     assert steps.run("bad", [PY, "-c", "import sys; sys.exit('broken input')"]) is None
-    assert steps.run("slow", [PY, "-c", "import time; time.sleep(30)"]) is None
+    # A step whose own child outlives it: the timeout ends the whole process group.
+    pid_file = tmp_path / "pid"
+    slow = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            f"'import time; time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+            "time.sleep(60)")
+    assert steps.run("slow", [PY, "-c", slow]) is None
+    grandchild = Path(f"/proc/{pid_file.read_text()}")
+    assert not grandchild.exists() or "Z" in (grandchild / "stat").read_text().split()[2]
     steps.end = 0.0  # the deadline has passed
     assert steps.run("late", [PY, "-c", "print('never')"]) is None
     assert [(r["name"], r["status"]) for r in steps.rows] == [
         ("ok", "ok"), ("bad", "failed"), ("slow", "timeout"), ("late", "cut")]
     assert steps.rows[1]["detail"] == "exit 1: broken input"
-    assert 0.4 < steps.rows[2]["seconds"] < 5 and steps.rows[2]["detail"] == "killed after 0 s"
+    assert 0.9 < steps.rows[2]["seconds"] < 5 and steps.rows[2]["detail"] == "killed after 1 s"
 
 
 def test_pytest_summary_is_read_from_the_last_line():
