@@ -55,7 +55,7 @@ def track_session(tracker: Tracker, ledger: Ledger, runs: list[int], cand: int) 
     tracker.start_session()
     for run_id in runs:
         run = ledger.run(run_id)
-        tracker.log_run(run, ledger.candidate(run["candidate_id"]))
+        tracker.finish_run(run, ledger.candidate(run["candidate_id"]))
     tracker.log_decision(ledger.candidate(cand))
     tracker.finish()
 
@@ -148,7 +148,7 @@ def test_wandb_errors_become_events_not_crashes(tmp_path, wandb_env, monkeypatch
 
     monkeypatch.setattr(tracker._wandb, "init", broken)
     for run_id in runs:  # three failures in a row turn tracking off
-        tracker.log_run(ledger.run(run_id), ledger.candidate(ledger.run(run_id)
+        tracker.finish_run(ledger.run(run_id), ledger.candidate(ledger.run(run_id)
                                                              ["candidate_id"]))
     texts = [e["text"] for e in ledger.events()]
     failures = [t for t in texts if "could not log a benchmark run" in t]
