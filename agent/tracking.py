@@ -11,7 +11,8 @@ stays open until then, so the tags are set on the run itself (a run left from a 
 process is resumed by id for them). One session run (job type "session") takes the
 session's settings (again when the baseline sets the target) and, at every decision, a
 point, the candidates table and the progress chart: a session killed at any moment keeps
-every decision so far (the transaction log is flushed every FLUSH_S seconds).
+every decision so far (each waits until W&B's service holds it, whose writer flushes the
+file every FLUSH_S seconds).
 
 Mode: an explicit `mode` wins, then WANDB_MODE, then "online" when WANDB_API_KEY is set,
 else "offline" (files under WANDB_DIR or the run directory's wandb/; upload them later
@@ -30,6 +31,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from agent import report
@@ -51,7 +53,7 @@ SESSION_KEYS = ("preset", "objective", "experiments", "hours", "deadline", "trai
                 "target_loss", "seconds", "rules", "gpus", "sandbox")
 X_SECONDS, X_TOKENS = "train_seconds", "tokens"  # the x axes of every live series
 MAX_FAILURES = 3
-FLUSH_S = 0.2  # how often W&B writes the .wandb file: what a kill -9 can lose
+FLUSH_S = 0.05  # how often W&B writes a run's .wandb file: what a kill -9 can lose
 
 
 def resolve_mode(mode: str | None = None) -> str:
@@ -346,6 +348,10 @@ class Tracker:
                         "decision/effect": decision.get("effect"),
                         "decision/p_value": decision.get("p_value")})
         self._session_run.log({k: v for k, v in row.items() if v is not None})
+        # A decision must survive a kill -9 that comes next: `step` returns once W&B's service
+        # holds the row, and its writer puts it in the file within FLUSH_S.
+        assert self._session_run.step >= 0
+        time.sleep(2 * FLUSH_S)
 
     def _table_and_chart(self) -> dict:
         """The candidates table and the progress chart, as the ledger has them now (the
