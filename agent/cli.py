@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             from agent.status_data import print_status
 
             print_status(args.run_dir, as_json=args.json, live=args.watch)
-        if args.command == "show":
+        elif args.command == "show":
             from agent.show import show_text
 
             print(show_text(args.run_dir, args.candidate), end="")

@@ -287,3 +287,29 @@ def test_wandb_errors_become_events_not_crashes(tmp_path, wandb_env, monkeypatch
     assert tracker._session_run is None  # giving up closed the session run
     tracker.finish()  # off now: a no-op
     ledger.close()
+
+
+def test_the_dashboard_workspace_has_its_panels_without_a_server(killed_session, monkeypatch,
+                                                                  capsys):
+    from agent.cli import main
+    from agent.dashboard import workspace_spec
+
+    session_id = wandb_files.state(wandb_files.runs(killed_session / "wandb")["session"])[
+        "run_id"].removesuffix("-session")
+    workspace = workspace_spec(session_id, entity="someone")
+    panels = {s.name: [(type(p).__name__, getattr(p, "x", None),
+                        getattr(p, "y", None) or getattr(p, "metrics", None)
+                        or getattr(p, "table_name", None)) for p in s.panels]
+              for s in workspace.sections}
+    assert ("LinePlot", "decision/experiment", ["decision/speedup", "decision/best_speedup"]) \
+        in panels["progress"]
+    assert ("WeavePanelSummaryTable", None, "candidates") in panels["progress"]
+    assert ("LinePlot", "train_seconds", ["by_seconds/val_loss"]) in panels["loss curves"]
+    assert ("BarPlot", None, ["tokens_per_sec"]) in panels["per run"]
+    assert ("BarPlot", None, ["time_to_target"]) in panels["per run"]
+    assert workspace.runset_settings.filters == f"Group = '{session_id}'"
+    workspace._to_model()  # what save() would send: it builds without a server
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["dashboard", str(killed_session)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: no W&B server for {killed_session}")
