@@ -1,8 +1,9 @@
 """progress.png: each experiment's speedup against the baseline, with its 95% interval as
 whiskers, over the baseline's noise band, and the champion's speedup as a step.
 
-`chart_data` reads what is drawn from a report snapshot (agent/report.py `collect`), so a
-test can check the numbers; `plot` draws them with matplotlib's Agg canvas.
+`chart_data` reads what is drawn from a report snapshot (agent/report.py `collect`, whose
+`write_report` calls `plot`), so a test can check the numbers; `plot` draws them with
+matplotlib's Agg canvas.
 
 What this module must never do: write to the ledger, or show a number it did not get from
 the snapshot.
@@ -11,12 +12,20 @@ the snapshot.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.judge import measure_noise
-from agent.report import CLASSES, Snapshot, short
 from agent.stats import OBJECTIVES
+
+STYLES = {  # a candidate's class (agent/report.py CLASSES) -> (colour, marker)
+    "accepted": ("tab:green", "o"),
+    "rejected": ("tab:gray", "o"),
+    "failed": ("tab:red", "X"),
+    "refused": ("tab:purple", "X"),
+    "held": ("tab:orange", "D"),
+}
 
 BAND_SDS = 2.0  # the noise band: the baseline's run-to-run noise, +/- this many sds
 
@@ -24,7 +33,7 @@ BAND_SDS = 2.0  # the noise band: the baseline's run-to-run noise, +/- this many
 @dataclass
 class Point:
     experiment: int
-    kind: str  # a CLASSES key
+    kind: str  # a STYLES key
     ratio: float | None  # speedup vs the baseline; None: no speed measured
     ci_low: float | None
     ci_high: float | None
@@ -38,7 +47,8 @@ class ChartData:
     best: dict[int, float]  # experiment -> the champion's recorded speedup from there on
 
 
-def chart_data(s: Snapshot) -> ChartData:
+def chart_data(s) -> ChartData:
+    """What `plot` draws, from a report Snapshot `s`."""
     points = [Point(e.candidate["experiment"], e.kind,
                     e.speedup.ratio if e.speedup else None,
                     e.speedup.ci_low if e.speedup else None,
@@ -56,8 +66,8 @@ def chart_data(s: Snapshot) -> ChartData:
     return ChartData(points, band, best)
 
 
-def plot(path: Path, s: Snapshot):
-    """Draw progress.png at `path`; returns the Figure."""
+def plot(path: Path, s):
+    """Draw progress.png at `path` from a report Snapshot `s`; returns the Figure."""
     # Lazily, and without pyplot: `status` needs no matplotlib, and a Figure with the Agg
     # canvas touches no global backend state of the process that imports us.
     from matplotlib.figure import Figure
@@ -73,7 +83,7 @@ def plot(path: Path, s: Snapshot):
                    label=f"baseline noise (±{BAND_SDS:g} sd)")
     if s.base is not None:
         ax.scatter([0], [1.0], c="black", marker="D", s=40, zorder=3, label="baseline")
-    for kind, (colour, marker, _) in CLASSES.items():
+    for kind, (colour, marker) in STYLES.items():
         mine = [p for p in data.points if p.kind == kind]
         measured = [p for p in mine if p.ratio is not None]
         style = {"c": colour, "marker": marker, "s": 40, "zorder": 3}
@@ -96,7 +106,8 @@ def plot(path: Path, s: Snapshot):
     kept = [p for p in data.points if p.kind == "accepted" and p.ratio is not None]
     for k, p in enumerate(kept):  # labels alternate above and below, point inwards at the end
         right = p.experiment > 0.6 * last_x
-        ax.annotate(short(p.description, 36), (p.experiment, p.ratio),
+        label = textwrap.shorten(p.description, 36, placeholder="…")
+        ax.annotate(label, (p.experiment, p.ratio),
                     xytext=(-6 if right else 6, 8 if k % 2 == 0 else -14),
                     textcoords="offset points", ha="right" if right else "left", fontsize=8,
                     color="darkgreen", in_layout=False,

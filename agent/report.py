@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from agent import progress_chart
 from agent.judge import comparable, measure_noise
 from agent.ledger import Ledger
 from agent.liveness import STARTED, STOPPED, Liveness, liveness, when
@@ -41,14 +42,10 @@ from agent.stats import (
     speedup_vs_baseline,
 )
 
-# Candidate classes: the colours of progress.png and the status column of results.tsv.
-CLASSES = {  # class -> (colour, marker, autoresearch status)
-    "accepted": ("tab:green", "o", "keep"),
-    "rejected": ("tab:gray", "o", "discard"),
-    "failed": ("tab:red", "X", "crash"),
-    "refused": ("tab:purple", "X", "discard"),
-    "held": ("tab:orange", "D", "discard"),  # held for a human's review: not kept (yet)
-}
+# Candidate classes, with the status column of results.tsv (autoresearch's); progress.png
+# gives each its colour (agent/progress_chart.py STYLES).
+CLASSES = {"accepted": "keep", "rejected": "discard", "failed": "crash", "refused": "discard",
+           "held": "discard"}  # held for a human's review: not kept (yet)
 TSV_EXTRA = ("speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low", "ci_high",
              "p_value", "runs", "val_loss", "outcome", "proposer", "candidate", "caught_by")
 
@@ -309,7 +306,7 @@ def _results(s: Snapshot) -> tuple[list[str], list[list]]:
         rows.append([
             (c["commit_sha"] or "-")[:7], float(np.mean(values)) if values else None,
             max(memory) / 2**30 if memory else None,
-            "keep" if e is s.base else CLASSES[e.kind][2],
+            "keep" if e is s.base else CLASSES[e.kind],
             ("baseline: " if e is s.base else "") + " ".join(c["description"].split()),
             *((sp.ratio, sp.ci_low, sp.ci_high) if sp else (None, None, None)),
             d.get("effect"), d.get("ci_low"), d.get("ci_high"), d.get("p_value"), len(e.runs),
@@ -342,8 +339,6 @@ def _tsv(s: Snapshot) -> str:
 
 def write_report(run_dir: str | Path) -> ReportPaths:
     """Write report.md, progress.png and results.tsv in `run_dir` from its ledger."""
-    from agent import progress_chart  # it draws what this module collects
-
     s, where = collect(run_dir), RunDir(run_dir)
     paths = ReportPaths(where.report_md, where.progress_png, where.results_tsv)
     paths.report.write_text(_markdown(s))
