@@ -313,3 +313,16 @@ def test_the_dashboard_workspace_has_its_panels_without_a_server(killed_session,
     assert main(["dashboard", str(killed_session)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: no W&B server for {killed_session}")
+
+
+def test_no_weave_suggestion_offline_and_a_users_setting_wins(monkeypatch):
+    from wandb.integration.weave.weave import _is_weave_disabled
+
+    from agent.tracking import quiet_weave
+
+    monkeypatch.delenv("WANDB_DISABLE_WEAVE", raising=False)
+    quiet_weave("offline")
+    assert _is_weave_disabled()  # W&B's own reading of the switch: no "install Weave"
+    monkeypatch.setenv("WANDB_DISABLE_WEAVE", "false")
+    quiet_weave("offline")
+    assert not _is_weave_disabled()
