@@ -272,8 +272,7 @@ def timed_run(args: argparse.Namespace, preset, data: Data, trainer: Trainer,
                 print(f"diverged at step {steps}: train loss {loss}", flush=True)
                 break
             elapsed = clock.elapsed()
-            print(f"train  step {steps:5d} | tokens {tokens:>11,} | loss {loss:.4f} | "
-                  f"{tokens / max(elapsed, 1e-9):,.0f} tok/s | {elapsed:.1f}s", flush=True)
+            print(protocol.train_line(steps, tokens, loss, elapsed), flush=True)
         progress = budget.progress(tokens, clock)
         if pending and pending[0] <= progress < 1.0:
             while pending and pending[0] <= progress:

@@ -52,6 +52,7 @@ def measure_baseline(measurer: Measurer, event) -> dict:
             raise SessionStop(f"the baseline's calibration run failed: {result['status']}")
         cfg.seconds = round(result["train_seconds"], 1)
         ledger.set_session(asdict(cfg))
+        measurer.tracker.update_session(asdict(cfg))
         event(f"time budget {cfg.seconds:g} s per run")
     attempts = 0
     while len(ok()) < cfg.baseline_runs:
@@ -65,6 +66,7 @@ def measure_baseline(measurer: Measurer, event) -> dict:
         finals = [r["val_loss"] for r in ok()]
         cfg.target_loss, slack = target_loss(finals, cfg.target_slack)
         ledger.set_session(asdict(cfg))
+        measurer.tracker.update_session(asdict(cfg))
         # The replicates' crossing times are read off their curves from now on
         # (judge.comparable): they ran without a target.
         event(f"target loss {cfg.target_loss:.4f} (worst baseline replicate "
@@ -73,5 +75,6 @@ def measure_baseline(measurer: Measurer, event) -> dict:
     decision = Decision("accept", f"the baseline, measured {len(runs)} times", 1.0, None,
                         None, None, None, 0, len(runs), None)
     ledger.record_decision(baseline["id"], "accept", decision, speedup=1.0)
+    measurer.tracker.log_decision(ledger.candidate(baseline["id"]))
     event(f"baseline measured {len(runs)} times; it is the first champion")
     return ledger.candidate(baseline["id"])

@@ -4,7 +4,9 @@
     python -m agent run --resume D [--experiments N] [--hours H] [--deadline T] [--budget-usd X]
     python -m agent replay LADDER [--preset P] [--runs N] [--rungs FROM:TO] ...
     python -m agent replay --resume D
-    python -m agent status D
+    python -m agent status D [--json | --watch]
+    python -m agent show D ID
+    python -m agent dashboard D
     python -m agent report D
     python -m agent review --run-dir D [ID --accept|--reject [--note TEXT]]
     python -m agent clean [--repo R] [--dry-run]
@@ -35,7 +37,6 @@ from agent.report import write_report
 from agent.review import ReviewError
 from agent.rundir import RunDir
 from agent.stats import OBJECTIVES
-from agent.status import status_text
 from agent.tracking import resolve_mode
 from agent.workspace import GitError
 from bench.leaderboards import LadderError
@@ -102,9 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     verdict.add_argument("--reject", action="store_true", help="reject it")
     review.add_argument("--note", default="", help="why, kept in the ledger with the verdict")
 
-    for name, text in (("status", "where a session stands"), ("report", "write the report")):
+    for name, text in (("status", "where a session stands"), ("report", "write the report"),
+                       ("show", "one candidate in full"),
+                       ("dashboard", "save a W&B workspace for the session (online)")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("run_dir", type=Path, metavar="D", help="the session directory")
+        if name == "show":
+            cmd.add_argument("candidate", type=int, metavar="ID", help="a candidate's id")
+        if name == "status":
+            view = cmd.add_mutually_exclusive_group()
+            view.add_argument("--json", action="store_true", help="everything, as JSON")
+            view.add_argument("--watch", action="store_true",
+                              help="a live view, refreshed every 2 s (Ctrl-C ends it)")
 
     clean = sub.add_parser(
         "clean", help="remove the worktrees, branches and refs of finished or abandoned sessions"
@@ -377,7 +387,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         require_ledger(args.run_dir)
         if args.command == "status":
-            print(status_text(args.run_dir))
+            from agent.status_data import print_status
+
+            print_status(args.run_dir, as_json=args.json, live=args.watch)
+        elif args.command == "show":
+            from agent.show import show_text
+
+            print(show_text(args.run_dir, args.candidate), end="")
+        elif args.command == "dashboard":
+            from agent.dashboard import save
+
+            print(save(args.run_dir))
         else:
             for path in write_report(args.run_dir):
                 print(path)

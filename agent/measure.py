@@ -4,8 +4,8 @@
 ledger (its files named by the ledger's run id), checks the fixed files against their
 hashes at session start (`fixed-hash`: a changed harness never runs), runs train.py
 through the runner with the session's timeout and early-stop rule, and records the
-outcome in the ledger and W&B. It also profiles the champion for the LLM proposers, the
-same way, under the device lock.
+outcome in the ledger and W&B (whose run is live: train.py's lines stream into it). It
+also profiles the champion for the LLM proposers, the same way, under the device lock.
 
 What this module must never do: run candidate code in the engine's process (the runner
 starts train.py; the profile runs as a child too), reuse a seed, or let a stale result,
@@ -82,6 +82,7 @@ class Measurer:
             lock_path=lock_path(self.config.device))  # fmt: skip
         name = run_name(run_id, cid, role, seed)
         log = self.run_dir.log(name)
+        self.tracker.start_run(self.ledger.run(run_id), candidate)
         # The final weights, for the holdout check at acceptance; a champion's
         # re-measurements are evaluated at the next check too: more runs, more power.
         checkpoint = self.run_dir.checkpoint(name)
@@ -102,7 +103,7 @@ class Measurer:
             checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
         self.ledger.finish_run(run_id, outcome.status, outcome.result, outcome.error,
                                outcome.wall_seconds)  # fmt: skip
-        self.tracker.log_run(self.ledger.run(run_id), self.ledger.candidate(cid))
+        self.tracker.finish_run(self.ledger.run(run_id), self.ledger.candidate(cid))
         if outcome.returncode == protocol.EXIT_USAGE and role in ("baseline", "champion"):
             # The champion's own code refused the session's settings (a dataset gone, say):
             # every run would, so stop now and say why. A candidate's exit 2 is its crash.
@@ -126,6 +127,7 @@ class Measurer:
             extra_args=list(cfg.train_args) + self.objective_args(), device=cfg.device,
             nproc=cfg.gpus, early_stop=early_stop, checkpoint=checkpoint, sandbox=cfg.sandbox,
             on_lock=lambda lock: self.ledger.lock_taken(run_id, lock.waited_s),
+            on_line=lambda line: self.tracker.run_line(run_id, line),
         )  # fmt: skip
         try:
             with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):

@@ -1,5 +1,6 @@
-"""What a session found, derived from its ledger alone: report.md, progress.png and
-results.tsv, from one snapshot of the ledger (`collect`, which `status` reads too).
+"""What a session found, derived from its ledger alone: report.md, progress.png (drawn by
+agent/progress_chart.py) and results.tsv, from one snapshot of the ledger (`collect`,
+which `status` reads too).
 
 Two kinds of numbers appear side by side, and the names keep them apart:
 - `speedup`: a candidate against the baseline, measured here from the ledger's runs (ratio
@@ -27,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from agent import progress_chart
 from agent.judge import comparable, measure_noise
 from agent.ledger import Ledger
 from agent.liveness import STARTED, STOPPED, Liveness, liveness, when
@@ -41,14 +43,10 @@ from agent.stats import (
 )
 from bench.telemetry import flagged
 
-# Candidate classes: the colours of progress.png and the status column of results.tsv.
-CLASSES = {  # class -> (colour, marker, autoresearch status)
-    "accepted": ("tab:green", "o", "keep"),
-    "rejected": ("tab:gray", "o", "discard"),
-    "failed": ("tab:red", "X", "crash"),
-    "refused": ("tab:purple", "X", "discard"),
-    "held": ("tab:orange", "D", "discard"),  # held for a human's review: not kept (yet)
-}
+# Candidate classes, with the status column of results.tsv (autoresearch's); progress.png
+# gives each its colour (agent/progress_chart.py STYLES).
+CLASSES = {"accepted": "keep", "rejected": "discard", "failed": "crash", "refused": "discard",
+           "held": "discard"}  # held for a human's review: not kept (yet)
 TSV_EXTRA = ("speedup", "speedup_ci_low", "speedup_ci_high", "effect", "ci_low", "ci_high",
              "p_value", "runs", "val_loss", "outcome", "proposer", "candidate", "caught_by")
 
@@ -320,7 +318,7 @@ def _results(s: Snapshot) -> tuple[list[str], list[list]]:
         rows.append([
             (c["commit_sha"] or "-")[:7], float(np.mean(values)) if values else None,
             max(memory) / 2**30 if memory else None,
-            "keep" if e is s.base else CLASSES[e.kind][2],
+            "keep" if e is s.base else CLASSES[e.kind],
             ("baseline: " if e is s.base else "") + " ".join(c["description"].split()),
             *((sp.ratio, sp.ci_low, sp.ci_high) if sp else (None, None, None)),
             d.get("effect"), d.get("ci_low"), d.get("ci_high"), d.get("p_value"), len(e.runs),
@@ -351,68 +349,13 @@ def _tsv(s: Snapshot) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, s: Snapshot) -> None:
-    # Lazily, and without pyplot: `status` needs no matplotlib, and a Figure with the Agg
-    # canvas touches no global backend state of the process that imports us.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    rows = [e for e in s.rows if e.kind != "pending"]
-    fig = Figure(figsize=(11, 6), dpi=110, layout="constrained")
-    # Top: measured speedups. Bottom strip: experiments that measured no speed.
-    ax, strip = fig.subplots(2, 1, sharex=True, height_ratios=[8, 1])
-    ax.axhline(1.0, color="0.75", lw=1, ls="--", zorder=0)
-    if s.base is not None:
-        ax.scatter([0], [1.0], c="black", marker="D", s=40, zorder=3, label="baseline")
-    for kind, (colour, marker, _) in CLASSES.items():
-        mine = [e for e in rows if e.kind == kind]
-        measured = [(e.candidate["experiment"], e.speedup.ratio) for e in mine if e.speedup]
-        unmeasured = [e.candidate["experiment"] for e in mine if not e.speedup]
-        style = {"c": colour, "marker": marker, "s": 40, "zorder": 3}
-        ax.scatter(*zip(*measured) if measured else ([], []), label=f"{kind} ({len(mine)})",
-                   **style)
-        strip.scatter(unmeasured, [0] * len(unmeasured), **style)
-    # Best so far: the champion's speedup as the ledger recorded it, a step per acceptance.
-    last_x = max((e.candidate["experiment"] for e in rows), default=0)
-    best = {s.candidate(row["candidate_id"])["experiment"] or 0: row["speedup"]
-            for row in s.champions}
-    if best:
-        xs = sorted(best)
-        ax.step([*xs, max(last_x, xs[-1])], [*(best[x] for x in xs), best[xs[-1]]],
-                where="post", color="tab:green", lw=2, alpha=0.6, label="best so far",
-                zorder=2)
-    kept = [e for e in rows if e.kind == "accepted" and e.speedup]
-    for k, e in enumerate(kept):  # labels alternate above and below, point inwards at the end
-        x = e.candidate["experiment"]
-        right = x > 0.6 * last_x
-        ax.annotate(short(e.candidate["description"], 36), (x, e.speedup.ratio),
-                    xytext=(-6 if right else 6, 8 if k % 2 == 0 else -14),
-                    textcoords="offset points", ha="right" if right else "left", fontsize=8,
-                    color="darkgreen", in_layout=False,
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
-                          "alpha": 0.7})
-    ax.margins(y=0.15)
-    ax.set_ylabel(f"speedup vs baseline (×, from {OBJECTIVES[s.objective][0]})")
-    ax.set_title(f"speedloop {s.session['id']}: {s.session['config'].get('preset', '')} "
-                 f"{s.objective}, {len(rows)} experiments")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    strip.set_xlim(-0.5, max(last_x, 1) + 0.5)
-    strip.xaxis.set_major_locator(MaxNLocator(integer=True))
-    strip.set_yticks([0], ["no speed\nmeasured"], fontsize=8)
-    strip.set_ylim(-1, 1)
-    strip.grid(axis="x", alpha=0.3)
-    strip.set_xlabel("experiment")
-    fig.savefig(path)
-
-
 def write_report(run_dir: str | Path) -> ReportPaths:
     """Write report.md, progress.png and results.tsv in `run_dir` from its ledger."""
     s, where = collect(run_dir), RunDir(run_dir)
     paths = ReportPaths(where.report_md, where.progress_png, where.results_tsv)
     paths.report.write_text(_markdown(s))
     paths.results.write_text(_tsv(s))
-    _plot(paths.progress, s)
+    progress_chart.plot(paths.progress, s)
     return paths
 
 

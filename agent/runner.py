@@ -5,7 +5,8 @@ worktree, as a supervised child (agent/child.py: its own process group, killed w
 its processes at the timeout), holding a per-device lock so that no two benchmarks on one
 machine share a CPU or a GPU and corrupt each other's timings. Stdout and stderr stream into
 a log file line by line; eval lines are parsed as they arrive so that a candidate falling
-clearly behind the champion can be stopped early. The outcome is one of `STATUSES` (the
+clearly behind the champion can be stopped early, and every stdout line goes to
+`spec.on_line` as it comes (the live W&B run). The outcome is one of `STATUSES` (the
 one list of run outcomes; the ledger stores them), with the parsed result JSON when there
 is one.
 
@@ -73,6 +74,7 @@ class RunSpec:
     sandbox: bool = True  # False: train.py --no-sandbox (the result is marked untrusted)
     kill_grace_s: float = 5.0  # between SIGTERM and SIGKILL, for the run to release its GPU
     on_lock: Callable[[DeviceLock], None] | None = None  # called once the lock is held
+    on_line: Callable[[str], None] | None = None  # each stdout line as it comes (live W&B)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def run(spec: RunSpec) -> RunOutcome:
         _log_note(log, f"$ {' '.join(cmd)}  (in {worktree})")
         if lock.waited_s > 0:
             _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")
-        watch = _Watch(log, spec.early_stop)
+        watch = _Watch(log, spec.early_stop, spec.on_line)
         started = time.monotonic()
         proc = child.start(cmd, worktree, _child_env(spec))
         try:
@@ -162,9 +164,11 @@ def device_locks(spec: RunSpec) -> Iterator[DeviceLock]:
 class _Watch:
     """Splits the child's output into lines, logs them, and keeps what classification needs."""
 
-    def __init__(self, log, early_stop: EarlyStop | None):
+    def __init__(self, log, early_stop: EarlyStop | None,
+                 on_line: Callable[[str], None] | None = None):
         self.log = log
         self.early_stop = early_stop
+        self.on_line = on_line
         self.partial = {"stdout": b"", "stderr": b""}
         self.last_stdout_line = ""
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -199,6 +203,12 @@ class _Watch:
             return
         if line.strip():
             self.last_stdout_line = line
+        if self.on_line is not None:
+            try:
+                self.on_line(line)
+            except Exception as err:  # a watcher's failure must not touch the run
+                self.on_line = None
+                _log_note(self.log, f"stopped passing lines on: {type(err).__name__}: {err}")
         point = protocol.parse_eval_line(line)
         if point is not None:
             self.curve.append(point)

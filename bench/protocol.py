@@ -1,9 +1,10 @@
 """The contract between the harness (train.py) and whoever runs it (agent/runner.py, a user),
 declared once: the result schema, the exit codes, and the progress lines with their parser.
 
-train.py prints the lines with `eval_line` and writes a result with the fields below;
-the runner parses the lines with `parse_eval_line` and checks results with
-`contract_problem`. Change a format here and both sides change together.
+train.py prints the lines with `eval_line` and `train_line` and writes a result with the
+fields below; the runner parses the lines with `parse_eval_line` and `parse_train_line`
+(early stopping, the live W&B run) and checks results with `contract_problem`. Change a
+format here and both sides change together.
 """
 
 from __future__ import annotations
@@ -56,6 +57,33 @@ def parse_eval_line(line: str) -> dict | None:
         return None
     return {"tokens": int(match["tokens"].replace(",", "")), "seconds": float(match["seconds"]),
             "val_loss": float(match["loss"])}
+
+
+_TRAIN_LINE = re.compile(
+    r"^train\s+step\s+(?P<steps>\d+)\s*\|\s*tokens\s+(?P<tokens>[\d,]+)\s*\|\s*loss\s+(?P<loss>\S+)"
+    r"\s*\|\s*(?P<speed>[\d,.]+) tok/s\s*\|\s*(?P<seconds>[\d.]+)s"
+)
+
+
+def train_line(steps: int, tokens: int, loss: float, seconds: float) -> str:
+    """The line the harness prints every --log-every steps: the trainer's own word on its
+    loss (logged for people to watch, never used to judge), the tokens sent and the time."""
+    return (f"train  step {steps:5d} | tokens {tokens:>11,} | loss {loss:.4f} | "
+            f"{tokens / max(seconds, 1e-9):,.0f} tok/s | {seconds:.1f}s")
+
+
+def parse_train_line(line: str) -> dict | None:
+    """{steps, tokens, seconds, train_loss, tokens_per_sec} of a train line, or None."""
+    match = _TRAIN_LINE.match(line)
+    if match is None:
+        return None
+    try:
+        loss = float(match["loss"])
+    except ValueError:
+        return None
+    return {"steps": int(match["steps"]), "tokens": int(match["tokens"].replace(",", "")),
+            "seconds": float(match["seconds"]), "train_loss": loss,
+            "tokens_per_sec": float(match["speed"].replace(",", ""))}
 
 
 def violation(check: str, detail: str) -> dict:

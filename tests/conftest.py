@@ -75,3 +75,38 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cuda": torch.version.cuda, "torch": torch.__version__, "triton": triton.__version__,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
+
+
+@pytest.fixture(scope="session")
+def killed_session(fake_repo, tmp_path_factory) -> Path:
+    """A session on the fake harness with W&B offline, killed with SIGKILL right after its
+    fourth decision (tests/fakes/killed_session.py): the baseline, then an accept, a
+    refusal, a reject and a step held for review. Returns its run directory, whose wandb/
+    holds the offline runs. Tests only read it."""
+    import signal
+    import subprocess
+    import sys
+
+    from fakes.harness import patch_of
+
+    root = tmp_path_factory.mktemp("killed-session")
+    patches = root / "patches"
+    patches.mkdir()
+    speed = lambda old, new: patch_of(fake_repo, {"model/speed.txt": new}).replace(  # noqa: E731
+        "-1.0", f"-{old}")
+    for name, old, new in (("01-faster", "1.0", "1.3\n"), ("02-stale", "0.7", "0.5\n"),
+                           ("03-slower", "1.3", "1.2\n"), ("04-implausible", "1.3", "4.0\n")):
+        (patches / f"{name}.patch").write_text(speed(old, new))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "PYTHONPATH": str(fake_repo), "SPEEDLOOP_LOCKS": str(root / "locks")}
+    for name in ("WANDB_API_KEY", "WANDB_DIR", "SPEEDLOOP_FAULT_AT", "SPEEDLOOP_FAULT_TRACE"):
+        env.pop(name, None)
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[name] = str(root / name)
+    script = Path(__file__).parent / "fakes" / "killed_session.py"
+    run_dir = root / "session"
+    done = subprocess.run([sys.executable, str(script), str(fake_repo), str(run_dir),
+                           str(patches), "4"], cwd=fake_repo, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    return run_dir

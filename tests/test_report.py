@@ -290,3 +290,27 @@ def test_a_sandboxed_session_has_no_such_warning(session):
     run_dir, _, _ = session
     assert "UNTRUSTED" not in (run_dir / "report.md").read_text()
     assert "UNTRUSTED" not in status_text(run_dir)
+
+
+def test_the_progress_chart_draws_each_interval_over_the_baseline_noise(session, tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from agent import progress_chart
+    from agent.report import collect
+
+    run_dir, ids, _ = session
+    s = collect(run_dir)
+    data = progress_chart.chart_data(s)
+    low, high = data.band
+    assert low < 1.0 < high and math.isclose(low * high, 1.0)  # symmetric on the log scale
+    fast = next(p for p in data.points if p.description.startswith("lr 0.02"))
+    assert fast.ci_low < fast.ratio < fast.ci_high
+    fig = progress_chart.plot(tmp_path / "p.png", s)
+    ax = fig.axes[0]
+    whiskers = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    drawn = sorted(y for c in whiskers for seg in c.lines[2][0].get_segments()
+                   for y in seg[:, 1])
+    expected = sorted(y for p in data.points if p.ci_low is not None
+                      for y in (p.ci_low, p.ci_high))
+    assert expected and drawn == pytest.approx(expected)
+    assert any(t.get_text().startswith("baseline noise") for t in ax.get_legend().get_texts())

@@ -79,14 +79,18 @@ def description(name: str, old: float, new: float) -> str:
     return f"{PREFIX}{name} {old:g} -> {new:g}"
 
 
+def knob_of(text: str | None) -> dict | None:
+    """{knob, from, to} of a sweep candidate's description, else None."""
+    match = re.fullmatch(rf"{PREFIX}(\w+) (\S+) -> (\S+)", text or "")
+    if match is None:
+        return None
+    return {"knob": match.group(1), "from": float(match.group(2)), "to": float(match.group(3))}
+
+
 def tried(history: list[dict]) -> set[tuple[str, float]]:
     """(knob, value) pairs already proposed by the sweep in this session."""
-    seen = set()
-    for row in history:
-        match = re.fullmatch(rf"{PREFIX}(\w+) \S+ -> (\S+)", row.get("description") or "")
-        if match:
-            seen.add((match.group(1), float(match.group(2))))
-    return seen
+    knobs = (knob_of(row.get("description")) for row in history)
+    return {(k["knob"], k["to"]) for k in knobs if k}
 
 
 class SweepProposer:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench.protocol import SCHEMA_VERSION
+from bench.protocol import SCHEMA_VERSION, eval_line, train_line
 
 # What the engine reads of the harness: each preset's device, default data and target.
 PRESETS = {"cpu-tiny": SimpleNamespace(device="cpu", data="embedded", target_loss=None)}
@@ -46,8 +46,11 @@ def main(argv):
     speed = float(Path("model/speed.txt").read_text())
     loss = 5.0 + 0.002 * rng.gauss(0, 1)
     print("clock start", flush=True)
-    time.sleep(0.01)
+    for step in (1, 2):  # the progress lines of train.py, for whoever watches them
+        time.sleep(0.005)
+        print(train_line(step, 2048 * step, loss + 1 / step, 0.005 * step), flush=True)
     print("clock pause", flush=True)
+    print(eval_line(2, 4096, loss, 0.01), flush=True)
     result = {
         "schema_version": SCHEMA_VERSION, "status": "ok", "sandbox": "--no-sandbox" not in argv,
         "preset": flag(argv, "--preset"), "seed": seed,
