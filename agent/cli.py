@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hours", type=float, help="stop after H hours")
     run.add_argument("--deadline", help="stop at this local time, e.g. 2026-11-28T07:00")
     run.add_argument("--baseline-runs", type=int, help="baseline replicates (>= 2; default 3)")
+    run.add_argument("--max-runs", type=int,
+                     help="runs of a candidate at most before the judge must decide (>= 2; "
+                     "default 8: fewer is cheaper and less able to see a small gain)")
     run.add_argument(
         "--max-speedup", type=float,
         help="hold a step faster than this over the champion for `review` (default 2.0)",
@@ -221,6 +224,8 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
         device=PRESETS[args.preset].device, gpus=args.gpus, rules=args.rules, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
+        judge={} if args.max_runs is None else {"max_replicates": args.max_runs,
+                                                 "min_replicates": min(3, args.max_runs)},
     )  # fmt: skip
 
 

@@ -32,12 +32,13 @@ LIMITS = {
     "experiments": (1, False), "hours": (0, True), "budget_tokens": (1, False),
     "baseline_runs": (2, False), "runs": (1, False), "gpus": (1, False),
     "budget_usd": (0, True), "max_usd_per_candidate": (0, True), "max_turns": (2, False),
-    "agent_timeout": (0, True), "max_speedup": (1, True),
+    "agent_timeout": (0, True), "max_speedup": (1, True), "max_runs": (2, False),
 }  # fmt: skip
 WHY = {
     "baseline_runs": " (the judge measures the noise from at least 2)",
     "max_turns": " (a candidate needs at least 2 turns)",
     "max_speedup": " (a speed ratio over the champion)",
+    "max_runs": " (the judge's test needs at least 2 runs of a candidate)",
 }
 
 

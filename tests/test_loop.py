@@ -175,7 +175,7 @@ def test_an_llm_session_drafts_in_the_background_and_records_every_request(repo,
                                category="schedule"))  # fmt: skip
         run_dir = tmp_path / "session"
         keyed = {**env, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": api.url}
-        args = ["run", *SHORT, "--objective", "throughput", "--experiments", "3"]
+        args = ["run", *SHORT, "--objective", "throughput", "--experiments", "3", "--max-runs", "2"]
         proc = agent(repo, keyed, *args, "--proposer", "anthropic", "--run-dir", str(run_dir))
         served = api.served_usage()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -234,3 +234,16 @@ def test_allow_flagged_and_max_speedup_are_session_settings(tmp_path):
     config = session_config(args, tmp_path)
     assert config.allow_flagged and config.acceptance_config().max_speedup == 3.0
     assert not session_config(build_parser().parse_args(["run"]), tmp_path).allow_flagged
+
+
+def test_max_runs_bounds_the_judge_and_is_checked(tmp_path):
+    from agent.cli import build_parser, session_config
+    from agent.config import SessionStop
+
+    config = session_config(build_parser().parse_args(["run", "--max-runs", "2"]), tmp_path)
+    judge = config.judge_config()
+    assert (judge.min_replicates, judge.max_replicates) == (2, 2)
+    default = session_config(build_parser().parse_args(["run"]), tmp_path).judge_config()
+    assert (default.min_replicates, default.max_replicates) == (3, 8)
+    with pytest.raises(SessionStop, match="--max-runs 1: give at least 2"):
+        session_config(build_parser().parse_args(["run", "--max-runs", "1"]), tmp_path)
