@@ -48,6 +48,7 @@ from bench.candidate import (
     fingerprint_file,
 )
 from bench.curves import eval_points, interpolate_target
+from bench.disturbance import run_delay_seconds, steal_seconds
 from bench.hardware import mfu
 from bench.harness import Budget, Clock, Data, Evaluations, held_device, work_dir
 from bench.presets import PRESETS, Setup, UsageError, add_setup_arguments, resolve_setup
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
 
         evaluations = Evaluations(trainer, forward, data.val, device, violations)
         cpu_before = trainer.cpu_times()
+        waited, stolen = run_delay_seconds(trainer.processes()), steal_seconds()
         # The GPUs' clocks, power, heat and throttle reasons just outside the clock.
         gpus = visible_gpus(args.nproc) if device.type == "cuda" else ()
         telemetry = Telemetry.open(device.type, gpus)
@@ -174,6 +176,10 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
         if gpu_telemetry["throttled"]:
             print(f"the GPU throttled: {', '.join(gpu_telemetry['throttled'])}", flush=True)
         cpu_seconds, extra = extra_cpu(cpu_before, trainer.cpu_times(), threads or 1 << 16)
+        # What a neighbour took from the timed region (bench/disturbance.py): the engine
+        # re-runs a disturbed run instead of counting it.
+        waited = run_delay_seconds(trainer.processes()) - waited
+        stolen = steal_seconds() - stolen
         allowed = CPU_EXTRA_FRACTION * timed["train_seconds"] + CPU_EXTRA_S
         if device.type == "cpu" and args.nproc == 1 and extra > allowed:
             violations.append(protocol.violation(
@@ -223,7 +229,8 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
         },
         "tokens_per_sec": tokens_per_sec,
         "cpu_usage": {"threads": threads, "trainer_cpu_seconds": cpu_seconds,
-                      "beyond_threads_seconds": extra,
+                      "beyond_threads_seconds": extra, "run_delay_seconds": waited,
+                      "steal_seconds": stolen,
                       "load_start": load_start[0], "load_end": os.getloadavg()[0]},
         "val_loss": final["val_loss"] if final else None,
         "val_bpb": final["val_bpb"] if final else None,

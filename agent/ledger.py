@@ -308,6 +308,22 @@ class Ledger(Store):
                 db.execute("INSERT INTO events (time, text) VALUES (?, ?)",
                            (now(), f"run {run_id} throttled: {', '.join(throttled)}"))
 
+    def discard_run(self, run_id: int, reason: str, result: Mapping | None,
+                    wall_seconds: float | None) -> None:
+        """Record a finished run that must not count (measured while the machine was
+        disturbed): discarded with `reason`, its result kept for the record, an event said."""
+        with self._write() as db:
+            row = self._one("SELECT state FROM runs WHERE id = ?", (run_id,))
+            if row is None or row["state"] != "running":
+                state = "missing" if row is None else row["state"]
+                raise LedgerError(f"cannot discard run {run_id}: it is {state}, not running")
+            db.execute("UPDATE runs SET state = 'discarded', result = ?, error = ?, "
+                       "wall_seconds = ?, finished_at = ? WHERE id = ?",
+                       (None if result is None else json.dumps(dict(result)), reason,
+                        wall_seconds, now(), run_id))
+            db.execute("INSERT INTO events (time, text) VALUES (?, ?)",
+                       (now(), f"run {run_id} discarded, to be run again: {reason}"))
+
     def discard_unfinished_runs(self, reason: str = "the session stopped while it ran "
                                 "(discarded on resume, never counted)") -> list[int]:
         """On resume: mark every run still 'running' as discarded with `reason`, in one

@@ -21,6 +21,7 @@ from fakes.repo import git, working_tree_repo
 TRAIN = '''\
 """A fake train.py (tests/fakes/harness.py): train.py's result contract in milliseconds."""
 import json
+import os
 import random
 import sys
 import time
@@ -58,6 +59,12 @@ def main(argv):
         "train_seconds": 0.01, "val_loss": loss, "time_to_target": None,
         "curve": [{"tokens": 4096, "seconds": 0.01, "val_loss": loss}],
     }
+    # FAKE_DISTURBED: a file holding how many of the next runs wait for a CPU half their
+    # timed seconds (as if a neighbour took their core); each such run counts one down.
+    disturb = Path(os.environ.get("FAKE_DISTURBED", "/nonexistent"))
+    if disturb.is_file() and int(disturb.read_text()) > 0:
+        disturb.write_text(str(int(disturb.read_text()) - 1))
+        result["cpu_usage"] = {"run_delay_seconds": 0.005, "steal_seconds": 0.0}
     if flag(argv, "--checkpoint"):
         Path(flag(argv, "--checkpoint")).write_text(json.dumps({"val_loss": loss, "seed": seed}))
     if flag(argv, "--out"):
