@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", help="stop at this local time, e.g. 2026-11-28T07:00")
     run.add_argument("--baseline-runs", type=int, help="baseline replicates (>= 2; default 3)")
     run.add_argument(
+        "--loss-margin", type=float,
+        help="nats the candidate's val loss may be worse than the champion's (default 0.01)",
+    )  # fmt: skip
+    run.add_argument(
         "--max-speedup", type=float,
         help="hold a step faster than this over the champion for `review` (default 2.0)",
     )  # fmt: skip
@@ -211,6 +215,7 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
         device=PRESETS[args.preset].device, gpus=args.gpus, rules=args.rules, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
+        judge={} if args.loss_margin is None else {"loss_margin": args.loss_margin},
     )  # fmt: skip
 
 
