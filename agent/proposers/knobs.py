@@ -166,6 +166,11 @@ def _value_nodes(tree: ast.Module, preset: str, origin: str) -> dict[str, ast.ex
     return nodes
 
 
+# The integer fields of a recipe's shape, which `check` holds to its rules.
+SHAPE = ("model.n_layer", "model.n_embd", "model.n_head", "model.seq_len", "seq_len",
+         "batch_size", "micro_batch_size")
+
+
 def edits(recipe: RecipeText, point: dict, eval_seq_len: int, gpus: int = 1) -> dict:
     """The field values that put the recipe at `point` (knob name -> value), with what
     depends on the knobs that change; raises ValueError if the result would be invalid."""
@@ -186,17 +191,9 @@ def edits(recipe: RecipeText, point: dict, eval_seq_len: int, gpus: int = 1) -> 
         else:
             out["micro_batch_size"] = max(d for d in range(1, min(micro, batch) + 1)
                                           if batch % d == 0)
-    check({key: out.get(key, _current(recipe, key)) for key in set(out) | set(DEPENDENT)},
-          eval_seq_len, gpus, recipe.origin)
+    shape = {key: recipe.value(key) for key in SHAPE if key in recipe.nodes}
+    check({**shape, **out}, eval_seq_len, gpus, recipe.origin)
     return out
-
-
-DEPENDENT = ("model.n_embd", "model.n_head", "model.seq_len", "seq_len", "batch_size",
-             "micro_batch_size", "model.n_layer")
-
-
-def _current(recipe: RecipeText, key: str):
-    return recipe.value(key) if key in recipe.nodes else None
 
 
 def check(values: dict, eval_seq_len: int, gpus: int, origin: str) -> None:
@@ -204,7 +201,7 @@ def check(values: dict, eval_seq_len: int, gpus: int, origin: str) -> None:
     v = values.get
     problems = []
     for key, value in values.items():
-        if key in DEPENDENT and value is not None and (type(value) is not int or value < 1):
+        if key in SHAPE and value is not None and (type(value) is not int or value < 1):
             problems.append(f"{key} = {value!r} is not a positive integer")
     if v("model.n_embd") and v("model.n_head"):
         if v("model.n_embd") % v("model.n_head") or (v("model.n_embd") // v("model.n_head")) % 2:

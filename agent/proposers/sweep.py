@@ -126,7 +126,7 @@ def past_points(worktree: Path, history: list[dict],
         effect = decision.get("effect")
         if row.get("parent_id") is None:
             speed[row["id"]] = 1.0
-        elif row.get("verdict") == "accept" and row.get("parent_id") in speed:
+        elif row.get("verdict") == "accept" and row.get("parent_id") in speed and effect:
             speed[row["id"]] = speed[row["parent_id"]] * effect
         if not (row.get("parent_id") is None or is_sweep(row)) or not row.get("commit_sha"):
             continue
