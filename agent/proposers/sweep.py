@@ -72,9 +72,9 @@ class SweepProposer:
         eval_seq_len = FIXED_PRESETS[preset].eval_seq_len
         path = worktree / RECIPE
         recipe = RecipeText(path.read_text(), preset, str(path))
-        knobs = {name: replace(knob, choices=tuple(valid_choices(recipe, knob, eval_seq_len,
-                                                                 gpus)))
-                 if knob.scale == "int" else knob for name, knob in recipe.knobs.items()}
+        knobs = {name: knob if knob.scale != "int" else
+                 replace(knob, choices=tuple(valid_choices(recipe, knob, eval_seq_len, gpus)))
+                 for name, knob in recipe.knobs.items()}  # integers: only valid values
         measured = past_points(worktree, history, preset)
         champion = recipe.point()
         tried = {point_key(p) for p, _ in measured} | {point_key(champion)}
