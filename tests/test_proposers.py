@@ -83,6 +83,12 @@ def test_integer_knobs_offer_only_valid_shapes(worktree):
     assert 192 in valid_choices(small, small.knobs["n_embd"], 1024, 1)
     # A batch must split over the GPUs.
     assert valid_choices(tiny, tiny.knobs["batch_size"], 128, 8)[0] == 8
+    # A step may take at most a 16th of the token budget (or as much as the champion's).
+    assert valid_choices(tiny, tiny.knobs["batch_size"], 128, 1, 65536) == [4, 8, 16, 32]
+    assert valid_choices(tiny, tiny.knobs["seq_len"], 128, 1, 65536) == [64, 128, 256]
+    assert valid_choices(tiny, tiny.knobs["batch_size"], 128, 1, 8192) == [4, 8, 16]
+    with pytest.raises(ValueError, match="a step of 32 x 256 tokens is over 4,096"):
+        edits(tiny, {"batch_size": 32, "seq_len": 256}, 128, 1, 65536)
     assert edits(small, {"n_embd": 768}, 1024) == {"model.n_embd": 768, "model.n_head": 12}
     with pytest.raises(ValueError, match="not a multiple of the head dim 64"):
         edits(small, {"n_embd": 96}, 1024)
@@ -142,6 +148,9 @@ def test_the_warm_start_moves_one_knob_at_a_time_in_order_and_the_edit_takes_eff
     assert presets_of(worktree)["cpu-tiny"]["model"][first] == after
 
 
+CONTEXT = {"preset": "cpu-tiny", "budget_tokens": 65536}  # as make demo's session has it
+
+
 class Session:
     """A ledger and a repository as a session has them: every proposal made on the
     champion, committed, recorded and decided on its speed relative to the champion's
@@ -157,7 +166,7 @@ class Session:
     def step(self, proposer: SweepProposer, outcome) -> str | None:
         subprocess.run(["git", "checkout", "-q", self.champion, "--", "model"], cwd=self.tree,
                        check=True)
-        proposal = proposer.propose(self.tree, self.ledger.candidates(), {"preset": "cpu-tiny"})
+        proposal = proposer.propose(self.tree, self.ledger.candidates(), CONTEXT)
         if proposal is None:
             return None
         sha = commit(self.tree, proposal.description)
@@ -212,7 +221,7 @@ def test_tpe_proposes_untried_valid_points_deterministically_and_resumes(worktre
     for seed in (3, 3, 4):
         (worktree / RECIPE).write_text(champion_text)
         proposal = SweepProposer(seed=seed).propose(worktree, session.ledger.candidates(),
-                                                    {"preset": "cpu-tiny"})
+                                                    CONTEXT)
         assert "TPE (seed" in proposal.hypothesis
         text = (worktree / RECIPE).read_text()
         point = RecipeText(text, "cpu-tiny").point()
@@ -227,6 +236,7 @@ def test_tpe_proposes_untried_valid_points_deterministically_and_resumes(worktre
         assert session.step(SweepProposer(seed=3), shallow_and_fast)
     points = tried_points(session)
     assert len(points) == len(set(points)) == 13
+    assert all(dict(p)["batch_size"] * dict(p)["seq_len"] <= 65536 / 16 for p in points)
 
 
 def test_the_warm_start_skips_what_was_tried_then_hands_over(worktree, tmp_path):

@@ -9,7 +9,10 @@ with `ast` and never imports the research surface.
 A change of shape carries what depends on it, so no point of the knob space is an invalid
 recipe: a new n_embd keeps the head dim (n_head follows); a new training seq_len keeps the
 model's rotary table covering both it and the fixed evaluator's rows; a new batch_size
-keeps micro_batch_size dividing it (equal to it when the recipe does not accumulate).
+keeps micro_batch_size dividing it (equal to it when the recipe does not accumulate). One
+rule spans two knobs: a step of batch_size x seq_len tokens leaves the run's token budget
+at least MIN_STEPS steps, or is no larger than the current recipe's (a larger one is a run
+of a few steps, or of none, and its batch may not fit in memory).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import ast
 from dataclasses import dataclass
 
 FLOAT_SCALES = ("log", "linear")
+MIN_STEPS = 16  # optimizer steps a run's token budget must hold at the least
 KNOB_FORMS = ("a float knob is (low, high, 'log' or 'linear'); an integer knob is a list of "
               "increasing positive integers, the values it may take")
 
@@ -171,7 +175,8 @@ SHAPE = ("model.n_layer", "model.n_embd", "model.n_head", "model.seq_len", "seq_
          "batch_size", "micro_batch_size")
 
 
-def edits(recipe: RecipeText, point: dict, eval_seq_len: int, gpus: int = 1) -> dict:
+def edits(recipe: RecipeText, point: dict, eval_seq_len: int, gpus: int = 1,
+          budget_tokens: int | None = None) -> dict:
     """The field values that put the recipe at `point` (knob name -> value), with what
     depends on the knobs that change; raises ValueError if the result would be invalid."""
     current = recipe.point()
@@ -192,12 +197,17 @@ def edits(recipe: RecipeText, point: dict, eval_seq_len: int, gpus: int = 1) -> 
             out["micro_batch_size"] = max(d for d in range(1, min(micro, batch) + 1)
                                           if batch % d == 0)
     shape = {key: recipe.value(key) for key in SHAPE if key in recipe.nodes}
-    check({**shape, **out}, eval_seq_len, gpus, recipe.origin)
+    step_tokens = None
+    if budget_tokens and "batch_size" in shape and "seq_len" in shape:
+        step_tokens = max(budget_tokens // MIN_STEPS, shape["batch_size"] * shape["seq_len"])
+    check({**shape, **out}, eval_seq_len, gpus, recipe.origin, step_tokens)
     return out
 
 
-def check(values: dict, eval_seq_len: int, gpus: int, origin: str) -> None:
-    """The rules a recipe's shape must keep (None: the field is not set, not checked)."""
+def check(values: dict, eval_seq_len: int, gpus: int, origin: str,
+          step_tokens: int | None = None) -> None:
+    """The rules a recipe's shape must keep (None: the field is not set, not checked);
+    `step_tokens`: the most tokens a step may take."""
     v = values.get
     problems = []
     for key, value in values.items():
@@ -213,20 +223,25 @@ def check(values: dict, eval_seq_len: int, gpus: int, origin: str) -> None:
     if v("batch_size") and v("micro_batch_size") and v("batch_size") % v("micro_batch_size"):
         problems.append(f"micro_batch_size {v('micro_batch_size')} does not divide batch_size "
                         f"{v('batch_size')}")
+    if step_tokens and v("batch_size") and v("seq_len") and (
+            v("batch_size") * v("seq_len") > step_tokens):
+        problems.append(f"a step of {v('batch_size')} x {v('seq_len')} tokens is over "
+                        f"{step_tokens:,} (the token budget over {MIN_STEPS} steps)")
     if v("batch_size") and v("batch_size") % gpus:
         problems.append(f"batch_size {v('batch_size')} does not split over {gpus} GPUs")
     if problems:
         raise ValueError(f"{origin}: an invalid shape: {'; '.join(problems)}")
 
 
-def valid_choices(recipe: RecipeText, knob: Knob, eval_seq_len: int, gpus: int) -> list:
+def valid_choices(recipe: RecipeText, knob: Knob, eval_seq_len: int, gpus: int,
+                  budget_tokens: int | None = None) -> list:
     """The values of an integer knob that give a valid recipe from the current one, the
     current value included (it may lie outside the declared list)."""
     current = recipe.point()[knob.name]
     out = []
     for choice in sorted(set(knob.choices) | {current}):
         try:
-            edits(recipe, {knob.name: choice}, eval_seq_len, gpus)
+            edits(recipe, {knob.name: choice}, eval_seq_len, gpus, budget_tokens)
         except ValueError:
             continue
         out.append(choice)

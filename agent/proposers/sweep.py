@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from bench.presets import PRESETS as FIXED_PRESETS
 RECIPE = "model/recipe.py"
 PREFIX = "sweep: "
 WARM_START = 4  # proposals that move one knob one step before the TPE sampler takes over
-MAX_ASKS = 64  # points the sampler may offer that were tried already, before the sweep ends
+MAX_ASKS = 64  # tried or invalid points the sampler may offer before the sweep ends
 # The outcome of a run that failed or missed its target, in log speedup below its parent:
 # a third of the parent's speed, worse than any candidate that finished.
 FAILED = math.log(1 / 3)
@@ -69,24 +70,34 @@ class SweepProposer:
     def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
         preset = context.get("preset", "cpu-tiny")
         gpus = context.get("gpus", 1)
+        budget = context.get("budget_tokens", FIXED_PRESETS[preset].budget_tokens)
         eval_seq_len = FIXED_PRESETS[preset].eval_seq_len
         path = worktree / RECIPE
         recipe = RecipeText(path.read_text(), preset, str(path))
         knobs = {name: knob if knob.scale != "int" else
-                 replace(knob, choices=tuple(valid_choices(recipe, knob, eval_seq_len, gpus)))
+                 replace(knob, choices=tuple(valid_choices(recipe, knob, eval_seq_len, gpus,
+                                                           budget)))
                  for name, knob in recipe.knobs.items()}  # integers: only valid values
         measured = past_points(worktree, history, preset)
         champion = recipe.point()
         tried = {point_key(p) for p, _ in measured} | {point_key(champion)}
         sweeps = sum(1 for row in history if is_sweep(row))
         how = "warm start"
+
+        def valid(point: Point) -> bool:
+            try:
+                edits(recipe, point, eval_seq_len, gpus, budget)
+            except ValueError:
+                return False
+            return True
+
         point = warm_step(knobs, champion, tried) if sweeps < self.warm_start else None
         if point is None:
             how = f"TPE (seed {self.seed}) over {sum(v is not None for _, v in measured)} points"
-            point = tpe_point(knobs, measured, tried, self.seed)
+            point = tpe_point(knobs, measured, tried, valid, self.seed)
         if point is None:
             return None
-        path.write_text(recipe.with_values(edits(recipe, point, eval_seq_len, gpus)))
+        path.write_text(recipe.with_values(edits(recipe, point, eval_seq_len, gpus, budget)))
         return Proposal(description=describe(champion, point),
                         hypothesis=f"{how}: this point of the recipe's knobs trains faster",
                         category="hyperparameter")
@@ -153,9 +164,11 @@ def recipe_at(worktree: Path, commit: str, preset: str) -> RecipeText:
     return RecipeText(proc.stdout, preset, f"{RECIPE} at {commit[:12]}")
 
 
-def tpe_point(knobs: dict[str, Knob], measured: list, tried: set, seed: int) -> Point | None:
-    """The next point of Optuna's TPE sampler, fitted to the measured points; None when it
-    keeps offering points that were tried."""
+def tpe_point(knobs: dict[str, Knob], measured: list, tried: set,
+              valid: Callable[[Point], bool], seed: int) -> Point | None:
+    """The next valid, untried point of Optuna's TPE sampler, fitted to the measured points
+    (a point it offers that was tried, or breaks a rule spanning two knobs, is told to it as
+    failed); None when it keeps offering such points."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -171,7 +184,7 @@ def tpe_point(knobs: dict[str, Knob], measured: list, tried: set, seed: int) -> 
         trial = study.ask(space)
         point = {name: knob.choices[trial.params[name]] if knob.scale == "int"
                  else rounded(trial.params[name]) for name, knob in knobs.items()}
-        if point_key(point) not in tried:
+        if point_key(point) not in tried and valid(point):
             return point
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     return None
