@@ -13,7 +13,15 @@ from agent.judge import Decision
 from agent.ledger import Ledger
 from agent.proposers import PatchesProposer, ProposalFailed, SweepProposer, make_proposer
 from agent.proposers.knobs import RecipeText, check, edits, valid_choices
-from agent.proposers.sweep import RECIPE, point_key, read_knobs, read_value, recipe_at, write_value
+from agent.proposers.sweep import (
+    RECIPE,
+    point_key,
+    read_knobs,
+    read_value,
+    recipe_at,
+    warm_step,
+    write_value,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,8 +215,8 @@ def tried_points(session: Session) -> list[tuple]:
 
 def test_tpe_proposes_untried_valid_points_deterministically_and_resumes(worktree, tmp_path):
     session = Session(worktree, tmp_path / "ledger.sqlite")
-    for _ in range(6):  # the warm start (4), then the sampler
-        assert session.step(SweepProposer(seed=3), shallow_and_fast)
+    for _ in range(6):  # a warm start of 4, then the sampler
+        assert session.step(SweepProposer(seed=3, warm_start=4), shallow_and_fast)
     made = session.ledger.candidates()[1:]
     assert [c["hypothesis"].split(":")[0] for c in made[:4]] == ["warm start"] * 4
     assert all(c["hypothesis"].startswith("TPE (seed 3) over") for c in made[4:])
@@ -220,8 +228,8 @@ def test_tpe_proposes_untried_valid_points_deterministically_and_resumes(worktre
     made = {}
     for seed in (3, 3, 4):
         (worktree / RECIPE).write_text(champion_text)
-        proposal = SweepProposer(seed=seed).propose(worktree, session.ledger.candidates(),
-                                                    CONTEXT)
+        proposal = SweepProposer(seed=seed, warm_start=4).propose(
+            worktree, session.ledger.candidates(), CONTEXT)
         assert "TPE (seed" in proposal.hypothesis
         text = (worktree / RECIPE).read_text()
         point = RecipeText(text, "cpu-tiny").point()
@@ -233,23 +241,26 @@ def test_tpe_proposes_untried_valid_points_deterministically_and_resumes(worktre
     assert got["batch_size"] % got["micro_batch_size"] == 0
     # Resumed: fresh proposers go on, never repeating a point of the session.
     for _ in range(6):
-        assert session.step(SweepProposer(seed=3), shallow_and_fast)
+        assert session.step(SweepProposer(seed=3, warm_start=4), shallow_and_fast)
     points = tried_points(session)
     assert len(points) == len(set(points)) == 13
     assert all(dict(p)["batch_size"] * dict(p)["seq_len"] <= 65536 / 16 for p in points)
 
 
-def test_the_warm_start_skips_what_was_tried_then_hands_over(worktree, tmp_path):
-    """With a long warm start every knob's first step comes first, in KNOBS order, then
-    every second step; a point tried once is never proposed again."""
+def test_the_warm_start_steps_each_knob_in_order_then_hands_over(worktree, tmp_path):
+    """By default one proposal per knob, each its first step in KNOBS order, then the TPE
+    sampler; a point tried once is never proposed again."""
     session = Session(worktree, tmp_path / "ledger.sqlite")
     knobs = read_knobs(worktree / RECIPE)
-    made = [session.step(SweepProposer(warm_start=100), lambda point: 1.0)
-            for _ in range(len(knobs) + 2)]
+    made = [session.step(SweepProposer(), lambda point: 1.0) for _ in range(len(knobs) + 1)]
     assert [d.split()[1] for d in made[:len(knobs)]] == list(knobs)
-    assert made[len(knobs)] == "sweep: n_layer 4 -> 8"
+    assert session.ledger.candidates()[-1]["hypothesis"].startswith("TPE (seed 0) over 10")
     points = tried_points(session)
-    assert len(points) == len(set(points))
+    assert len(points) == len(set(points)) == len(knobs) + 2
+    # Every first step tried, the warm start goes on with the second ones.
+    champion = recipe_at(worktree, session.champion, "cpu-tiny").point()
+    tried = {point_key({**champion, n: k.steps(champion[n])[0]}) for n, k in knobs.items()}
+    assert warm_step(knobs, champion, tried) == {**champion, "n_layer": 8}
 
 
 def test_steps_stay_in_range():

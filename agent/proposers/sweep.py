@@ -25,7 +25,10 @@ from bench.presets import PRESETS as FIXED_PRESETS
 
 RECIPE = "model/recipe.py"
 PREFIX = "sweep: "
-WARM_START = 4  # proposals that move one knob one step before the TPE sampler takes over
+# The sampler takes over once the session has made as many sweep proposals as there are
+# knobs (the warm start: one step of each knob from the champion), not before: fitted to
+# fewer points it offers points far from the champion in every knob, and in two demos its
+# four such proposals all lost (bench/RESULTS.md).
 MAX_ASKS = 64  # tried or invalid points the sampler may offer before the sweep ends
 # The outcome of a run that failed or missed its target, in log speedup below its parent:
 # a third of the parent's speed, worse than any candidate that finished.
@@ -64,8 +67,8 @@ def describe(old: Point, new: Point) -> str:
 class SweepProposer:
     name = "sweep"
 
-    def __init__(self, seed: int = 0, warm_start: int = WARM_START):
-        self.seed, self.warm_start = seed, warm_start
+    def __init__(self, seed: int = 0, warm_start: int | None = None):
+        self.seed, self.warm_start = seed, warm_start  # None: as many as there are knobs
 
     def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
         preset = context.get("preset", "cpu-tiny")
@@ -91,7 +94,8 @@ class SweepProposer:
                 return False
             return True
 
-        point = warm_step(knobs, champion, tried) if sweeps < self.warm_start else None
+        warm = len(knobs) if self.warm_start is None else self.warm_start
+        point = warm_step(knobs, champion, tried) if sweeps < warm else None
         if point is None:
             how = f"TPE (seed {self.seed}) over {sum(v is not None for _, v in measured)} points"
             point = tpe_point(knobs, measured, tried, valid, self.seed)
