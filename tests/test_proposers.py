@@ -98,6 +98,8 @@ def test_integer_knobs_offer_only_valid_shapes(worktree):
     with pytest.raises(ValueError, match="a step of 32 x 256 tokens is over 4,096"):
         edits(tiny, {"batch_size": 32, "seq_len": 256}, 128, 1, 65536)
     assert edits(small, {"n_embd": 768}, 1024) == {"model.n_embd": 768, "model.n_head": 12}
+    with pytest.raises(ValueError, match="16 does not split over 3 GPUs: the champion itself"):
+        SweepProposer().propose(worktree, [], {"preset": "cpu-tiny", "gpus": 3})
     with pytest.raises(ValueError, match="not a multiple of the head dim 64"):
         edits(small, {"n_embd": 96}, 1024)
     with pytest.raises(ValueError, match="does not split over 3 GPUs"):

@@ -77,12 +77,17 @@ class SweepProposer:
         eval_seq_len = FIXED_PRESETS[preset].eval_seq_len
         path = worktree / RECIPE
         recipe = RecipeText(path.read_text(), preset, str(path))
+        champion = recipe.point()
+        try:
+            edits(recipe, {}, eval_seq_len, gpus, budget)
+        except ValueError as e:
+            raise ValueError(f"{e}: the champion itself; fix PRESETS[{preset!r}] there") from None
+        # An integer knob takes only values that make a valid recipe: none, it stays put.
         knobs = {name: knob if knob.scale != "int" else
                  replace(knob, choices=tuple(valid_choices(recipe, knob, eval_seq_len, gpus,
-                                                           budget)))
-                 for name, knob in recipe.knobs.items()}  # integers: only valid values
+                                                           budget)) or (champion[name],))
+                 for name, knob in recipe.knobs.items()}
         measured = past_points(worktree, history, preset)
-        champion = recipe.point()
         tried = {point_key(p) for p, _ in measured} | {point_key(champion)}
         sweeps = sum(1 for row in history if is_sweep(row))
         how = "warm start"
