@@ -39,8 +39,8 @@ class Hyperparameters:
 # values an integer may take. The sweep edits the value where the preset takes it from: its
 # entry in PRESETS if set there, else the default above. It keeps the head dim when n_embd
 # changes and the model's seq_len covering the evaluation's rows when seq_len does.
-# Listed in the order the sweep first tries them: at short budgets, a smaller model and
-# more, smaller steps are the likeliest wins.
+# Listed in the order the sweep first tries them: at short budgets a smaller model is the
+# likeliest win (bench/RESULTS.md).
 KNOBS = {
     "n_layer": [1, 2, 3, 4, 6, 8, 12, 16],
     "batch_size": [4, 8, 16, 32, 64, 128, 256, 512],  # sequences per step
