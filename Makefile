@@ -22,9 +22,12 @@ $(STAMP): pyproject.toml
 
 # A short session on the embedded corpus: baseline replicates, then six experiments of the
 # knob sweep, judged, with the report at the end. Uses the GPU when there is one.
+# On cpu-tiny runs stop at the target, and the loss where a run crosses it varies by ~0.007
+# nats from seed to seed (eval spacing): with 3 baseline runs a 0.01 margin cannot be shown
+# (a 1.86x step was rejected on it after 8 runs, bench/RESULTS.md), so the demo allows 0.03.
 DEMO := $(shell nvidia-smi -L >/dev/null 2>&1 \
 	&& echo "--preset gpu-small --data embedded --budget-tokens 10000000" \
-	|| echo "--preset cpu-tiny --budget-tokens 65536")
+	|| echo "--preset cpu-tiny --budget-tokens 65536 --loss-margin 0.03")
 
 demo: $(STAMP)
 	$(PY) -m data prepare embedded

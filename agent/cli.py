@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runs of a candidate at most before the judge must decide (>= 2; "
                      "default 8: fewer is cheaper and less able to see a small gain)")
     run.add_argument(
+        "--loss-margin", type=float,
+        help="nats the candidate's val loss may be worse than the champion's (default 0.01)",
+    )  # fmt: skip
+    run.add_argument(
         "--max-speedup", type=float,
         help="hold a step faster than this over the champion for `review` (default 2.0)",
     )  # fmt: skip
@@ -224,8 +228,9 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
         device=PRESETS[args.preset].device, gpus=args.gpus, rules=args.rules, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
-        judge={} if args.max_runs is None else {"max_replicates": args.max_runs,
-                                                 "min_replicates": min(3, args.max_runs)},
+        judge={**({} if args.max_runs is None else {"max_replicates": args.max_runs,
+                                                      "min_replicates": min(3, args.max_runs)}),
+               **({} if args.loss_margin is None else {"loss_margin": args.loss_margin})},
     )  # fmt: skip
 
 

@@ -75,6 +75,15 @@ class SessionConfig:
     def from_dict(cls, data: dict) -> SessionConfig:
         return from_dict(cls, data, "session settings")
 
+    def budget_tokens(self) -> int:
+        """The token budget of every run (the schedule's horizon): --budget-tokens among
+        train_args, else the preset's."""
+        from bench.presets import PRESETS
+
+        if "--budget-tokens" in self.train_args:
+            return int(self.train_args[self.train_args.index("--budget-tokens") + 1])
+        return PRESETS[self.preset].budget_tokens
+
     def judge_config(self) -> JudgeConfig:
         return from_dict(JudgeConfig, {"objective": self.objective, **self.judge},
                          "judge settings")

@@ -65,6 +65,8 @@ class Drafter:
         champion = self.ledger.champion()
         context = {
             "preset": self.config.preset,
+            "gpus": self.config.gpus,
+            "budget_tokens": self.config.budget_tokens(),
             "objective": self.config.objective,
             "champion": champion,
             "champion_results": comparable(self.ledger.results_of(champion["id"]),

@@ -33,6 +33,7 @@ LIMITS = {
     "baseline_runs": (2, False), "runs": (1, False), "gpus": (1, False),
     "budget_usd": (0, True), "max_usd_per_candidate": (0, True), "max_turns": (2, False),
     "agent_timeout": (0, True), "max_speedup": (1, True), "max_runs": (2, False),
+    "loss_margin": (0, False),
 }  # fmt: skip
 WHY = {
     "baseline_runs": " (the judge measures the noise from at least 2)",
@@ -176,6 +177,7 @@ def settings_of(config: SessionConfig) -> dict:
         "target_loss": None if config.target_loss is None else round(config.target_loss, 4),
         "wandb": config.wandb, "allow_flagged": config.allow_flagged,
         "max_speedup": config.acceptance_config().max_speedup, "rules": config.rules,
+        "loss_margin": config.judge_config().loss_margin,
         "gpus": config.gpus, "no_sandbox": not config.sandbox,
         "model": llm and llm.model, "max_usd_per_candidate": llm and llm.max_usd_per_candidate,
         "max_turns": llm and llm.max_turns, "effort": llm and llm.effort,

@@ -237,7 +237,7 @@ class Tracker:
                 "description": cand["description"], "hypothesis": cand["hypothesis"],
                 "category": cand["category"], "proposer": cand["proposer"],
                 "commit": cand["commit_sha"], "log_path": run_row["log_path"],
-                **{f"knob_{k}" if k != "knob" else k: v
+                **{k if k == "knobs" else f"knob_{k}": v
                    for k, v in (knob_of(cand["description"]) or {}).items()}}
 
     def _open(self, run_row: dict, cand: dict) -> dict:

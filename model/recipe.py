@@ -34,13 +34,21 @@ class Hyperparameters:
     weight_decay: float = 0.0  # Muon's decoupled weight decay
 
 
-# Knobs the sweep proposer may turn: a field of Hyperparameters, its range, and whether it
-# moves on a log scale (learning rates) or a linear one (fractions of the run). The sweep
-# edits the field's default in this file, which every preset uses unless it overrides it.
+# Knobs the sweep proposer may turn, each a field of Hyperparameters or of its GPTConfig: a
+# float's range and scale (log for learning rates, linear for fractions of the run), or the
+# values an integer may take. The sweep edits the value where the preset takes it from: its
+# entry in PRESETS if set there, else the default above. It keeps the head dim when n_embd
+# changes and the model's seq_len covering the evaluation's rows when seq_len does.
+# Listed in the order the sweep first tries them: at short budgets a smaller model is the
+# likeliest win (bench/RESULTS.md).
 KNOBS = {
+    "n_layer": [1, 2, 3, 4, 6, 8, 12, 16],
+    "batch_size": [4, 8, 16, 32, 64, 128, 256, 512],  # sequences per step
+    "n_embd": [64, 96, 128, 192, 256, 384, 512, 768, 1024],
+    "matrix_lr": (0.005, 0.3, "log"),
+    "seq_len": [64, 128, 256, 512, 1024, 2048],
     "embed_lr": (0.03, 3.0, "log"),
     "head_lr": (0.001, 0.1, "log"),
-    "matrix_lr": (0.005, 0.3, "log"),
     "warmdown": (0.0, 0.9, "linear"),
     "momentum_warmup": (0.0, 0.5, "linear"),
 }

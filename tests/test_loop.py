@@ -98,10 +98,10 @@ def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, 
     session.ledger.record_decision(base, "accept", decision, speedup=1.0)
     recipe = "model/recipe.py"
 
-    # The sweep drafts a change of its first knob (embed_lr) in the second worktree...
+    # The sweep drafts a change of its first knob (n_layer) in the second worktree...
     second = session.workspace.second(tmp_path / "s" / "propose")
     draft = session.drafter.draft(second, *session.drafter.inputs())
-    assert draft.made is not None and "embed_lr" in draft.proposal.description
+    assert draft.made is not None and draft.proposal.description == "sweep: n_layer 4 -> 2"
     # ...while another candidate, changing another line, becomes the champion.
     new = _accept(session, "head_lr by hand", lambda p: write_value(p / recipe, "head_lr", 0.01))
     taken = session.drafter.take(draft)
@@ -112,12 +112,12 @@ def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, 
     assert parent == new["commit_sha"]  # built on the new champion, both changes in it
     session.workspace.checkout(taken["commit_sha"])
     path = session.workspace.path / recipe
-    assert read_value(path, "head_lr") == 0.01 and read_value(path, "embed_lr") != 0.3
+    assert read_value(path, "head_lr") == 0.01 and read_value(path, "n_layer") == 2
 
     # A draft whose lines the new champion changed is dropped and proposed anew.
     draft = session.drafter.draft(second, *session.drafter.inputs())
     changed = draft.proposal.description.split()[1]
-    _accept(session, f"{changed} by hand", lambda p: write_value(p / recipe, changed, 0.123))
+    _accept(session, f"{changed} by hand", lambda p: write_value(p / recipe, changed, 3))
     redone = session.drafter.take(draft)
     assert redone["description"] != draft.proposal.description
     assert any("does not apply" in e["text"] for e in session.ledger.events(50))

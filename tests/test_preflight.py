@@ -64,6 +64,7 @@ BAD_INPUTS = [  # (flags, what the line must say)
     (["run", "--hours", "-1"], "--hours -1.0: give a number above 0"),
     (["run", "--budget-tokens", "0"], "--budget-tokens 0: give at least 1"),
     (["run", "--baseline-runs", "1"], "--baseline-runs 1: give at least 2"),
+    (["run", "--loss-margin", "-0.1"], "--loss-margin -0.1: give at least 0"),
     (["replay", "nanogpt-speedrun", "--runs", "0"], "--runs 0: give at least 1"),
     (["run", "--target-loss", "inf"], "--target-loss inf: give a finite positive"),
     (["run", "--target-loss", "nan"], "--target-loss nan: give a finite positive"),
@@ -190,13 +191,15 @@ def test_resume_compares_what_was_given_with_the_sessions_own_settings(tmp_path)
         return build_parser().parse_args(["run", "--resume", str(tmp_path), *flags])
 
     for flags in (["--wandb", "disabled"], ["--baseline-runs", "2"], ["--preset", "cpu-tiny"],
-                  ["--max-speedup", "2"], ["--experiments", "4"], ["--hours", "3"]):
+                  ["--max-speedup", "2"], ["--loss-margin", "0.01"], ["--experiments", "4"],
+                  ["--hours", "3"]):
         resume_conflicts(given(*flags), config)
     for flags, says in ((["--baseline-runs", "3"], "--baseline-runs 3: this session has 2"),
                         (["--wandb", "offline"], "--wandb offline: this session has disabled"),
                         (["--preset", "gpu-small"], "--preset gpu-small: this session has "),
                         (["--allow-flagged"], "--allow-flagged: this session has it off"),
                         (["--max-speedup", "3"], "--max-speedup 3.0: this session has 2.0"),
+                        (["--loss-margin", "0.03"], "--loss-margin 0.03: this session has 0.01"),
                         (["--run-dir", "x"], "--run-dir x: a resumed session stays")):
         with pytest.raises(SessionStop, match=says):
             resume_conflicts(given(*flags), config)
