@@ -86,7 +86,7 @@ def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, 
     from agent.judge import Decision
     from agent.loop import Session
     from agent.proposers import SweepProposer
-    from agent.proposers.sweep import read_value, write_value
+    from agent.proposers.sweep import knob_of, read_value, write_value
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     config = SessionConfig(repo=str(repo))
@@ -116,8 +116,12 @@ def test_a_draft_made_on_an_old_champion_is_reapplied_or_redone(repo, tmp_path, 
 
     # A draft whose lines the new champion changed is dropped and proposed anew.
     draft = session.drafter.draft(second, *session.drafter.inputs())
-    changed = draft.proposal.description.split()[1]
-    _accept(session, f"{changed} by hand", lambda p: write_value(p / recipe, changed, 3))
+    # The champion moves the same knob the other way (a valid shape either way).
+    (changed,) = knob_of(draft.proposal.description)["knobs"].split(",")
+    old, to = (knob_of(draft.proposal.description)[f"{changed}_{end}"] for end in ("from", "to"))
+    other = old * 2 if to < old else old / 2
+    other = int(other) if other == int(other) else other
+    _accept(session, f"{changed} by hand", lambda p: write_value(p / recipe, changed, other))
     redone = session.drafter.take(draft)
     assert redone["description"] != draft.proposal.description
     assert any("does not apply" in e["text"] for e in session.ledger.events(50))
