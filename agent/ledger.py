@@ -295,10 +295,7 @@ class Ledger(Store):
         if outcome not in STATUSES:
             raise LedgerError(f"run {run_id}: outcome {outcome!r} is not one of {STATUSES}")
         with self._write() as db:
-            row = self._one("SELECT state FROM runs WHERE id = ?", (run_id,))
-            if row is None or row["state"] != "running":
-                state = "missing" if row is None else row["state"]
-                raise LedgerError(f"cannot finish run {run_id}: it is {state}, not running")
+            self._check_running(run_id, "finish")
             db.execute("UPDATE runs SET state = 'finished', outcome = ?, result = ?, error = ?, "
                        "wall_seconds = ?, finished_at = ? WHERE id = ?",
                        (outcome, None if result is None else json.dumps(dict(result)), error,
@@ -308,15 +305,18 @@ class Ledger(Store):
                 db.execute("INSERT INTO events (time, text) VALUES (?, ?)",
                            (now(), f"run {run_id} throttled: {', '.join(throttled)}"))
 
+    def _check_running(self, run_id: int, verb: str) -> None:
+        row = self._one("SELECT state FROM runs WHERE id = ?", (run_id,))
+        if row is None or row["state"] != "running":
+            state = "missing" if row is None else row["state"]
+            raise LedgerError(f"cannot {verb} run {run_id}: it is {state}, not running")
+
     def discard_run(self, run_id: int, reason: str, result: Mapping | None,
                     wall_seconds: float | None) -> None:
         """Record a finished run that must not count (measured while the machine was
         disturbed): discarded with `reason`, its result kept for the record, an event said."""
         with self._write() as db:
-            row = self._one("SELECT state FROM runs WHERE id = ?", (run_id,))
-            if row is None or row["state"] != "running":
-                state = "missing" if row is None else row["state"]
-                raise LedgerError(f"cannot discard run {run_id}: it is {state}, not running")
+            self._check_running(run_id, "discard")
             db.execute("UPDATE runs SET state = 'discarded', result = ?, error = ?, "
                        "wall_seconds = ?, finished_at = ? WHERE id = ?",
                        (None if result is None else json.dumps(dict(result)), reason,
