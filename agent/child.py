@@ -21,33 +21,58 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.locks import device_lock
+from bench.locks import slot_locks
 
 Feed = Callable[[str, bytes], None]  # ("stdout" or "stderr", bytes read) -> None
 
+_cancelled = threading.Event()
+
+
+class Cancelled(Exception):
+    """The engine is stopping (an error or Ctrl-C in another thread): the child was ended."""
+
+
+def cancel_all(cancel: bool = True) -> None:
+    """End every child now being pumped, in any thread (their callers raise Cancelled),
+    and any started until `cancel_all(False)`."""
+    if cancel:
+        _cancelled.set()
+    else:
+        _cancelled.clear()
+
 
 def start(argv: list[str], cwd, env: dict | None = None, popen=None,
-          stdin: bool = False, merge: bool = False) -> subprocess.Popen:
+          stdin: bool = False, merge: bool = False, cores: Sequence[int] = ()
+          ) -> subprocess.Popen:
     """Start `argv` in a new process group with its output on pipes (stderr into stdout
-    with `merge`); `popen(argv, **streams)` starts it another way (in a sandbox, say)."""
+    with `merge`), pinned to `cores` when given (its children inherit that);
+    `popen(argv, **streams)` starts it another way (in a sandbox, say)."""
     streams = dict(stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
                    start_new_session=True)  # its own group, so that one killpg ends it all
     if popen is not None:
         return popen(argv, **streams)
-    return subprocess.Popen(argv, cwd=cwd, env=env, preexec_fn=_die_with_parent, **streams)
+    def before_exec() -> None:
+        _die_with_parent()
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+    return subprocess.Popen(argv, cwd=cwd, env=env, preexec_fn=before_exec, **streams)
 
 
 def pump(proc: subprocess.Popen, feed: Feed, deadline: float,
          stop: Callable[[], bool] = lambda: False) -> str | None:
     """Hand the child's output to `feed` until it exits (None), or say why it must be
-    killed: "timeout" past `deadline` (time.monotonic), "stop" when `stop()` says so."""
+    killed: "timeout" past `deadline` (time.monotonic), "stop" when `stop()` says so.
+    Raises Cancelled when the engine stops (`cancel_all`): the caller's `end` kills it."""
     sel = _selector(proc)
     try:
         while not _has_exited(proc.pid):
+            if _cancelled.is_set():
+                raise Cancelled(f"pid {proc.pid} ended: the session is stopping")
             if stop():
                 return "stop"
             remaining = deadline - time.monotonic()
@@ -101,13 +126,17 @@ class Exited:
 
 def run_tool(argv: list[str], cwd, timeout_s: float, *, env: dict | None = None,
         stdin: str | None = None, merge: bool = False, device: str | None = None,
-        popen=None) -> Exited:
-    """Run a fixed command to its end or its timeout, under the lock of `device` when
-    given, and return its exit code and output."""
+        gpus: Sequence[int] = (), cores: Sequence[int] = (), popen=None) -> Exited:
+    """Run a fixed command to its end or its timeout, under the locks of `device` (its
+    `gpus`, or its `cores`, to which it is pinned: a slot's) when given, and return its
+    exit code and output."""
     chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-    lock = device_lock(device) if device else contextlib.nullcontext()
+    lock = slot_locks(device, gpus, cores) if device else contextlib.nullcontext()
+    if device == "cuda" and gpus:
+        env = {**(os.environ if env is None else env),
+               "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
     with lock:
-        proc = start(argv, cwd, env, popen, stdin=stdin is not None, merge=merge)
+        proc = start(argv, cwd, env, popen, stdin=stdin is not None, merge=merge, cores=cores)
         if stdin is not None:  # in a thread: a child that writes before it reads must not block
             threading.Thread(target=_write, args=(proc, stdin.encode()), daemon=True).start()
         killed = None

@@ -57,6 +57,7 @@ class SessionConfig:
     timeout_factor: float = 3.0  # a run's hard timeout, in expected run times
     device: str = "cpu"
     gpus: int = 1  # processes of every benchmark run, one per GPU: torchrun when > 1
+    devices: str | None = None  # the slots (agent/slots.py): None, "cpu:N", "all", "0,1,2,5"
     rules: str | None = None  # a leaderboard (agent/leaderboard.py) whose loss test applies too
     judge: dict = field(default_factory=dict)  # JudgeConfig overrides
     # AcceptanceConfig overrides: the holdout-gap and untimed-overhead tests, and the speedup

@@ -124,10 +124,8 @@ class Drafter:
                                        draft.diff, proposal.usage, caught_by=draft.caught_by)
         made, ws = draft.made, self.workspace()
         if champion["id"] != draft.champion["id"]:
-            ws.reset()
             try:
-                ws.apply(made.diff)
-                made = ws.capture(len(self.ledger.candidates()), f"{proposal.description}")
+                made = self.reapply(made.diff, proposal.description)
             except (PatchError, RefusedChange, EmptyChange) as e:
                 self.event(f"dropped '{proposal.description}': it was proposed on the previous "
                            f"champion and does not apply to the new one ({e})")
@@ -148,6 +146,37 @@ class Drafter:
             category=proposal.category, proposer=self.proposer.name, usage=proposal.usage,
         )  # fmt: skip
         return self.ledger.candidate(cid)
+
+    def reapply(self, diff: str, description: str) -> Candidate:
+        """`diff` applied to the current champion in the session's worktree, as a commit;
+        PatchError, RefusedChange or EmptyChange when it no longer makes one."""
+        ws = self.workspace()
+        ws.reset()
+        ws.apply(diff)
+        return ws.capture(len(self.ledger.candidates()), description)
+
+    def rebase(self, candidate: dict) -> dict | None:
+        """Re-base a candidate whose champion was replaced while it ran: its change applied
+        to the new champion becomes a new candidate, judged afresh against it (the old one
+        is closed as 'rebased', its runs kept as evidence against its old parent only).
+        None when the change no longer applies: the old one is closed saying so, and its
+        proposer reads that in the history."""
+        champion = self.ledger.champion()
+        title = f"#{candidate['experiment']} {candidate['description']}"
+        why = f"the champion became #{champion['experiment']} while it ran"
+        try:
+            made = self.reapply(candidate["diff"], candidate["description"])
+        except (PatchError, RefusedChange, EmptyChange) as e:
+            self.ledger.rebase(candidate["id"], f"{why}; it does not apply to the new champion "
+                               f"({e}): back to its proposer", onto=None)
+            self.event(f"dropped {title}: {why}, and it does not apply to it")
+            return None
+        new = self.ledger.rebase(candidate["id"], why, onto={
+            "parent_id": champion["id"], "commit_sha": made.commit, "ref": made.ref,
+            "diff": made.diff})  # fmt: skip
+        rebased = self.ledger.candidate(new)
+        self.event(f"re-based {title} on the new champion as #{rebased['experiment']}")
+        return rebased
 
     def submit(self, edit: Edit | None = None) -> dict | None:
         """Submit an edit as a candidate now: `edit(worktree)` changes the champion's

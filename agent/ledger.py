@@ -38,7 +38,7 @@ from bench.telemetry import flagged
 
 ROLES = ("baseline", "screen", "confirm", "champion")
 VERDICTS = ("accept", "reject")  # what `record_decision` records; "refused" comes from
-# `refuse`, "held" from `hold`
+# `refuse`, "held" from `hold`, "rebased" from `rebase`
 
 def _speedup(candidate_id: int, value: float) -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -150,12 +150,7 @@ class Ledger(Store):
         integrity checks behind a rejection."""
         _check_verdict(candidate_id, verdict, speedup, caught_by)
         with self._write() as db:
-            self._check_state(candidate_id, ("proposed", "running"), f"decide {verdict}")
-            busy = self._one("SELECT id FROM runs WHERE candidate_id = ? AND state = "
-                             "'running'", (candidate_id,))
-            if busy is not None:
-                raise LedgerError(f"cannot decide candidate {candidate_id}: run {busy[0]} is "
-                                  "still running; finish or discard it first")
+            self._check_idle(candidate_id, f"decide {verdict}")
             self._set_verdict(db, candidate_id, "decided", verdict, _payload(decision),
                               caught_by, speedup)
 
@@ -213,9 +208,40 @@ class Ledger(Store):
                               {"verdict": "refused", "reason": reason}, caught_by)
         return cid
 
+    def rebase(self, candidate_id: int, reason: str, *, onto: Mapping[str, Any] | None
+               ) -> int | None:
+        """Close a candidate whose champion was replaced while it ran (verdict 'rebased':
+        its runs stay, as evidence against its old parent only) and, in the same
+        transaction, add its copy `onto` the new champion (the fields of `add_candidate`:
+        commit_sha, ref, diff, ...; the description, hypothesis, category and proposer are
+        the old one's). Returns the copy's id; None when `onto` is None (the change did not
+        apply to the new champion: it goes back to its proposer)."""
+        with self._write() as db:
+            self._check_idle(candidate_id, "re-base")
+            old = candidate_row(self._one("SELECT * FROM candidates WHERE id = ?",
+                                          (candidate_id,)))
+            new_id = None
+            if onto is not None:
+                fields = {k: old[k] for k in ("hypothesis", "category", "proposer")}
+                new_id = self._insert_candidate(db, old["description"], **{**fields, **onto})
+            self._set_verdict(db, candidate_id, "decided", "rebased",
+                              {"verdict": "rebased", "reason": reason, "rebased_as": new_id},
+                              None)
+        return new_id
+
     def held(self) -> list[dict]:
         """Candidates held for a human's review, oldest first."""
         return self.candidates(["held"])
+
+    def _check_idle(self, candidate_id: int, action: str) -> None:
+        """A candidate may be decided (or re-based) while proposed or running, with no run
+        still going."""
+        self._check_state(candidate_id, ("proposed", "running"), action)
+        busy = self._one("SELECT id FROM runs WHERE candidate_id = ? AND state = 'running'",
+                         (candidate_id,))
+        if busy is not None:
+            raise LedgerError(f"cannot {action} candidate {candidate_id}: run {busy[0]} is "
+                              "still running; finish or discard it first")
 
     def _check_state(self, candidate_id: int, allowed: tuple[str, ...], action: str) -> None:
         row = self._one("SELECT state FROM candidates WHERE id = ?", (candidate_id,))
@@ -245,11 +271,12 @@ class Ledger(Store):
 
     def start_run(self, candidate_id: int, role: str, seed: int,
                   log_path: str | Path | Callable[[int], str | Path] | None = None,
-                  lock_path: str | Path | None = None) -> int:
+                  lock_path: str | Path | None = None, slot: str = "0") -> int:
         """A benchmark run about to start (state 'running'); moves a proposed candidate to
         'running'. Returns the run's id. `log_path` may be a function of that id, so that
         a run's files are named by it (a re-run with the same seed gets files of its own).
-        `lock_path`: the device lock it will wait for (`lock_taken` says when it has it)."""
+        `lock_path`: the device lock it will wait for (`lock_taken` says when it has it);
+        `slot`: the slot it runs on (agent/slots.py)."""
         if role not in ROLES:
             raise LedgerError(f"role {role!r}: choose one of {ROLES}")
         with self._write() as db:
@@ -268,9 +295,10 @@ class Ledger(Store):
                 raise LedgerError(f"candidate {candidate_id} is {row['state']}: no more "
                                   f"{role} runs")
             run_id = db.execute("INSERT INTO runs (candidate_id, role, seed, state, "
-                                "started_at, lock_path) VALUES (?, ?, ?, 'running', ?, ?)",
-                                (candidate_id, role, int(seed), now(),
-                                 None if lock_path is None else str(lock_path))).lastrowid
+                                "started_at, lock_path, slot) VALUES (?, ?, ?, 'running', ?, "
+                                "?, ?)", (candidate_id, role, int(seed), now(),
+                                          None if lock_path is None else str(lock_path),
+                                          str(slot))).lastrowid
             if callable(log_path):
                 log_path = log_path(run_id)
             db.execute("UPDATE runs SET log_path = ? WHERE id = ?",
@@ -351,11 +379,11 @@ class Ledger(Store):
 
     def results_of(self, candidate_id: int, roles: Iterable[str] | None = None) -> list[dict]:
         """The judge's input: one result dict per finished run, with `status` set to the
-        runner's outcome and `seed` to the run's seed (a crash without a result JSON becomes
-        {'status': 'crash', 'seed': s}; an early-stopped run is not 'ok' whatever its JSON
-        says)."""
-        return [{**(r["result"] or {}), "status": r["outcome"], "seed": r["seed"]}
-                for r in self.runs_of(candidate_id, roles)]
+        runner's outcome, `seed` to the run's seed and `slot` to its slot (a crash without a
+        result JSON becomes {'status': 'crash', 'seed': s, 'slot': n}; an early-stopped run
+        is not 'ok' whatever its JSON says)."""
+        return [{**(r["result"] or {}), "status": r["outcome"], "seed": r["seed"],
+                 "slot": r["slot"]} for r in self.runs_of(candidate_id, roles)]
 
     def running_runs(self) -> list[dict]:
         """Runs in state 'running': what runs now (or what a killed session left behind)."""
@@ -402,9 +430,10 @@ class Ledger(Store):
 
     def n_experiments(self) -> int:
         """Candidates decided, held or refused, the baseline excluded: the experiments
-        budget."""
+        budget. A re-based candidate is not counted: its experiment goes on as its copy."""
         return self._one("SELECT COUNT(*) FROM candidates WHERE parent_id IS NOT NULL AND "
-                         "state IN ('decided', 'held', 'refused')")[0]
+                         "state IN ('decided', 'held', 'refused') AND "
+                         "verdict IS NOT 'rebased'")[0]
 
     def add_spend(self, model: str, usage: Mapping[str, Any]) -> None:
         """One LLM request's tokens and cost (agent.costs.Usage.as_dict), recorded when the

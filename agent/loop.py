@@ -36,6 +36,7 @@ from agent.measure import Measurer
 from agent.proposers import Proposer
 from agent.recording import Recorder
 from agent.rundir import RunDir
+from agent.scheduler import InFlight
 from agent.tracking import Tracker
 from agent.workspace import Workspace
 
@@ -124,10 +125,12 @@ class Session:
         ends = [t for t in (cfg.hours and self.started + cfg.hours * 3600, cfg.deadline) if t]
         return min(ends) if ends else None
 
-    def stop_reason(self) -> str | None:
-        """Why the session must stop before its next candidate: a budget is spent."""
+    def stop_reason(self, in_flight: int = 0) -> str | None:
+        """Why the session must not start another candidate (`in_flight` are running): a
+        budget is spent."""
         cfg = self.config
-        if cfg.experiments is not None and self.ledger.n_experiments() >= cfg.experiments:
+        if cfg.experiments is not None and \
+                self.ledger.n_experiments() + in_flight >= cfg.experiments:
             return f"{cfg.experiments} experiments done"
         if cfg.hours is not None and time.time() - self.started >= cfg.hours * 3600:
             return f"{cfg.hours} hours spent"
@@ -188,35 +191,65 @@ class Session:
         self.resume_state()
         self.prepare()
         self.measure_baseline()
-        while True:
-            pending = self.ledger.candidates(["proposed", "running"])
-            candidate = pending[0] if pending else None
-            if candidate is None:
-                why = self.stop_reason()
-                if why:
+        why = None
+        with InFlight(len(self.measurer.pool)) as work:
+            while True:
+                for key, result in work.finished():
+                    if key != "champion" and result is not None:  # its champion changed
+                        self.drafter.rebase(result)
+                if not work.full():
+                    pending = [c for c in self.ledger.candidates(["proposed", "running"])
+                               if c["id"] not in work]
+                    if pending:
+                        self.start(work, pending[0])
+                        continue
+                    if why is None:
+                        why = self.feed(work)
+                        if why is None:
+                            continue
+                if not len(work):
                     break
-                if self.remeasure_due():
-                    self.event("re-measuring the champion")
-                    self.measurer.benchmark(self.ledger.champion(), "champion")
-                    continue
-                try:
-                    candidate = self.drafter.next_candidate()
-                except ProposerStop as e:  # the LLM budget is spent, say: a normal end
-                    why = f"the proposer stopped: {e}"
-                    break
-                if candidate is None:
-                    why = self.nothing_left()
-                    break
-                why = self.brake(candidate)
-                if why:
-                    break
-                if candidate["state"] == "refused":
-                    continue
-            self.experiment(candidate)
+                work.wait()
         self.drafter.keep_pending()
         self.workspace.reset()
         self.event(f"{liveness.STOPPED}{why}")
         return why
+
+    def feed(self, work: InFlight) -> str | None:
+        """Put one more piece of work in flight (a champion re-measurement, or the next
+        candidate, refused ones recorded on the way); returns why the session drafts no
+        more instead (what is in flight still finishes)."""
+        while True:
+            why = self.stop_reason(in_flight=len([k for k in work.keys() if k != "champion"]))
+            if why:
+                return why
+            if self.remeasure_due() and "champion" not in work:
+                self.event("re-measuring the champion")
+                work.submit("champion", self.measurer.benchmark, self.ledger.champion(),
+                            "champion")
+                return None
+            try:
+                candidate = self.drafter.next_candidate()
+            except ProposerStop as e:  # the LLM budget is spent, say: a normal end
+                return f"the proposer stopped: {e}"
+            if candidate is None:
+                return self.nothing_left()
+            why = self.brake(candidate)
+            if why:
+                return why
+            if candidate["state"] != "refused":
+                self.start(work, candidate)
+                return None
+
+    def start(self, work: InFlight, candidate: dict) -> None:
+        """Start an experiment; the next candidate is drafted meanwhile, unless the budget
+        of experiments has no room for it."""
+        cfg = self.config
+        planned = self.ledger.n_experiments() + len(work) + 1
+        if not (cfg.experiments is not None and planned >= cfg.experiments) \
+                and not self.stop_reason():
+            self.drafter.prefetch()
+        work.submit(candidate["id"], self.experiment, candidate)
 
     def prepare(self) -> None:
         """What the session does before its baseline (a replay: its starting commit)."""
@@ -227,14 +260,14 @@ class Session:
     def nothing_left(self) -> str:
         return "the proposer has nothing more to propose"
 
-    def experiment(self, candidate: dict) -> None:
-        """One experiment: judged by its runs, and recorded (the next draft meanwhile)."""
+    def experiment(self, candidate: dict) -> dict | None:
+        """One experiment: judged by its runs, and recorded. Returns the candidate when its
+        champion was replaced before its verdict (the loop re-bases it), else None."""
         self.event(f"experiment #{candidate['experiment']}: {candidate['description']}")
-        cfg = self.config
-        last = cfg.experiments is not None and self.ledger.n_experiments() + 1 >= cfg.experiments
-        if not last and not self.stop_reason():
-            self.drafter.prefetch()
-        self.recorder.record(candidate, self.recorder.judge(candidate))
+        decision = self.recorder.judge(candidate)
+        if decision is None or not self.recorder.record(candidate, decision):
+            return self.ledger.candidate(candidate["id"])
+        return None
 
     def remeasure_due(self) -> bool:
         """After every `remeasure_every` candidates that ran (refusals ran nothing) since

@@ -15,9 +15,12 @@ log or checkpoint pass for a run's own.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from agent.config import SessionConfig, SessionStop
 from agent.ledger import Ledger
 from agent.rundir import RunDir, run_name
 from agent.runner import EarlyStop
+from agent.slots import Slot, SlotPool, parse_devices
 from agent.stats import OBJECTIVES, primary_metric
 from agent.workspace import Workspace
 from bench import protocol
@@ -41,12 +45,31 @@ FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
 
 class Measurer:
     """Benchmark runs of one session: `workspace()` gives its worktree (made on first use),
-    `say` prints a line of progress, `waiting(text)` shows a spinner while a run runs."""
+    `say` prints a line of progress, `waiting(text)` shows a spinner while a run runs.
+    Any thread may call `benchmark`: each run takes a free slot of the session's `pool`
+    (agent/slots.py) and runs in that slot's worktree."""
 
     def __init__(self, run_dir: RunDir, ledger: Ledger, config: SessionConfig,
                  workspace: Callable[[], Workspace], tracker, say, waiting):
         self.run_dir, self.ledger, self.config = run_dir, ledger, config
         self.workspace, self.tracker, self.say, self.waiting = workspace, tracker, say, waiting
+        self.pool = SlotPool(parse_devices(config.devices, config.device, config.gpus))
+        self._lock = threading.Lock()  # a run's seed and ledger row; the slots' worktrees
+        self._worktrees: dict[str, Workspace] = {}
+
+    @contextlib.contextmanager
+    def slot(self, name: str | None = None) -> Iterator[tuple[Slot, Workspace]]:
+        """A free slot (the one named `name`, when given) and its worktree, for one run.
+        With one slot that is the session's worktree; with several each has its own."""
+        with self.pool.take(name) as slot:
+            if len(self.pool) == 1:
+                yield slot, self.workspace()
+                return
+            with self._lock:
+                if slot.name not in self._worktrees:
+                    path = self.run_dir.slot_worktree(slot.name)
+                    self._worktrees[slot.name] = self.workspace().second(path)
+            yield slot, self._worktrees[slot.name]
 
     def session_hashes(self) -> dict:
         """The hashes of the fixed files, taken from the champion once and kept in the
@@ -75,25 +98,38 @@ class Measurer:
             return ["--budget-seconds", f"{cfg.seconds:g}"]
         return []
 
-    def benchmark(self, candidate: dict, role: str, early_stop: EarlyStop | None = None) -> dict:
-        """Run train.py once for `candidate` and record the run; returns its result dict.
-        A run disturbed by a neighbour (bench/disturbance.py) is discarded and run again,
-        up to MAX_DISTURBED times; then the last one counts, and an event says so."""
+    def benchmark(self, candidate: dict, role: str, early_stop: EarlyStop | None = None,
+                  slot: str | None = None) -> dict:
+        """Run train.py once for `candidate` on a free slot (the one named `slot`, when
+        given) and record the run; returns its result dict. A run disturbed by a neighbour
+        (bench/disturbance.py) is discarded and run again, up to MAX_DISTURBED times; then
+        the last one counts, and an event says so."""
         for _ in range(MAX_DISTURBED):
-            result = self._benchmark(candidate, role, early_stop, discard_disturbed=True)
+            with self.slot(slot) as taken:
+                result = self._benchmark(*taken, candidate, role, early_stop, True)
             if result is not None:
                 return result
-        return self._benchmark(candidate, role, early_stop, discard_disturbed=False)
+        with self.slot(slot) as taken:
+            return self._benchmark(*taken, candidate, role, early_stop, False)
 
-    def _benchmark(self, candidate: dict, role: str, early_stop: EarlyStop | None,
-                   discard_disturbed: bool) -> dict | None:
+    def on_every_slot(self, candidate: dict, role: str, slots: Sequence[str]) -> None:
+        """One run of `candidate` on each of `slots`, all at once (a thread each)."""
+        with ThreadPoolExecutor(max_workers=max(1, len(slots))) as runs:
+            for done in [runs.submit(self.benchmark, candidate, role, None, name)
+                         for name in slots]:
+                done.result()
+
+    def _benchmark(self, slot: Slot, ws: Workspace, candidate: dict, role: str,
+                   early_stop: EarlyStop | None, discard_disturbed: bool) -> dict | None:
         expected = self.session_hashes()
-        ws = self.workspace()
         ws.checkout(candidate["commit_sha"])
-        seed, cid = max(self.ledger.used_seeds() | {0}) + 1, candidate["id"]
-        run_id = self.ledger.start_run(
-            cid, role, seed, lambda i: self.run_dir.log(run_name(i, cid, role, seed)),
-            lock_path=lock_path(self.config.device))  # fmt: skip
+        cid = candidate["id"]
+        with self._lock:  # two threads must never take the same seed
+            seed = max(self.ledger.used_seeds() | {0}) + 1
+            run_id = self.ledger.start_run(
+                cid, role, seed, lambda i: self.run_dir.log(run_name(i, cid, role, seed)),
+                lock_path=lock_path(self.config.device, *(slot.gpus or slot.cores)[:1]),
+                slot=slot.name)  # fmt: skip
         name = run_name(run_id, cid, role, seed)
         log = self.run_dir.log(name)
         self.tracker.start_run(self.ledger.run(run_id), candidate)
@@ -102,7 +138,8 @@ class Measurer:
         checkpoint = self.run_dir.checkpoint(name)
         checkpoint.unlink(missing_ok=True)  # a stale one must never pass for this run's
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        self.say(f"  run {name}: {candidate['description']}")
+        on = f" on slot {slot.name}" if len(self.pool) > 1 else ""
+        self.say(f"  run {name}{on}: {candidate['description']}")
         changed = integrity.changed_fixed(ws.path, expected)
         if changed:  # the run fails as an integrity violation, without running train.py
             detail = f"fixed files differ from the session start: {', '.join(changed[:10])}"
@@ -112,7 +149,7 @@ class Measurer:
                                                       "changed": changed}},
                 f"{acceptance.FIXED_HASH}: {detail}", 0.0, str(log), None)  # fmt: skip
         else:
-            outcome = self._train(ws, run_id, seed, name, early_stop, checkpoint)
+            outcome = self._train(slot, ws, run_id, seed, name, early_stop, checkpoint)
         why = disturbed(outcome.result) if outcome.status == "ok" else None
         if outcome.status != "ok" or (why and discard_disturbed):
             checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
@@ -140,7 +177,7 @@ class Measurer:
             self.say(f"     {outcome.error}")
         return result
 
-    def _train(self, ws: Workspace, run_id: int, seed: int, name: str,
+    def _train(self, slot: Slot, ws: Workspace, run_id: int, seed: int, name: str,
                early_stop: EarlyStop | None, checkpoint: Path) -> runner.RunOutcome:
         """train.py in the worktree through the runner, with the session's settings; the
         ledger hears when the run has its device lock (until then it waits, not runs)."""
@@ -149,7 +186,7 @@ class Measurer:
             worktree=ws.path, preset=cfg.preset, seed=seed, out_path=self.run_dir.result(name),
             log_path=self.run_dir.log(name), timeout_s=self.timeout(),
             extra_args=list(cfg.train_args) + self.objective_args(), device=cfg.device,
-            nproc=cfg.gpus, early_stop=early_stop, checkpoint=checkpoint, sandbox=cfg.sandbox,
+            gpus=slot.gpus, cores=slot.cores, nproc=cfg.gpus, early_stop=early_stop, checkpoint=checkpoint, sandbox=cfg.sandbox,
             on_lock=lambda lock: self.ledger.lock_taken(run_id, lock.waited_s),
             on_line=lambda line: self.tracker.run_line(run_id, line),
         )  # fmt: skip
@@ -164,18 +201,23 @@ class Measurer:
         under the device lock, so never during a benchmark; None when it failed (said)."""
         path = self.run_dir.profile_path(champion["id"])
         if not path.exists():
-            ws = self.workspace()
-            ws.checkout(champion["commit_sha"])
-            cfg = self.config
-            cmd = [sys.executable, "-m", "bench.profile", "--preset", cfg.preset,
-                   *train_flags(cfg.train_args, ("--data",)), "--out", str(path),
-                   *([] if cfg.sandbox else ["--no-sandbox"])]  # it sandboxes itself
-            path.parent.mkdir(parents=True, exist_ok=True)
-            done = child.run_tool(cmd, ws.path, self.timeout(), device=cfg.device)
-            if done.code != 0:
-                self.say(f"no profile of the champion: {done.last_lines()}")
-                self.ledger.log_event(f"no profile of the champion: {done.last_lines()}")
-                return None
+            with self.slot() as (slot, ws):
+                return self._profile(champion, path, slot, ws)
+        return path.read_text()
+
+    def _profile(self, champion: dict, path: Path, slot: Slot, ws: Workspace) -> str | None:
+        ws.checkout(champion["commit_sha"])
+        cfg = self.config
+        cmd = [sys.executable, "-m", "bench.profile", "--preset", cfg.preset,
+               *train_flags(cfg.train_args, ("--data",)), "--out", str(path),
+               *([] if cfg.sandbox else ["--no-sandbox"])]  # it sandboxes itself
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = child.run_tool(cmd, ws.path, self.timeout(), device=cfg.device,
+                              gpus=slot.gpus, cores=slot.cores)
+        if done.code != 0:
+            self.say(f"no profile of the champion: {done.last_lines()}")
+            self.ledger.log_event(f"no profile of the champion: {done.last_lines()}")
+            return None
         return path.read_text()
 
 

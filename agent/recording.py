@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,7 @@ from agent.leaderboard import leaderboard_rules, under_rules
 from agent.ledger import Ledger
 from agent.measure import Measurer, early_stop_rule, train_flags
 from agent.rundir import RunDir
+from agent.slots import Slot
 from agent.workspace import Workspace
 
 
@@ -88,26 +90,62 @@ class Recorder:
         self.run_dir, self.ledger, self.config = run_dir, ledger, config
         self.workspace, self.measurer, self.tracker, self.event = (workspace, measurer,
                                                                    tracker, event)
+        self._cover_lock = threading.Lock()
+        # Held from an accept's checks to its promotion: two candidates judged side by side
+        # must not both be promoted over the same champion.
+        self.promoting = threading.Lock()
 
     def results(self, candidate: dict) -> list[dict]:
         return comparable(self.ledger.results_of(candidate["id"]), asdict(self.config))
 
-    def judge(self, candidate: dict) -> Decision:
-        """Benchmark `candidate` until the judge concludes; returns its decision."""
+    def judge(self, candidate: dict) -> Decision | None:
+        """Benchmark `candidate` until the judge concludes; returns its decision, or None
+        when the champion it was made from is no longer the champion (another candidate,
+        judged beside it, was accepted): it must be re-based, since a verdict is only ever
+        recorded against the current champion."""
         cfg = self.config.judge_config()
         while True:
+            champion = self.ledger.champion()
+            if champion["id"] != candidate["parent_id"]:
+                return None
+            self.cover(champion)
             results = self.results(candidate)
-            champion = self.results(self.ledger.champion())
+            champion_results = self.results(champion)
             if results:
-                decision = with_rules(self.config, assess(champion, results, cfg), results,
-                                      candidate)
+                decision = with_rules(self.config, assess(champion_results, results, cfg),
+                                      results, candidate)
                 if decision.verdict != "more":
                     return decision
-            early = None if results else early_stop_rule(champion, self.config, cfg.loss_margin)
+            early = None if results else early_stop_rule(champion_results, self.config,
+                                                         cfg.loss_margin)
             self.measurer.benchmark(candidate, "confirm" if results else "screen", early)
 
-    def record(self, candidate: dict, decision: Decision) -> None:
-        """Record the judge's decision; an accept passes the acceptance checks first."""
+    def cover(self, champion: dict) -> None:
+        """With several slots: the champion measured on every slot before a candidate is
+        compared with it, so the judge can tell a slot's offset from the candidate's effect
+        (agent/judge.py); the missing slots run it at once. One thread at a time: the
+        others wait for these runs rather than start the same ones."""
+        with self._cover_lock:
+            ran = {r["slot"] for r in self.results(champion) if r["status"] == "ok"}
+            missing = [name for name in self.measurer.pool.names if name not in ran]
+            if missing and len(self.measurer.pool) > 1:
+                self.event(f"measuring the champion on slot(s) {', '.join(missing)}")
+                self.measurer.on_every_slot(champion, "champion", missing)
+
+    def record(self, candidate: dict, decision: Decision) -> bool:
+        """Record the judge's decision; an accept passes the acceptance checks first.
+        False (nothing recorded) when the champion changed before an accept was recorded:
+        the candidate must be re-based."""
+        if decision.verdict != "accept":
+            self._record(candidate, decision)
+            return True
+        with self.promoting:
+            if self.ledger.champion()["id"] != candidate["parent_id"]:
+                return False
+            self._record(candidate, decision)
+            return True
+
+    def _record(self, candidate: dict, decision: Decision) -> None:
         cid, title = candidate["id"], f"#{candidate['experiment']} {candidate['description']}"
         if decision.verdict != "accept":
             caught_by = acceptance.caught_by_runs(self.ledger.runs_of(cid))
@@ -183,13 +221,13 @@ class Recorder:
         todo = [r for r in runs
                 if r["id"] not in cached and self.run_dir.run_checkpoint(r).is_file()]
         if todo:
-            ws, cfg = self.workspace(), self.config
-            ws.checkout(candidate["commit_sha"])
-            try:
-                numbers = score(ws.path, [self.run_dir.run_checkpoint(r) for r in todo], cfg,
-                                self.measurer.timeout())
-            finally:
-                ws.reset()
+            with self.measurer.slot() as (slot, ws):
+                ws.checkout(candidate["commit_sha"])
+                try:
+                    numbers = score(ws.path, [self.run_dir.run_checkpoint(r) for r in todo],
+                                    self.config, self.measurer.timeout(), slot)
+                finally:
+                    ws.reset()
             for run, row in zip(todo, numbers):
                 failed = [s for s in ("val", "holdout") if row[s].get("twins_ok") is False]
                 if failed:
@@ -206,16 +244,17 @@ def _gaps(scored: dict[int, dict]) -> dict[int, float]:
 
 
 def score(worktree: Path, checkpoints: Sequence[Path], config: SessionConfig,
-          timeout_s: float) -> list[dict]:
+          timeout_s: float, slot: Slot) -> list[dict]:
     """Run `python -m bench.score` in `worktree` (checked out at the commit that made the
     checkpoints), under the device lock: each checkpoint scored on the holdout and val
     slices by a fresh sandboxed forward worker; one {'val', 'holdout'} per checkpoint, in
-    order, each {'loss', 'bpb', 'twins_ok'}."""
+    order, each {'loss', 'bpb', 'twins_ok'}. On `slot`'s devices."""
     cmd = [sys.executable, "-m", "bench.score", "--preset", config.preset, "--device",
            config.device, *train_flags(config.train_args, ("--data", "--kernels")),
            "--splits", "holdout,val", *([] if config.sandbox else ["--no-sandbox"]),
            *map(str, checkpoints)]  # fmt: skip
-    done = child.run_tool(cmd, worktree, timeout_s, device=config.device)
+    done = child.run_tool(cmd, worktree, timeout_s, device=config.device, gpus=slot.gpus,
+                          cores=slot.cores)
     if done.code is None:
         raise EvaluationFailed(f"the scorer took over {timeout_s:.0f} s")
     lines = done.out.strip().splitlines()

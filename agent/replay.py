@@ -138,9 +138,9 @@ class Replay(Session):
             self.check_surface()
             self.start_commit()
 
-    def stop_reason(self) -> str | None:
+    def stop_reason(self, in_flight: int = 0) -> str | None:
         """Why the chain cannot go on: a rung was refused or failed (the rungs after it are
-        built on it), or None."""
+        built on it), or None. (A replay has one slot: one rung in flight at a time.)"""
         for c in self.ledger.candidates(["decided", "refused"]):
             if c["experiment"] is not None and c["verdict"] != "accept":
                 what = "was refused" if c["verdict"] == "refused" else "failed"
@@ -155,7 +155,7 @@ class Replay(Session):
     def nothing_left(self) -> str:
         return f"every selected rung of {self.ladder.name} was measured"
 
-    def experiment(self, candidate: dict) -> None:
+    def experiment(self, candidate: dict) -> None:  # never re-based: one rung at a time
         rung = self.rungs[rung_of(candidate)]
         self.event(f"{candidate['description']} ({rung.kind}): {self.settings.runs} runs "
                    "each of it and of the rung before, interleaved")

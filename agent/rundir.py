@@ -4,6 +4,7 @@
     D/session.lock             held while a loop or a review works in D (agent/liveness.py)
     D/worktree/                the session's git worktree, where candidates run
     D/propose/                 a second worktree, where the next candidate is drafted meanwhile
+    D/worktree-N/              slot N's worktree, when a session has several (--devices)
     D/logs/NAME.log            a run's output
     D/results/NAME.json        its result JSON
     D/checkpoints/NAME.pt      its final weights, until the acceptance checks have read them
@@ -55,13 +56,18 @@ class RunDir:
     def of_worktree(cls, path: Path) -> RunDir | None:
         """The run directory that holds the session worktree `path`, or None when `path` is
         not where a session keeps its worktrees."""
-        return cls(Path(path).parent) if Path(path).name in WORKTREES else None
+        name = Path(path).name
+        return cls(Path(path).parent) if name in WORKTREES or name.startswith(
+            f"{WORKTREES[0]}-") else None
 
     def __str__(self) -> str:
         return str(self.root)
 
     def __fspath__(self) -> str:  # so that Path(run_dir) and open() take a RunDir
         return str(self.root)
+
+    def slot_worktree(self, slot: str) -> Path:
+        return self.root / f"{WORKTREES[0]}-{slot}"
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"

@@ -19,20 +19,19 @@ validated against the harness's contract.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
 from agent import child
 from bench import protocol
-from bench.locks import LOCK_HELD_ENV, DeviceLock, device_lock
+from bench.locks import LOCK_HELD_ENV, DeviceLock, slot_locks
 
 Status = Literal[
     "ok",
@@ -65,8 +64,9 @@ class RunSpec:
     timeout_s: float  # hard limit on the child's wall time: a multiple of the expected time
     extra_args: list[str] = field(default_factory=list)  # e.g. ["--budget-tokens", "4096"]
     device: Literal["cpu", "cuda"] = "cpu"  # which lock to hold
-    gpu_index: int | None = None  # first physical GPU; sets CUDA_VISIBLE_DEVICES (None: 0)
-    nproc: int = 1  # processes of one run (torchrun), one per GPU on cuda: K GPUs from gpu_index
+    gpus: tuple[int, ...] = ()  # its physical GPUs, CUDA_VISIBLE_DEVICES (): 0 to nproc - 1
+    cores: tuple[int, ...] = ()  # the CPU cores it is pinned to (a slot's); (): unpinned
+    nproc: int = 1  # processes of one run (torchrun), one per GPU on cuda
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)  # overrides of the inherited environment
     early_stop: EarlyStop | None = None  # called at every eval line (measure.behind_champion)
@@ -100,7 +100,8 @@ def run(spec: RunSpec) -> RunOutcome:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = command(spec, out_path)
 
-    with open(log_path, "wb") as log, device_locks(spec) as lock:
+    gpus = _gpus(spec) if spec.device == "cuda" else []
+    with open(log_path, "wb") as log, slot_locks(spec.device, gpus, spec.cores) as lock:
         if spec.on_lock is not None:
             spec.on_lock(lock)
         _log_note(log, f"$ {' '.join(cmd)}  (in {worktree})")
@@ -108,7 +109,7 @@ def run(spec: RunSpec) -> RunOutcome:
             _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")
         watch = _Watch(log, spec.early_stop, spec.on_line)
         started = time.monotonic()
-        proc = child.start(cmd, worktree, _child_env(spec))
+        proc = child.start(cmd, worktree, _child_env(spec), cores=spec.cores)
         try:
             killed = child.pump(proc, watch.feed, started + spec.timeout_s,
                                 stop=lambda: watch.stop_requested)
@@ -142,23 +143,10 @@ def command(spec: RunSpec, out_path: Path) -> list[str]:
 
 
 def _gpus(spec: RunSpec) -> list[int]:
-    """The physical GPUs of a cuda run: nproc of them from gpu_index (default 0) on."""
-    first = 0 if spec.gpu_index is None else spec.gpu_index
-    return list(range(first, first + spec.nproc))
-
-
-@contextlib.contextmanager
-def device_locks(spec: RunSpec) -> Iterator[DeviceLock]:
-    """Every device lock a run needs: the CPU's, or each of its GPUs' in index order (one
-    order for every holder, so two multi-GPU runs cannot each wait on the other). Yields
-    the lock that was waited for longest."""
-    if spec.device != "cuda":
-        with device_lock(spec.device) as lock:
-            yield lock
-        return
-    with contextlib.ExitStack() as stack:
-        locks = [stack.enter_context(device_lock("cuda", i)) for i in _gpus(spec)]
-        yield max(locks, key=lambda lock: lock.waited_s)
+    """The physical GPUs of a cuda run: its slot's, or the first nproc."""
+    if spec.gpus and len(spec.gpus) != spec.nproc:
+        raise ValueError(f"a run of {spec.nproc} processes on GPUs {spec.gpus}: one per GPU")
+    return list(spec.gpus) or list(range(spec.nproc))
 
 
 class _Watch:

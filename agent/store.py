@@ -23,7 +23,7 @@ from pathlib import Path
 
 from agent import faults
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE session (
@@ -44,7 +44,7 @@ CREATE TABLE candidates (
     proposer TEXT NOT NULL,
     created REAL NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('proposed', 'running', 'held', 'decided', 'refused')),
-    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused', 'held')),
+    verdict TEXT CHECK (verdict IN ('accept', 'reject', 'refused', 'held', 'rebased')),
     decision TEXT,              -- JSON: the judge's Decision (+ checks, review), or the refusal
     decided_at REAL,            -- when it was decided, refused or held
     usage TEXT,                 -- JSON: the proposer's LLM tokens and cost for it, if any
@@ -67,6 +67,7 @@ CREATE TABLE runs (
     wall_seconds REAL,
     started_at REAL NOT NULL,
     finished_at REAL,
+    slot TEXT,                  -- the slot it ran on (agent/slots.py): "0", "1", ...
     lock_path TEXT,             -- the device lock the run needs
     lock_at REAL,               -- when it got it; NULL while it waits (or never took one)
     lock_wait_s REAL,           -- how long it waited for it (another process held it)

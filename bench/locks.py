@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +30,10 @@ class DeviceLock:
 
 
 def lock_path(device: str, gpu_index: int | None = None) -> Path:
-    """The file of a device's lock (it says who holds it)."""
+    """The file of a device's lock (it says who holds it): a GPU's by its index; the CPU's,
+    or with an index one core's (a slot of `--devices cpu:N` holds its own cores')."""
     if device == "cpu":
-        name = "cpu.lock"
+        name = "cpu.lock" if gpu_index is None else f"cpu-core{gpu_index}.lock"
     elif device == "cuda":
         name = f"gpu{0 if gpu_index is None else gpu_index}.lock"
     else:
@@ -42,7 +43,8 @@ def lock_path(device: str, gpu_index: int | None = None) -> Path:
 
 @contextlib.contextmanager
 def device_lock(
-    device: str, gpu_index: int | None = None, announce: Callable[[str], None] | None = None
+    device: str, gpu_index: int | None = None, announce: Callable[[str], None] | None = None,
+    shared: bool = False,
 ) -> Iterator[DeviceLock]:
     """Hold the machine-wide lock of one device (blocking until it is free; `announce` is
     told who holds it before the wait begins).
@@ -50,27 +52,47 @@ def device_lock(
     An flock on a file under ~/.cache/speedloop/locks ($SPEEDLOOP_LOCKS overrides): the
     kernel releases it when its holder dies, even by kill -9, so a crashed session never
     leaves a device locked. Sessions of different users share it only through a common
-    $SPEEDLOOP_LOCKS.
+    $SPEEDLOOP_LOCKS. A `shared` holder excludes only exclusive ones (see `slot_locks`).
     """
     path = lock_path(device, gpu_index)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         waited_s, holder = 0.0, ""
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "holder unknown"
             if announce is not None:
                 announce(holder)
             t = time.monotonic()
-            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, mode)
             waited_s = time.monotonic() - t
         try:
-            # Say who holds it, for the log line of whoever waits next.
-            f.truncate(0)
-            f.write(f"held by pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            f.flush()
+            if not shared:  # say who holds it, for the log line of whoever waits next
+                f.truncate(0)
+                f.write(f"held by pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                f.flush()
             yield DeviceLock(path, waited_s, holder)
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def slot_locks(device: str, gpus: Sequence[int] = (), cores: Sequence[int] = ()
+               ) -> Iterator[DeviceLock]:
+    """Every lock one run needs, always taken in one order so that two runs can never each
+    wait on the other: on CUDA each of its GPUs' in index order (all `gpus`, or GPU 0);
+    on the CPU the whole CPU's, or, for a run pinned to `cores` (a slot of `--devices
+    cpu:N`), the CPU's shared with other slots and then each core's: slots run side by
+    side, and a run of the whole CPU (by hand, or a one-slot session) waits for all of
+    them. Yields the lock that was waited for longest."""
+    if device == "cuda":
+        wanted = [("cuda", i, False) for i in (sorted(gpus) or [0])]
+    else:
+        wanted = [("cpu", None, bool(cores))] + [("cpu", c, False) for c in sorted(cores)]
+    with contextlib.ExitStack() as stack:
+        locks = [stack.enter_context(device_lock(d, i, shared=shared))
+                 for d, i, shared in wanted]
+        yield max(locks, key=lambda lock: lock.waited_s)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.measure import behind_champion
-from agent.runner import STATUSES, RunSpec, device_lock, run
+from agent.runner import STATUSES, RunSpec, run
+from bench.locks import device_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,7 +332,7 @@ def test_a_run_falling_behind_is_stopped_early(tmp_path):
 
 def test_cuda_runs_see_only_their_gpu_and_take_its_lock(tmp_path, locks_dir):
     body = 'emit(dict(RESULT, cvd=os.environ.get("CUDA_VISIBLE_DEVICES"), x=os.environ["X"]))'
-    spec = fake_spec(tmp_path, body, device="cuda", gpu_index=1, env={"X": "y"})
+    spec = fake_spec(tmp_path, body, device="cuda", gpus=(1,), env={"X": "y"})
     outcome = run(spec)
     assert outcome.status == "ok", outcome.error
     assert outcome.result["cvd"] == "1" and outcome.result["x"] == "y"
@@ -408,7 +409,7 @@ def test_real_cpu_tiny_run(data_cache, tmp_path):
 
 def test_a_multi_gpu_run_asks_the_harness_for_k_processes_on_its_gpus(tmp_path, locks_dir):
     """nproc > 1: `python train.py ... --nproc K` (the harness runs torchrun inside the
-    trainer's sandbox), K GPUs visible from gpu_index on, each of their locks held. A
+    trainer's sandbox), its K GPUs visible, each of their locks held. A
     stand-in for the interpreter records how it was called, then runs train.py with the
     real one."""
     import stat
@@ -426,7 +427,7 @@ def test_a_multi_gpu_run_asks_the_harness_for_k_processes_on_its_gpus(tmp_path, 
         """
     extra = ["--budget-tokens", "4096"]
     spec = fake_spec(
-        tmp_path, body, device="cuda", gpu_index=2, nproc=2, python=str(python), extra_args=extra
+        tmp_path, body, device="cuda", gpus=(2, 3), nproc=2, python=str(python), extra_args=extra
     )
     outcome = run(spec)
     assert outcome.status == "ok", outcome.error
