@@ -1,6 +1,7 @@
 """The statistics of speedloop, in one place: the primary metric of each objective with the
-rule for a run that missed its target, Welch's t on two samples, the speedup as a ratio of
-geometric means with its interval, and the one-sample loss test of a leaderboard. The judge
+rule for a run that missed its target, Welch's t on two samples, the same comparison
+blocked by device slot, the speedup as a ratio of geometric means with its interval, and
+the one-sample loss test of a leaderboard. The judge
 (agent/judge.py), the replay (agent/rungs.py) and the report (agent/report.py) all use these.
 
 Student's t comes from scipy.special (stdtr, stdtrit): the functions behind scipy.stats.t
@@ -102,6 +103,72 @@ def welch(x: np.ndarray, y: np.ndarray) -> Diff:
     if vx + vy == 0.0:
         return Diff(float(x.mean() - y.mean()), 0.0, math.inf)
     return Diff(float(x.mean() - y.mean()), math.sqrt(vx + vy), welch_df(vx, len(x), vy, len(y)))
+
+
+# -- blocked by device slot ------------------------------------------------------------------
+
+
+def blocked_cells(nx, sx, ssx, ny, sy, ssy):
+    """Least-squares fit of value = slot offset + effect * [x side] + noise, from the cells'
+    counts n, sums s and within-cell sums of squares ss (arrays, last axis the slots).
+
+    The fit in closed form: a slot's offset absorbs its mean, so each slot holding both
+    sides gives the difference d of its two cell means with weight w = nx ny / (nx + ny)
+    (1 / the variance of d, in units of the noise variance); the effect is the w-weighted
+    mean of the d, and the residual sum of squares is the cells' own spread plus the d's
+    spread around the effect. A slot holding one side only adds its spread, not the effect.
+    Returns arrays (effect, variance of the effect, residual df, total weight W); where W
+    is 0 nothing measured the effect and where df <= 0 nothing measured the noise: the
+    caller decides (these come back as nan, never as an error).
+    """
+    both = (nx > 0) & (ny > 0)
+    w = np.where(both, nx * ny / np.maximum(nx + ny, 1), 0.0)
+    d = np.where(both, sx / np.maximum(nx, 1) - sy / np.maximum(ny, 1), 0.0)
+    total = w.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        effect = (w * d).sum(axis=-1) / total
+        rss = (ssx + ssy).sum(axis=-1) + (w * (d - effect[..., None]) ** 2).sum(axis=-1)
+        df = (nx + ny).sum(axis=-1) - ((nx + ny) > 0).sum(axis=-1) - 1.0
+        var = rss / df / total
+    return effect, np.where(df > 0, var, np.nan), df, total
+
+
+def blocked(x, y, x_slots: Sequence[str], y_slots: Sequence[str]) -> Diff | None:
+    """mean(x) - mean(y) within device slots: the effect of a linear model with one offset
+    per slot fitted to both samples together, with its least-squares standard error and
+    residual degrees of freedom (Student's t; one noise variance for both sides, so the
+    judge calibrates its level for a noisier x, as it does for Welch).
+
+    An x on a slot where y has no run carries no information about the effect (its slot's
+    offset would absorb it) and is left out; None when no x is left. When y spans one slot
+    this is exactly `welch` (there is no offset to remove, and Welch allows unequal
+    variances). When no residual degree of freedom is left (one y per slot and one x: a
+    screen), the noise is borrowed from y's spread across slots, as `welch` borrows y's for
+    a lone x; that spread includes the offsets, so the borrowed error only overstates.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    slots = sorted(set(y_slots))
+    index = {slot: i for i, slot in enumerate(slots)}
+    matched = [i for i, slot in enumerate(x_slots) if slot in index]
+    if not matched:
+        return None
+    x, x_at = x[matched], np.array([index[x_slots[i]] for i in matched])
+    if len(slots) == 1:
+        return welch(x, y)
+    y_at = np.array([index[slot] for slot in y_slots])
+
+    def cells(values, at):
+        n = np.bincount(at, minlength=len(slots)).astype(float)
+        s = np.bincount(at, values, minlength=len(slots))
+        ss = np.bincount(at, (values - (s / np.maximum(n, 1))[at]) ** 2, minlength=len(slots))
+        return n, s, ss
+
+    effect, var, df, total = blocked_cells(*cells(x, x_at), *cells(y, y_at))
+    if df <= 0:
+        return Diff(float(effect), math.sqrt(y.var(ddof=1) / total), len(y) - 1.0)
+    if var == 0.0:
+        return Diff(float(effect), 0.0, math.inf)
+    return Diff(float(effect), math.sqrt(var), float(df))
 
 
 # -- speedups -------------------------------------------------------------------------------
