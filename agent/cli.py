@@ -157,6 +157,12 @@ def add_session_arguments(p: argparse.ArgumentParser, what: str, flagged: str,
         "(default 1)",
     )  # fmt: skip
     p.add_argument(
+        "--devices", metavar="SPEC",
+        help="run experiments in parallel, one per slot: 'all' (every visible GPU), a list of "
+        "GPUs such as 0,1,2,5 (with --gpus K, K of them per slot), or cpu:N (N slots of this "
+        "machine's cores). Default: one slot, the whole device",
+    )  # fmt: skip
+    p.add_argument(
         "--no-sandbox", action="store_true",
         help="run candidate code unconfined where bubblewrap cannot run: every result is "
         "then marked untrusted (bench/INTEGRITY.md)",
@@ -225,7 +231,8 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
         experiments=args.experiments, hours=args.hours,
         deadline=preflight.deadline(args.deadline) if args.deadline else None,
         baseline_runs=args.baseline_runs, train_args=train_args(args), target_loss=target,
-        device=PRESETS[args.preset].device, gpus=args.gpus, rules=args.rules, wandb=args.wandb,
+        device=PRESETS[args.preset].device, gpus=args.gpus, devices=args.devices,
+        rules=args.rules, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
         judge={**({} if args.max_runs is None else {"max_replicates": args.max_runs,
@@ -251,6 +258,7 @@ def check_new(run_dir: Path, config: SessionConfig, say) -> None:
     preflight.check_repo(ROOT)
     check_sandbox(config)
     preflight.check_machine(config.preset, config.gpus, config.train_args)
+    preflight.check_devices(config)
     resolve_mode(config.wandb)  # a bad WANDB_MODE fails here, not in the new session
     edits = preflight.uncommitted_surface(ROOT)
     if edits:
@@ -350,6 +358,9 @@ def command_replay(args: Namespace, console: Console) -> int:
         raise SessionStop("name a ladder (e.g. nanogpt-speedrun) or --resume D")
     args = with_defaults(args, REPLAY_DEFAULTS)
     preflight.check_values(args)
+    if args.devices:
+        raise SessionStop(f"--devices {args.devices}: a replay measures one rung at a time, "
+                          "interleaved with the rung before; run it without --devices")
     ladder = replay.load(args.ladder)
     run_dir = args.run_dir or ROOT / "runs" / time.strftime("replay-%Y%m%d-%H%M%S")
     config = replay.replay_config(

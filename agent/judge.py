@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -252,13 +253,18 @@ def blocked_level(per_slot: tuple[int, ...], looks: tuple[int, ...], alpha: floa
     return float(min(levels))
 
 
+_calibrating = threading.Lock()
+
+
 def _level(champion_slots: Sequence[str], blocked_test: bool, looks: tuple[int, ...],
            alpha: float) -> float:
     """The nominal level of each look for the test in use: Welch's (champion's sample size
-    alone), or the blocked test's (the champion's runs per slot)."""
-    if not blocked_test:
-        return sequential_level(len(champion_slots), looks, alpha)
-    return blocked_level(tuple(sorted(Counter(champion_slots).values())), looks, alpha)
+    alone), or the blocked test's (the champion's runs per slot). One calibration at a
+    time: candidates judged in parallel threads often ask for the same one at once."""
+    with _calibrating:
+        if not blocked_test:
+            return sequential_level(len(champion_slots), looks, alpha)
+        return blocked_level(tuple(sorted(Counter(champion_slots).values())), looks, alpha)
 
 
 def _reject(reason: str, n_champion: int, n_candidate: int) -> Decision:

@@ -186,12 +186,15 @@ class Measurer:
             worktree=ws.path, preset=cfg.preset, seed=seed, out_path=self.run_dir.result(name),
             log_path=self.run_dir.log(name), timeout_s=self.timeout(),
             extra_args=list(cfg.train_args) + self.objective_args(), device=cfg.device,
-            gpus=slot.gpus, cores=slot.cores, nproc=cfg.gpus, early_stop=early_stop, checkpoint=checkpoint, sandbox=cfg.sandbox,
+            gpus=slot.gpus, cores=slot.cores, nproc=cfg.gpus, early_stop=early_stop,
+            checkpoint=checkpoint, sandbox=cfg.sandbox,
             on_lock=lambda lock: self.ledger.lock_taken(run_id, lock.waited_s),
             on_line=lambda line: self.tracker.run_line(run_id, line),
         )  # fmt: skip
+        # One spinner at a time: with several slots the progress lines say what runs.
+        waiting = self.waiting if len(self.pool) == 1 else lambda text: contextlib.nullcontext()
         try:
-            with self.waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
+            with waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
                 return runner.run(spec)
         except FileNotFoundError as e:  # the candidate removed the harness itself
             return runner.RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)

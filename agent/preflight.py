@@ -116,6 +116,16 @@ def check_machine(preset: str, gpus: int, train_args: list[str]) -> None:
     check_data(data)
 
 
+def check_devices(config) -> None:
+    """--devices names slots this machine has (agent/slots.py says what it may be)."""
+    from agent.slots import parse_devices
+
+    try:
+        parse_devices(config.devices, config.device, config.gpus)
+    except ValueError as e:
+        raise SessionStop(str(e)) from None
+
+
 def check_data(name: str) -> None:
     """Every file of the prepared dataset `name` is there and whole (the shards' headers
     against their sizes), so no run fails on it hours later."""
@@ -178,7 +188,7 @@ def settings_of(config: SessionConfig) -> dict:
         "wandb": config.wandb, "allow_flagged": config.allow_flagged,
         "max_speedup": config.acceptance_config().max_speedup, "rules": config.rules,
         "loss_margin": config.judge_config().loss_margin,
-        "gpus": config.gpus, "no_sandbox": not config.sandbox,
+        "gpus": config.gpus, "devices": config.devices, "no_sandbox": not config.sandbox,
         "model": llm and llm.model, "max_usd_per_candidate": llm and llm.max_usd_per_candidate,
         "max_turns": llm and llm.max_turns, "effort": llm and llm.effort,
         "thinking": llm and (llm.thinking or {}).get("type"),

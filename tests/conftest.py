@@ -7,7 +7,8 @@ run natively.
 
 import os
 
-import torch
+import agent  # noqa: F401  (first: the engine's BLAS settings must precede numpy's load)
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

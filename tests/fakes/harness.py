@@ -8,8 +8,11 @@ acceptance check and profile the same way. Everything else is real: the engine r
 through the real runner, as child processes, under the device lock, in the session's own
 worktree.
 
-The fake's speed is model/speed.txt (tokens per second = 1000 x speed), its noise 1% a run,
-drawn from the seed; so a session on it decides the same way every time it is run.
+The fake's speed is the product of the numbers in model/speed*.txt (tokens per second =
+1000 x speed: model/speed.txt, and others a candidate adds beside it, so that changes of
+different files compose), its noise 1% a run, drawn from the seed; so a session on it
+decides the same way every time it is run. model/delay.txt, when a candidate adds it, is
+how many seconds each of its runs takes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fakes.repo import git, working_tree_repo
 TRAIN = '''\
 """A fake train.py (tests/fakes/harness.py): train.py's result contract in milliseconds."""
 import json
+import math
 import os
 import random
 import sys
@@ -44,7 +48,9 @@ def main(argv):
         return 2
     seed = int(flag(argv, "--seed", 0))
     rng = random.Random(seed)
-    speed = float(Path("model/speed.txt").read_text())
+    speed = math.prod(float(p.read_text()) for p in Path("model").glob("speed*.txt"))
+    if Path("model/delay.txt").is_file():
+        time.sleep(float(Path("model/delay.txt").read_text()))
     loss = 5.0 + 0.002 * rng.gauss(0, 1)
     print("clock start", flush=True)
     for step in (1, 2):  # the progress lines of train.py, for whoever watches them

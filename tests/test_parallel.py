@@ -1,0 +1,108 @@
+"""Parallel slots: several experiments in flight, each run on a slot of its own, the champion
+measured on every slot, and candidates re-based when the champion changes under them.
+Real sessions on the fast fake harness (tests/fakes/harness.py), whose speed is the product
+of model/speed*.txt, so that changes of different files compose."""
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import SessionConfig
+from agent.loop import Session
+from agent.proposers import make_proposer
+from agent.slots import Slot, SlotPool, parse_devices
+from fakes.harness import patch_of
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPEEDLOOP_LOCKS", str(tmp_path / "locks"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def patches(repo: Path, folder: Path, edits: list[dict[str, str]]) -> Path:
+    folder.mkdir()
+    for n, edit in enumerate(edits):
+        (folder / f"{n:02d}.patch").write_text(patch_of(repo, edit))
+    return folder
+
+
+def session(repo: Path, run_dir: Path, folder: Path, **config) -> Session:
+    config = SessionConfig(repo=str(repo), objective="throughput", baseline_runs=2,
+                           proposer="patches", proposer_arg=str(folder), wandb="disabled",
+                           **config)  # fmt: skip
+    return Session.create(run_dir, config, make_proposer("patches", str(folder), {}),
+                          say=lambda text: None)  # fmt: skip
+
+
+def test_devices_name_slots_or_say_what_would_do():
+    assert parse_devices(None, "cpu") == [Slot("0", "cpu")]
+    two = parse_devices("cpu:2", "cpu")
+    assert [s.name for s in two] == ["0", "1"] and not set(two[0].cores) & set(two[1].cores)
+    for spec, says in [("cpu:0", "1 to"), ("cpu:99", "1 to"), ("cpu:x", "cpu:N needs"),
+                       ("0,1", "names GPUs")]:
+        with pytest.raises(ValueError, match=says):
+            parse_devices(spec, "cpu")
+    with pytest.raises(ValueError, match="for a CPU session"):
+        parse_devices("cpu:2", "cuda")
+
+
+def test_a_two_slot_session_runs_on_both_and_records_each_run_once(fake_repo, tmp_path):
+    """--devices cpu:2: the baseline's replicates on both slots, experiments two at a time,
+    every run finished, on a slot, with its own seed."""
+    folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": f"{x}\n"}
+                                                 for x in ("0.9", "0.95", "0.8", "0.85")])
+    s = session(fake_repo, tmp_path / "s", folder, devices="cpu:2")
+    s.run()
+    runs = [r for c in s.ledger.candidates() for r in s.ledger.runs_of(c["id"])]
+    assert {r["slot"] for r in runs} == {"0", "1"}
+    assert {r["slot"] for r in s.ledger.runs_of(s.ledger.baseline()["id"])} == {"0", "1"}
+    assert not s.ledger.running_runs()
+    seeds = [r["seed"] for r in runs]
+    assert len(seeds) == len(set(seeds))
+    assert [c["verdict"] for c in s.ledger.candidates()[1:]] == ["reject"] * 4
+    assert (s.run_dir.root / "worktree-1" / ".git").exists()  # each slot its own worktree
+
+
+def test_the_champion_changing_under_three_candidates_in_flight(fake_repo, tmp_path):
+    """Four slots, four good candidates at once: the first accepted becomes the champion;
+    the other three, in flight on the old one, are re-based (their runs kept as evidence
+    against it) and judged afresh against the new one, or dropped when their change no
+    longer applies. No verdict is ever recorded against a champion that is not current."""
+    folder = patches(fake_repo, tmp_path / "p", [
+        {"model/speed.txt": "1.3\n"}, {"model/speed_b.txt": "1.1\n"},
+        {"model/speed_c.txt": "1.1\n"}, {"model/speed.txt": "1.2\n"}])
+    s = session(fake_repo, tmp_path / "s", folder)
+    # Four slots of the whole CPU: their runs take turns on the CPU's lock, but four
+    # candidates are judged side by side, which is what this test is about.
+    s.measurer.pool = SlotPool([Slot(str(i), "cpu") for i in range(4)])
+    s.run()
+    cands = s.ledger.candidates()
+    rebased = [c for c in cands if c["verdict"] == "rebased"]
+    assert len(rebased) >= 3  # every other first candidate, at least once
+    history = [(h["since"], h["candidate_id"]) for h in s.ledger.champions()]
+    for c in cands[1:]:
+        if c["verdict"] in ("accept", "reject"):
+            before = [cid for since, cid in history if since < c["decided_at"]]
+            assert c["parent_id"] == before[-1], f"#{c['experiment']} judged on an old champion"
+        if c["verdict"] == "rebased":
+            copy = c["decision"]["rebased_as"]
+            assert copy is None or s.ledger.candidate(copy)["description"] == c["description"]
+            assert copy is not None or "does not apply" in c["decision"]["reason"]
+            assert s.ledger.runs_of(c["id"]) or c["state"] == "decided"  # evidence kept
+    # Four slots, so a champion was measured on each before anything was judged on it.
+    judged_on = {c["parent_id"] for c in cands[1:] if c["verdict"] in ("accept", "reject")}
+    assert judged_on
+    for champion_id in judged_on:
+        slots = {r["slot"] for r in s.ledger.runs_of(champion_id, ok_only=True)}
+        assert slots == {"0", "1", "2", "3"}
+    assert s.ledger.n_experiments() == len([c for c in cands[1:] if c["verdict"] != "rebased"])
+    # The file changes compose: speed_b and speed_c both end in the champion, with one of
+    # the two speed.txt edits (the other no longer applies on top of it).
+    champion = s.ledger.champion()
+    files = {p: s.workspace.file_at(champion["commit_sha"], f"model/{p}")
+             for p in ("speed.txt", "speed_b.txt", "speed_c.txt")}
+    assert files["speed_b.txt"] == files["speed_c.txt"] == "1.1\n"
+    assert files["speed.txt"] in ("1.3\n", "1.2\n")
+    assert champion["speedup"] > 1.3  # at least 1.2 x 1.1 x 1.1 = 1.45, measured
+    assert not s.ledger.running_runs()
