@@ -39,19 +39,13 @@ from pathlib import Path
 import torch
 
 from bench import protocol
-from bench.candidate import (
-    Forward,
-    Trainer,
-    WorkerFailed,
-    WorkerUsageError,
-    extra_cpu,
-    fingerprint_file,
-)
+from bench.candidate import Forward, Trainer, WorkerFailed, WorkerUsageError, fingerprint_file
 from bench.curves import eval_points, interpolate_target
 from bench.disturbance import run_delay_seconds, steal_seconds
 from bench.hardware import mfu
 from bench.harness import Budget, Clock, Data, Evaluations, held_device, work_dir
 from bench.presets import PRESETS, Setup, UsageError, add_setup_arguments, resolve_setup
+from bench.proctree import extra_cpu
 from bench.sandbox import Sandbox, SandboxError, available
 from bench.telemetry import Telemetry, visible_gpus
 from data.cache import DataMissingError

@@ -2,9 +2,10 @@
 each a sandboxed `python -m bench.worker` that the harness talks to over a Unix socket.
 
 The harness owns everything about them: it starts them in their sandboxes, sends the
-trainer every batch it trains on, freezes it (SIGSTOP on every process of its sandbox)
-while an evaluation runs, and reads back only weights files and logits. Their output is
-passed on to the harness's stderr with a prefix (`[train]`, `[forward]`), never parsed.
+trainer every batch it trains on, freezes it (SIGSTOP on every process of its sandbox,
+through bench/proctree.py) while an evaluation runs, and reads back only weights files and
+logits. Their output is passed on to the harness's stderr with a prefix (`[train]`,
+`[forward]`), never parsed.
 
 What this module must never do: import the research surface, unpickle or execute anything
 a worker sends (bench/wire.py reads data only; weights are read with torch's weights_only
@@ -15,27 +16,21 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import wire
+from bench import proctree, wire
 from bench.sandbox import Sandbox
 
 TAIL_LINES = 20
 ACCEPT_POLL_S = 0.2
-FREEZE_WAIT_S = 5.0
-# Pending signals a frozen process may legitimately have: a child of its own stopped or
-# continued (SIGCHLD), and our own SIGCONT racing the check.
-ALLOWED_PENDING = {signal.SIGCHLD, signal.SIGCONT}
 
 
 class WorkerFailed(RuntimeError):
@@ -129,85 +124,33 @@ class Worker:
     def cpu_times(self) -> dict:
         """CPU seconds of every process of the sandbox, as the kernel counts them (nothing
         the worker says): {pid: (process total with its reaped children, {tid: thread})}."""
-        tick = os.sysconf("SC_CLK_TCK")
-        out = {}
-        for pid in self.processes():
-            try:
-                fields = _stat_fields(Path(f"/proc/{pid}/stat"))
-                threads = {}
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    task = _stat_fields(Path(f"/proc/{pid}/task/{tid}/stat"))
-                    threads[int(tid)] = (int(task[11]) + int(task[12])) / tick
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-            out[pid] = (sum(int(f) for f in fields[11:15]) / tick, threads)
-        return out
+        return proctree.cpu_times(self.processes())
 
     # -- freezing --------------------------------------------------------------------------
 
     def processes(self) -> list[int]:
         """Every process of the worker's sandbox (bwrap and all its descendants)."""
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            try:
-                tasks = os.listdir(f"/proc/{pid}/task")
-            except OSError:
-                continue
-            for task in tasks:
-                try:
-                    todo += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children")
-                             .read_text().split()]
-                except OSError:
-                    pass
-        return out
+        return proctree.tree(self.proc.pid)
 
     def freeze(self) -> None:
         """SIGSTOP every process of the sandbox, until no new one appears and each is
         stopped: nothing of the candidate's runs on the CPU while the harness evaluates."""
-        deadline = time.monotonic() + FREEZE_WAIT_S
-        stopped: set[int] = set()
-        while True:
-            pids = self.processes()
-            for pid in set(pids) - stopped:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
-                stopped.add(pid)
-            if set(self.processes()) <= stopped and all(map(_is_stopped, pids)):
-                break
-            if time.monotonic() > deadline:
-                running = [p for p in pids if not _is_stopped(p)]
-                raise self.failure(f"could not be frozen: processes {running} still run")
-            time.sleep(0.001)
-        self.frozen = sorted(stopped)
+        try:
+            self.frozen = proctree.freeze(self.proc.pid)
+        except proctree.StillRunning as e:
+            raise self.failure(f"could not be frozen: {e}") from None
 
     def thaw(self) -> list[str]:
         """SIGCONT the frozen processes; returns what was found pending for them while
         frozen that nobody in the harness sent (a signal from outside the sandbox)."""
-        found = []
-        for pid in self.frozen:
-            extra = _pending(pid) - ALLOWED_PENDING
-            if extra:
-                found.append(f"pid {pid}: {sorted(getattr(s, 'name', str(s)) for s in extra)}")
-        for pid in self.frozen:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        found = proctree.thaw(self.frozen)
         self.frozen = []
         return found
 
     def close(self) -> None:
         """End the worker and every process of its sandbox: killed, not asked (nothing of it
         is needed any more, and an interpreter's teardown costs a second a worker)."""
-        for pid in self.processes():  # unconfined (--no-sandbox), a worker's children too
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        proctree.kill(self.proc.pid)  # unconfined (--no-sandbox), a worker's children too
         self.proc.wait()
         self.sock.close()
         for pump in self._pumps:
@@ -379,60 +322,8 @@ def fingerprint_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), count
 
 
-def extra_cpu(before: dict, after: dict, threads: int) -> tuple[float, float]:
-    """(all CPU seconds, CPU seconds beyond each process's `threads` busiest threads)
-    between two `cpu_times` readings. Judged by threads, not by CPU against wall time: on a
-    busy machine an extra thread gets less than a core, but it still shows as a thread."""
-    total = extra = 0.0
-    for pid, (process, tasks) in after.items():
-        was_process, was_tasks = before.get(pid, (0.0, {}))
-        used = process - was_process
-        per_thread = sorted((t - was_tasks.get(tid, 0.0) for tid, t in tasks.items()),
-                            reverse=True)
-        total += used
-        extra += max(0.0, used - sum(per_thread[:threads]))
-    return total, extra
-
-
-def _stat_fields(path: Path) -> list[str]:
-    """The fields of a /proc stat file after the command name (which may hold spaces)."""
-    return path.read_text().rsplit(")", 1)[1].split()
-
-
 def _memory_dir() -> str | None:
     """/dev/shm when it is there (RAM, no disk writes), else the temporary folder."""
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-
-
-def _is_stopped(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # gone
-    return state in ("T", "t", "Z", "X")
-
-
-def _pending(pid: int) -> set[signal.Signals]:
-    """Signals pending for the process (its own and its thread group's)."""
-    found: set[signal.Signals] = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            lines = Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            if line.startswith(("SigPnd:", "ShdPnd:")):
-                mask = int(line.split()[1], 16)
-                for n in range(1, 65):
-                    if mask >> (n - 1) & 1:
-                        try:
-                            found.add(signal.Signals(n))
-                        except ValueError:
-                            found.add(n)  # a real-time signal without a name
-    return found
 

@@ -12,13 +12,9 @@ from fakes.messages_api import FakeMessagesAPI, text, tool_use
 from fakes.repo import surface_repo
 
 from agent.costs import PRICES, BudgetExhausted, ProposerStop, UnknownPrice
-from agent.proposers.anthropic import (
-    AnthropicProposer,
-    ConversationFailed,
-    LLMConfig,
-    MissingApiKey,
-)
+from agent.proposers.anthropic import AnthropicProposer, ConversationFailed, LLMConfig
 from agent.proposers.base import ProposalFailed
+from agent.proposers.messages_api import MissingApiKey
 from agent.proposers.tools import TOOL_SPECS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,11 +5,11 @@ with the tools of agent.proposers.tools (confined to model/ and kernels/), runs 
 checks and submits a hypothesis. The stable part of the prompt (rules, tools, research
 brief) is cached; so is the conversation so far, turn by turn.
 
-It must survive a night alone: rate limits, overload and server errors are retried with
-backoff (the SDK's retries, then ours, pausing up to `outage_max_wait_s`); a conversation
-that fails for any reason leaves the worktree as it found it; and no candidate starts
-unless its worst-case cost fits in the budget. It never commits, never runs the
-benchmark, and never shows the model a file outside the research surface.
+It must survive a night alone: each request goes through agent.proposers.messages_api
+(retried through rate limits, overload and outages); a conversation that fails for any
+reason leaves the worktree as it found it; and no candidate starts, nor does any turn, unless
+its worst-case cost fits in the budget. It never commits, never runs the benchmark, and
+never shows the model a file outside the research surface.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import anthropic
 
 from agent.config import from_dict
 from agent.context import read_brief, research_context, stable_prompt
@@ -33,6 +31,7 @@ from agent.costs import (
 )
 from agent.proposers.base import Proposal, ProposalFailed
 from agent.proposers.checks import CheckSettings
+from agent.proposers.messages_api import MessagesAPI, RequestFailed
 from agent.proposers.tools import TOOL_SPECS, Submission, SurfaceTools, ToolError
 
 log = logging.getLogger(__name__)
@@ -40,19 +39,6 @@ log = logging.getLogger(__name__)
 # Without streaming the SDK refuses requests that could outlast 10 minutes (about 21k tokens).
 MAX_NONSTREAMING_TOKENS = 21_000
 CHARS_PER_TOKEN = 3.0  # a cautious estimate (code runs ~3.5), for the cost bound of a request
-TRANSIENT = (
-    anthropic.RateLimitError,  # 429
-    anthropic.InternalServerError,  # 5xx, 529 overloaded
-    anthropic.APIConnectionError,  # network, timeouts
-    anthropic.RequestTimeoutError,  # 408
-    anthropic.ConflictError,  # 409
-)
-FATAL = (  # the session cannot go on without a human
-    anthropic.AuthenticationError,
-    anthropic.PermissionDeniedError,
-    anthropic.PaymentRequiredError,
-    anthropic.NotFoundError,
-)
 
 
 @dataclass
@@ -98,15 +84,6 @@ class LLMConfig:
             raise ValueError(f"checks_device '{self.checks_device}': use cpu or gpu")
 
 
-class MissingApiKey(ValueError):
-    """No credentials for the API: said before the session starts, not at 3 a.m."""
-
-
-class NoAccess(ValueError):
-    """The Messages API cannot be used with these settings (URL, key, model): said before
-    the session starts."""
-
-
 class ConversationFailed(ProposalFailed):
     """A candidate's conversation ended without a submission; `usage` is what it cost."""
 
@@ -147,24 +124,18 @@ class AnthropicProposer:
                 f"{self.config.max_tokens} output tokens of {self.config.model}), so no "
                 "candidate could start: raise it"
             )
-        missing = ("--proposer anthropic needs an API key: export ANTHROPIC_API_KEY=... (or "
-                   "ANTHROPIC_AUTH_TOKEN) before starting the session")
-        try:
-            self.client = anthropic.Anthropic(
-                api_key=api_key, base_url=self.config.base_url,
-                max_retries=self.config.sdk_max_retries,
-            )
-        except anthropic.CredentialsError as e:  # a profile named but unusable
-            raise MissingApiKey(f"{missing} ({e})") from None
-        if not (self.client.api_key or self.client.auth_token or self.client.credentials):
-            raise MissingApiKey(missing)
         self.say = say or log.warning  # outages and pauses, one line each
+        cfg = self.config
+        self.api = MessagesAPI(
+            model=cfg.model, api_key=api_key, base_url=cfg.base_url,
+            sdk_max_retries=cfg.sdk_max_retries, retry_initial_s=cfg.retry_initial_s,
+            retry_max_s=cfg.retry_max_s, outage_max_wait_s=cfg.outage_max_wait_s,
+            say=lambda line: self.say(line), sleep=sleep,  # self.say as set when it speaks
+        )
         # Called with each response's usage ({"model", tokens..., "cost_usd"}) as soon as it
         # arrives, so the session's ledger holds every request paid for, drafts included.
         self.on_request = None
         self.stop_at: float | None = None  # unix time the session ends (--hours, --deadline)
-        self.answered = 0  # requests the API answered, in this process
-        self.sleep = sleep
         self.session_usage = Usage()  # every request of this process, all candidates
         self.last_usage: dict | None = None  # the last candidate's, submitted or not
 
@@ -181,27 +152,9 @@ class AnthropicProposer:
     def check_access(self) -> dict:
         """One request of one output token that proves the key, the URL and the model
         before the session starts; returns its usage. NoAccess says what to fix."""
-        cfg, url = self.config, self.client.base_url
-        try:
-            response = self.client.with_options(max_retries=1).messages.create(
-                model=cfg.model, max_tokens=1, messages=[{"role": "user", "content": "ping"}])
-        except anthropic.APIConnectionError as e:
-            raise NoAccess(f"--proposer anthropic: cannot reach the Messages API at {url} "
-                              f"({_short_error(e)}): check ANTHROPIC_BASE_URL and the "
-                              "network") from None
-        except anthropic.AuthenticationError as e:
-            raise NoAccess(f"--proposer anthropic: the Messages API at {url} refuses the "
-                              f"key ({_short_error(e)}): check ANTHROPIC_API_KEY") from None
-        except anthropic.NotFoundError as e:
-            raise NoAccess(f"--model {cfg.model}: the Messages API at {url} does not "
-                              f"serve it ({_short_error(e)}): check the model name") from None
-        except anthropic.APIStatusError as e:
-            raise NoAccess(f"--proposer anthropic: a one-token test request to {url} "
-                              f"failed ({_short_error(e)}): check the key's permissions and "
-                              "billing, or try again later") from None
         usage = Usage()
-        usage.add(response.usage)
-        return {"model": cfg.model, **usage.as_dict(self.price)}
+        usage.add(self.api.check_access())
+        return {"model": self.config.model, **usage.as_dict(self.price)}
 
     # -- the proposer interface --------------------------------------------------------------
 
@@ -265,7 +218,6 @@ class AnthropicProposer:
                     f"next turn could pass max_usd_per_candidate ${cfg.max_usd_per_candidate:g}"
                 )
             response = self._create(system, messages, first=turn == 1)
-            self.answered += 1
             usage.add(response.usage)
             if self.on_request is not None:
                 one = Usage()
@@ -325,16 +277,11 @@ class AnthropicProposer:
                 + self.config.max_tokens * p.output) / 1e6
 
     def _create(self, system: str, messages: list[dict], first: bool = False):
-        """One Messages API call; transient failures are retried until outage_max_wait_s,
-        or until the session ends (`stop_at`), whichever comes first.
-
-        A request refused on the first turn of a conversation is refused for its settings
-        (model, thinking, effort), which every candidate shares: that stops the session. So
-        does a refused connection before the API ever answered: the URL is wrong.
-        """
+        """The next response: the stable prompt cached, and the conversation so far up to
+        its new cache breakpoint. A request that fails for good ends the conversation."""
         cfg = self.config
         _cache_last_block(messages)
-        kwargs = dict(
+        request = dict(
             model=cfg.model,
             max_tokens=cfg.max_tokens,
             system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
@@ -342,54 +289,13 @@ class AnthropicProposer:
             messages=messages,
         )
         if cfg.thinking is not None:
-            kwargs["thinking"] = cfg.thinking
+            request["thinking"] = cfg.thinking
         if cfg.effort is not None:
-            kwargs["output_config"] = {"effort": cfg.effort}
-        waited, pause = 0.0, cfg.retry_initial_s
-        limit = cfg.outage_max_wait_s
-        left = None if self.stop_at is None else max(0.0, self.stop_at - time.time())
-        if left is not None and left < limit:
-            limit = left
-        while True:
-            try:
-                return self.client.messages.create(**kwargs)
-            except TRANSIENT as e:
-                refused = isinstance(e, anthropic.APIConnectionError) and not isinstance(
-                    e, anthropic.APITimeoutError)
-                if refused and self.answered == 0:
-                    raise ProposerStop(
-                        f"cannot connect to the Messages API at {self.client.base_url} "
-                        f"({_short_error(e)}): check ANTHROPIC_BASE_URL and the network"
-                    ) from e
-                if waited >= limit and limit < cfg.outage_max_wait_s:
-                    raise ProposerStop(
-                        f"the API was unavailable until the session's end (--hours or "
-                        f"--deadline): {_short_error(e)}"
-                    ) from e
-                if waited >= limit:
-                    raise ConversationFailed(
-                        f"the API was unavailable for {waited:.0f} s (outage_max_wait_s): "
-                        f"{_short_error(e)}"
-                    ) from e
-                step = min(pause, cfg.retry_max_s, limit - waited)
-                self.say(f"llm: {_short_error(e)}; pausing {step:.0f} s "
-                         f"({waited:.0f} of {limit:.0f} s waited)")
-                self.sleep(step)
-                waited, pause = waited + step, pause * 2
-            except FATAL as e:
-                raise ProposerStop(
-                    f"the Messages API refuses this session ({_short_error(e)}): check "
-                    f"ANTHROPIC_API_KEY, billing, and the model name '{cfg.model}'"
-                ) from e
-            except anthropic.APIStatusError as e:  # 400 and others: this request is wrong
-                if first and isinstance(e, anthropic.BadRequestError):
-                    raise ProposerStop(
-                        f"the API refuses the first request of a conversation "
-                        f"({_short_error(e)}): check the LLM settings (model, max_tokens, "
-                        "thinking, effort)"
-                    ) from e
-                raise ConversationFailed(f"the API refused the request: {_short_error(e)}") \
-                    from e
+            request["output_config"] = {"effort": cfg.effort}
+        try:
+            return self.api.create(request, first=first, stop_at=self.stop_at)
+        except RequestFailed as e:
+            raise ConversationFailed(str(e)) from e.__cause__
 
 
 def _cut_off(content) -> list[dict]:
@@ -410,8 +316,3 @@ def _cache_last_block(messages: list[dict]) -> None:
             block.pop("cache_control", None)
     users[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
 
-
-def _short_error(e: Exception) -> str:
-    status = getattr(e, "status_code", None)
-    text = " ".join(str(getattr(e, "message", e)).split())[:200]
-    return f"{type(e).__name__}{f' {status}' if status else ''}: {text}"
