@@ -7,8 +7,10 @@ run natively.
 
 import os
 
-import agent  # noqa: F401  (first: the engine's BLAS settings must precede numpy's load)
-import torch  # noqa: E402
+# isort: off
+import agent  # noqa: F401  (first: the engine's BLAS setting must precede numpy's load)
+import torch
+# isort: on
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
