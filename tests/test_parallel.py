@@ -6,12 +6,12 @@ of model/speed*.txt, so that changes of different files compose."""
 from pathlib import Path
 
 import pytest
+from fakes.harness import patch_of
 
 from agent.config import SessionConfig
 from agent.loop import Session
 from agent.proposers import make_proposer
 from agent.slots import Slot, SlotPool, parse_devices
-from fakes.harness import patch_of
 
 
 @pytest.fixture(autouse=True)
