@@ -132,17 +132,21 @@ class Snapshot:
 
     def busy_text(self) -> str:
         """`benchmarks ran 80% of the session's 2h 10m; they waited 7% for the device lock
-        (other processes' runs); the device idled 13%`."""
+        (other processes' runs); the device idled 13%`; with several slots, the shares are
+        of all slots' time, each slot's after it."""
         runs = [r for e in [self.base, *self.rows] if e for r in e.runs]
-        shares = device_busy(runs, self.session["created"], self.until)
-        if shares is None or not runs:
+        shares = slot_busy(runs, self.session["created"], self.until)
+        if not shares or not runs:
             return ""
-        busy, waited = shares
+        busy = sum(b for b, _ in shares.values()) / len(shares)
+        waited = sum(w for _, w in shares.values()) / len(shares)
         span = duration(self.until - self.session["created"])
+        on = "" if len(shares) == 1 else f" on {len(shares)} slots (" + ", ".join(
+            f"slot {name} {b:.0%}" for name, (b, _) in sorted(shares.items())) + ")"
         wait = (f"; they waited {waited:.0%} for the device lock (other processes' runs)"
                 if waited >= 0.005 else "")
-        return (f"benchmarks ran {busy:.0%} of the session's {span}{wait}; the device idled "
-                f"{max(0.0, 1 - busy - waited):.0%}")
+        return (f"benchmarks ran {busy:.0%} of the session's {span}{on}{wait}; the device "
+                f"idled {max(0.0, 1 - busy - waited):.0%}")
 
     def candidate(self, candidate_id: int) -> dict:
         return next(e.candidate for e in [self.base, *self.rows]
@@ -359,17 +363,20 @@ def write_report(run_dir: str | Path) -> ReportPaths:
     return paths
 
 
-def device_busy(runs: Sequence[dict], since: float,
-                until: float) -> tuple[float, float] | None:
-    """Fractions of the session's time in which a benchmark ran, and in which one waited
-    for the device lock (another process's benchmark had the device: not idle time). The
-    rest the device idled: waiting on the proposer, the judge, the session's overhead."""
-    span = until - since
+def slot_busy(runs: Sequence[dict], since: float,
+              until: float) -> dict[str, tuple[float, float]]:
+    """Per slot: the fractions of the session's time in which a benchmark ran on it, and in
+    which one waited for its lock (another process's benchmark had the device: not idle
+    time). The rest it idled: waiting on the proposer, the judge, the session's overhead."""
+    span, out = until - since, {}
     if span <= 0:
-        return None
-    busy = min(1.0, sum(r["wall_seconds"] or 0.0 for r in runs) / span)
-    waited = min(1.0 - busy, sum(r.get("lock_wait_s") or 0.0 for r in runs) / span)
-    return busy, waited
+        return {}
+    for name in sorted({r.get("slot") or "0" for r in runs}):
+        mine = [r for r in runs if (r.get("slot") or "0") == name]
+        busy = min(1.0, sum(r["wall_seconds"] or 0.0 for r in mine) / span)
+        waited = min(1.0 - busy, sum(r.get("lock_wait_s") or 0.0 for r in mine) / span)
+        out[name] = (busy, waited)
+    return out
 
 
 def llm_spend(spend: dict, candidates: Sequence[dict]) -> str:

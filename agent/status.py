@@ -74,7 +74,7 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
     for r in s.running:
         c = s.candidate(r["candidate_id"])
         what = f"candidate {c['id']} ({c['description']}), {r['role']} run {r['id']}, seed " \
-            f"{r['seed']}"
+            f"{r['seed']}" + (f", slot {r['slot']}" if cfg.get("devices") else "")
         if s.life.state != "alive":
             console.print(f"left running by the ended process: {what}; a resume discards and "
                           "re-runs it")

@@ -42,7 +42,8 @@ def status_data(run_dir: str | Path, last: int = 10) -> dict:
             what, holder = "waiting", lock_holder(r["lock_path"]).removeprefix("held by ")
         else:
             what, holder = "running", None
-        running.append({"run": r["id"], "candidate": c["id"], "description": c["description"],
+        running.append({"run": r["id"], "slot": r["slot"], "candidate": c["id"],
+                        "description": c["description"],
                         "role": r["role"], "seed": r["seed"], "state": what,
                         "lock_holder": holder, "since": r["lock_at"] or r["started_at"],
                         "log": r["log_path"]})
@@ -90,7 +91,7 @@ def watch_view(data: dict, width: int = 110):
     for r in data["running"] or [None]:
         lines.append(Text("running now: nothing" if r is None else
                           f"{r['state']}: candidate {r['candidate']} ({r['description']}), "
-                          f"{r['role']} run {r['run']}, seed {r['seed']}, "
+                          f"{r['role']} run {r['run']}, seed {r['seed']}, slot {r['slot']}, "
                           f"{now - r['since']:.0f} s"))
     table = Table(title="last decisions", title_justify="left", box=box.SIMPLE_HEAD,
                   width=width)

@@ -3,15 +3,23 @@ measured on every slot, and candidates re-based when the champion changes under 
 Real sessions on the fast fake harness (tests/fakes/harness.py), whose speed is the product
 of model/speed*.txt, so that changes of different files compose."""
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from fakes.harness import patch_of
 
 from agent.config import SessionConfig
+from agent.faults import FAULT_AT, FAULT_TRACE
+from agent.ledger import Ledger
 from agent.loop import Session
 from agent.proposers import make_proposer
+from agent.rundir import LEDGER_FILE
 from agent.slots import Slot, SlotPool, parse_devices
+from agent.status import status_text
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +70,7 @@ def test_a_two_slot_session_runs_on_both_and_records_each_run_once(fake_repo, tm
     assert len(seeds) == len(set(seeds))
     assert [c["verdict"] for c in s.ledger.candidates()[1:]] == ["reject"] * 4
     assert (s.run_dir.root / "worktree-1" / ".git").exists()  # each slot its own worktree
+    assert "on 2 slots (slot 0 " in status_text(s.run_dir.root)
 
 
 def test_the_champion_changing_under_three_candidates_in_flight(fake_repo, tmp_path):
@@ -106,3 +115,47 @@ def test_the_champion_changing_under_three_candidates_in_flight(fake_repo, tmp_p
     assert files["speed.txt"] in ("1.3\n", "1.2\n")
     assert champion["speedup"] > 1.3  # at least 1.2 x 1.1 x 1.1 = 1.45, measured
     assert not s.ledger.running_runs()
+
+
+def test_a_parallel_session_killed_anywhere_resumes_with_nothing_lost(fake_repo, data_cache,
+                                                                      tmp_path):
+    """`run --devices cpu:2` killed with SIGKILL at a ledger write or git command early,
+    midway and late (a global count over both slots' threads), then `run --resume`: every
+    patch decided once (a re-based one once more, as its copy), no run left running, each
+    counted run its own seed, the status saying so."""
+    folder = patches(fake_repo, tmp_path / "p", [
+        {"model/speed.txt": "1.3\n"}, {"model/speed_b.txt": "1.1\n"},
+        {"model/speed_c.txt": "0.8\n"}, {"model/speed_d.txt": "0.9\n"}])
+    env = {**os.environ, "SPEEDLOOP_DATA": str(data_cache), "WANDB_MODE": "disabled",
+           "SPEEDLOOP_LOCKS": str(tmp_path / "locks")}  # fmt: skip
+    for name in (FAULT_AT, FAULT_TRACE):
+        env.pop(name, None)
+    start = ["run", "--preset", "cpu-tiny", "--objective", "throughput", "--baseline-runs", "2",
+             "--proposer", "patches", "--proposer-arg", str(folder), "--experiments", "4",
+             "--wandb", "disabled", "--devices", "cpu:2"]  # fmt: skip
+
+    def agent(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "agent", *args], cwd=fake_repo,
+                              env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    trace = tmp_path / "trace"
+    done = agent(*start, "--run-dir", str(tmp_path / "whole"), **{FAULT_TRACE: str(trace)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    n = len(trace.read_text().splitlines())
+    for at in (n // 5, n // 2, 4 * n // 5):
+        run_dir = tmp_path / f"killed-at-{at}"
+        killed = agent(*start, "--run-dir", str(run_dir), **{FAULT_AT: str(at)})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        resumed = agent("run", "--resume", str(run_dir))
+        assert resumed.returncode == 0, f"killed at {at} of {n}: {resumed.stderr[-2000:]}"
+        with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
+            assert not ledger.running_runs()
+            assert not ledger.candidates(["proposed", "running"])
+            final = [c["description"] for c in ledger.candidates()[1:]
+                     if c["verdict"] != "rebased"]
+            assert sorted(final) == [f"patch {i:02d}.patch: {i:02d}" for i in range(4)]
+            runs = [r for c in ledger.candidates() for r in ledger.runs_of(c["id"])]
+            assert len({r["seed"] for r in runs}) == len(runs)
+            assert {r["slot"] for r in runs} == {"0", "1"}
+        assert ": 4 experiments done" in status_text(run_dir)
