@@ -30,7 +30,7 @@ RESUME_BUDGETS = ("experiments", "hours", "deadline", "budget_usd")
 # Each count and budget flag: the least it may be, and whether it must be above it.
 LIMITS = {
     "experiments": (1, False), "hours": (0, True), "budget_tokens": (1, False),
-    "baseline_runs": (2, False), "runs": (1, False), "gpus": (1, False),
+    "baseline_runs": (2, False), "runs": (1, False), "gpus": (1, False), "cpu_threads": (1, False),
     "budget_usd": (0, True), "max_usd_per_candidate": (0, True), "max_turns": (2, False),
     "agent_timeout": (0, True), "max_speedup": (1, True), "max_runs": (2, False),
     "loss_margin": (0, False),

@@ -1,6 +1,6 @@
 """The judge's statistical properties, measured by simulating noisy benchmark runs.
 
-Run with `-s` to see the measured figures; `python -m agent.judge --simulate` prints them too.
+Run with `-s` to see the measured figures; `python -m agent.simulate` prints them too.
 """
 
 import json
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from agent.judge import JudgeConfig, assess, fake_run, measure_noise, sequential_level, simulate
+from agent.judge import JudgeConfig, assess, measure_noise, sequential_level
+from agent.simulate import fake_run, simulate
 from agent.stats import OBJECTIVES, blocked, welch
 
 CFG = JudgeConfig()

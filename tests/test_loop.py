@@ -43,18 +43,23 @@ def agent(repo: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProces
 @pytest.mark.slow
 def test_session_runs_and_reports(repo, env, tmp_path):
     run_dir = tmp_path / "session"
-    args = ["run", *SHORT, "--objective", "throughput", "--experiments", "2", "--max-runs", "3"]
+    args = ["run", *SHORT, "--objective", "throughput", "--experiments", "2", "--max-runs", "3",
+            "--devices", "cpu:2"]  # two slots, one core each: the parallel path end to end
     proc = agent(repo, env, *args, "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ledger = Ledger(run_dir / "ledger.sqlite")
     decided = [c for c in ledger.candidates() if c["experiment"]]
     assert len(decided) == 2 and all(c["state"] == "decided" for c in decided)
     assert all(c["description"].startswith("sweep: ") for c in decided)
-    assert len(ledger.runs_of(ledger.baseline()["id"], ok_only=True)) == 2
+    baseline = ledger.runs_of(ledger.baseline()["id"], ok_only=True)
+    assert len(baseline) == 2 and {r["slot"] for r in baseline} == {"0", "1"}
+    for run in baseline:  # each pinned to its slot's one core, its trainer on one thread
+        assert run["result"]["cpu_usage"]["threads"] == 1
     for name in ("report.md", "progress.png", "results.tsv"):
         assert (run_dir / name).stat().st_size > 0
     status = agent(repo, env, "status", str(run_dir))
     assert status.returncode == 0 and "champion" in status.stdout.lower()
+    assert "on 2 slots (slot 0 " in status.stdout
     # The user's checkout did not move; the session's work is on its own branch and refs.
     head = subprocess.run(["git", "branch", "--show-current"], cwd=repo, capture_output=True)
     assert head.stdout.decode().strip() == "main"

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from fakes.repo import git, working_tree_repo
 
-from agent.judge import Decision, fake_run
+from agent.judge import Decision
 from agent.leaderboard import LEADERBOARDS, under_rules
 from agent.ledger import Ledger
 from agent.proposers.sweep import write_value
 from agent.rundir import LEDGER_FILE
 from agent.rungs import rung_stats, times
+from agent.simulate import fake_run
 from agent.stats import LossTest, loss_test, speedup
 from bench.leaderboards import surface_fingerprint
 

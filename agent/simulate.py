@@ -1,0 +1,167 @@
+"""The judge in simulation: its false-accept rate, power and runs per decision, measured by
+running the whole sequential procedure (`agent.judge.assess`) on synthetic runs, with one
+slot or several (device offsets, and offsets that drift). The tests hold the figures to
+their bounds; `python -m agent.simulate` prints them (bench/RESULTS.md keeps them).
+
+What this module must never do: tune the judge to its own figures (the levels are
+calibrated in agent/judge.py, on their own fixed simulations), or stand in for a real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.judge import JudgeConfig, assess
+from agent.stats import OBJECTIVES
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    accept_rate: float  # fraction of trials that ended in "accept"
+    mean_runs: float  # candidate runs per decision, screen included
+    screened_out: float  # fraction rejected after the screening run alone
+    trials: int
+
+
+def fake_run(rng: np.random.Generator, objective: str, seed: int, log_gain: float,
+             noise_sd: float, loss: float, loss_sd: float) -> dict:
+    """A synthetic result dict: the primary metric is its true value times exp(noise), with
+    the speed gain `log_gain` (> 0 is better) applied in the objective's direction."""
+    drift = math.exp(noise_sd * rng.standard_normal())
+    run = {"status": "ok", "seed": seed, "tokens_per_sec": 1.0e5, "train_seconds": 300.0,
+           "time_to_target": None, "val_loss": loss + loss_sd * rng.standard_normal()}
+    if objective == "time-to-loss":
+        run["time_to_target"] = run["train_seconds"] = 300.0 * math.exp(-log_gain) * drift
+    elif objective == "throughput":
+        run["tokens_per_sec"] = 1.0e5 * math.exp(log_gain) * drift
+    else:  # loss-at-time: the loss itself is the primary metric
+        run["val_loss"] = loss * math.exp(-log_gain) * drift
+    return run
+
+
+def rescaled(run: dict, objective: str, log_speed: float) -> dict:
+    """`run` on a device faster by `log_speed` (log scale): its primary metric moves as a
+    speed gain would; where the loss is not that metric it stays."""
+    field, sign = OBJECTIVES[objective]
+    if run.get(field) is None:
+        return run
+    out = {**run, field: run[field] * math.exp(sign * log_speed)}
+    if objective == "time-to-loss":
+        out["train_seconds"] = out[field]
+    return out
+
+
+def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int = 2000,
+             config: JudgeConfig | None = None, n_champion: int = 5, noise_sd: float = 0.03,
+             noise_ratio: float = 1.0, loss_sd: float = 0.002, seed: int = 0,
+             slots: int = 1, slot_offset: float = 0.0, drift: float = 0.0,
+             remeasure_every: int = 0, candidate_slots: int | None = None,
+             label_slots: bool = True) -> SimulationResult:
+    """Run the whole sequential procedure `trials` times on synthetic runs.
+
+    The candidate's true log gain is `effect_sigmas * noise_sd`, its noise is `noise_ratio`
+    times the champion's, and its true val loss is the champion's plus `loss_shift` nats.
+    Each trial draws a fresh champion sample of `n_champion` replicates, so the noise
+    estimate is as uncertain as in a session.
+
+    With `slots` > 1 each trial also draws the devices: a log speed offset per slot (sd
+    `slot_offset`), each walking randomly by `drift` (sd) per run's duration. The champion's
+    runs go round the slots (so `n_champion` >= `slots`), one every `remeasure_every` run
+    durations up to the candidate's start (0: all just before it); the candidate's runs
+    follow one per run duration, each on a random slot, or on a random one of the first
+    `candidate_slots` only (the others busy with other candidates: its runs cluster).
+    `label_slots=False` hides the slots from the judge: today's judge, blind to devices.
+    """
+    if slots > 1 and n_champion < slots:
+        raise ValueError(f"n_champion={n_champion} < slots={slots}: the champion needs a run "
+                         "on every slot")
+    cfg = config or JudgeConfig()
+    rng = np.random.default_rng(seed)
+    accepted = runs = screened = 0
+    champion_at = [-(n_champion - i) * remeasure_every for i in range(n_champion)]
+    start = min(champion_at, default=0) - 1
+    offset = np.zeros((cfg.max_replicates - start, slots))  # (time - start, slot)
+
+    def on_slot(run: dict, slot: int, time: int) -> dict:
+        """`run` measured on `slot` at `time` (run durations from the candidate's start)."""
+        if slots == 1:
+            return run
+        run = rescaled(run, cfg.objective, offset[time - start, slot])
+        return {**run, "slot": str(slot)} if label_slots else run
+
+    for _ in range(trials):
+        if slots > 1:  # one slot draws nothing more, so its trials are today's exactly
+            steps = drift * rng.standard_normal(offset.shape)
+            offset[:] = slot_offset * rng.standard_normal(slots) + np.cumsum(steps, axis=0)
+        champion = [on_slot(fake_run(rng, cfg.objective, s, 0.0, noise_sd, 3.3, loss_sd),
+                            s % slots, champion_at[s]) for s in range(n_champion)]
+        candidate: list[dict] = []
+        while True:
+            run = fake_run(rng, cfg.objective, 1000 + len(candidate), effect_sigmas * noise_sd,
+                           noise_ratio * noise_sd, 3.3 + loss_shift, loss_sd)
+            slot = int(rng.integers(candidate_slots or slots)) if slots > 1 else 0
+            candidate.append(on_slot(run, slot, len(candidate)))
+            decision = assess(champion, candidate, cfg)
+            if decision.verdict != "more":
+                break
+        accepted += decision.verdict == "accept"
+        screened += decision.verdict == "reject" and len(candidate) == 1
+        runs += len(candidate)
+    return SimulationResult(accepted / trials, runs / trials, screened / trials, trials)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="The judge of speedloop in simulation: false-accept rate, power and runs "
+        "per decision")
+    parser.add_argument("--trials", type=int, default=2000, help="simulated candidates each")
+    parser.add_argument("--objective", default="time-to-loss", choices=list(OBJECTIVES),
+                        help="objective to simulate")
+    parser.add_argument("--slots", type=int, default=1,
+                        help="device slots the runs spread over (the champion round them)")
+    parser.add_argument("--slot-offset", type=float, default=0.03,
+                        help="sd of the slots' log speed offsets, drawn once per trial")
+    parser.add_argument("--drift", type=float, default=0.0,
+                        help="sd of each slot offset's random-walk step per run duration")
+    parser.add_argument("--remeasure-every", type=int, default=0,
+                        help="run durations between the champion's runs (0: all at the start)")
+    parser.add_argument("--champion", type=int, default=None,
+                        help="champion runs (default 5 on one slot, else one per slot)")
+    args = parser.parse_args(argv)
+    cfg = JudgeConfig(objective=args.objective)
+    n_champion = args.champion or (5 if args.slots == 1 else args.slots)
+    devices = {} if args.slots == 1 else {
+        "slots": args.slots, "slot_offset": args.slot_offset, "drift": args.drift,
+        "remeasure_every": args.remeasure_every}
+    print(f"{args.trials} trials per line, champion of {n_champion} replicates unless said, "
+          f"{devices or 'one slot'}, {cfg}")
+    scenarios = {
+        "A/A (false accept)": {},
+        "gain 2 x noise (power)": {"effect_sigmas": 2.0},
+        "gain 3 x noise, loss at margin": {"effect_sigmas": 3.0, "loss_shift": cfg.loss_margin},
+        "gain 3 x noise, loss 2 x margin": {"effect_sigmas": 3.0,
+                                            "loss_shift": 2 * cfg.loss_margin},
+        "A/A, champion of 30": {"n_champion": 30},
+        "A/A, candidate twice as noisy": {"noise_ratio": 2.0},
+    }
+    if devices:
+        scenarios.update({
+            "A/A, candidate on 2 slots only": {"candidate_slots": 2},
+            "Welch blind to slots: A/A": {"label_slots": False},
+            "Welch blind to slots: gain 2 x noise": {"effect_sigmas": 2.0, "label_slots": False},
+            "Welch blind, candidate on 2 slots": {"candidate_slots": 2, "label_slots": False},
+        })
+    for label, kwargs in scenarios.items():
+        kwargs = {"n_champion": n_champion, **devices, **kwargs}
+        r = simulate(trials=args.trials, config=cfg, **kwargs)
+        print(f"{label:38s} accept {r.accept_rate:6.1%}  runs/decision {r.mean_runs:4.2f}  "
+              f"screened out {r.screened_out:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
