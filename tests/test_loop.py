@@ -43,7 +43,7 @@ def agent(repo: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProces
 @pytest.mark.slow
 def test_session_runs_and_reports(repo, env, tmp_path):
     run_dir = tmp_path / "session"
-    args = ["run", *SHORT, "--objective", "throughput", "--experiments", "2", "--max-runs", "3",
+    args = ["run", *SHORT, "--objective", "throughput", "--experiments", "2", "--max-runs", "2",
             "--devices", "cpu:2"]  # two slots, one core each: the parallel path end to end
     proc = agent(repo, env, *args, "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
