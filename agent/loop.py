@@ -220,7 +220,7 @@ class Session:
         candidate, refused ones recorded on the way); returns why the session drafts no
         more instead (what is in flight still finishes)."""
         while True:
-            why = self.stop_reason(in_flight=len([k for k in work.keys() if k != "champion"]))
+            why = self.stop_reason(in_flight=experiments_in(work))
             if why:
                 return why
             if self.remeasure_due() and "champion" not in work:
@@ -244,10 +244,7 @@ class Session:
     def start(self, work: InFlight, candidate: dict) -> None:
         """Start an experiment; the next candidate is drafted meanwhile, unless the budget
         of experiments has no room for it."""
-        cfg = self.config
-        planned = self.ledger.n_experiments() + len(work) + 1
-        if not (cfg.experiments is not None and planned >= cfg.experiments) \
-                and not self.stop_reason():
+        if not self.stop_reason(in_flight=experiments_in(work) + 1):
             self.drafter.prefetch()
         work.submit(candidate["id"], self.experiment, candidate)
 
@@ -290,6 +287,11 @@ class Session:
         if len(recent) == self.config.max_failures and len(set(recent)) == 1:
             return f"the proposer failed {len(recent)} times in a row: {cause}"
         return None
+
+
+def experiments_in(work: InFlight) -> int:
+    """The experiments in flight (a champion re-measurement is none)."""
+    return len([key for key in work.keys() if key != "champion"])
 
 
 def failure_cause(candidate: dict) -> str:

@@ -125,10 +125,12 @@ class Recorder:
         compared with it, so the judge can tell a slot's offset from the candidate's effect
         (agent/judge.py); the missing slots run it at once. One thread at a time: the
         others wait for these runs rather than start the same ones."""
+        if len(self.measurer.pool) == 1:
+            return
         with self._cover_lock:
             ran = {r["slot"] for r in self.results(champion) if r["status"] == "ok"}
             missing = [name for name in self.measurer.pool.names if name not in ran]
-            if missing and len(self.measurer.pool) > 1:
+            if missing:
                 self.event(f"measuring the champion on slot(s) {', '.join(missing)}")
                 self.measurer.on_every_slot(champion, "champion", missing)
 
