@@ -99,7 +99,9 @@ def test_the_champion_changing_under_three_candidates_in_flight(fake_repo, tmp_p
             copy = c["decision"]["rebased_as"]
             assert copy is None or s.ledger.candidate(copy)["description"] == c["description"]
             assert copy is not None or "does not apply" in c["decision"]["reason"]
-            assert s.ledger.runs_of(c["id"]) or c["state"] == "decided"  # evidence kept
+    # The first three were in flight with runs when the first accept came: kept, as
+    # evidence against their old parent.
+    assert all(s.ledger.runs_of(c["id"]) for c in rebased[:3])
     # Four slots, so a champion was measured on each before anything was judged on it.
     judged_on = {c["parent_id"] for c in cands[1:] if c["verdict"] in ("accept", "reject")}
     assert judged_on
