@@ -324,4 +324,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The result is out and the workers are gone: skip the interpreter's teardown of torch
+    # (~0.35 s a run on a CPU), as nothing of this process is left to clean up.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -67,11 +67,20 @@ class Worker:
                        for stream in (self.proc.stdout, self.proc.stderr)]
         for pump in self._pumps:
             pump.start()
-        try:
-            self.sock = self._accept(listener)
-        finally:
-            listener.close()
+        # Accepted at the first message, not here: the harness starts every worker before
+        # it waits for any, so their interpreters and imports start up side by side.
+        self._listener, self._sock = listener, None
         self.frozen: list[int] = []
+
+    @property
+    def sock(self) -> socket.socket:
+        """The worker's connection, waited for on first use."""
+        if self._sock is None:
+            try:
+                self._sock = self._accept(self._listener)
+            finally:
+                self._listener.close()
+        return self._sock
 
     def _pump(self, stream) -> None:
         """Pass the worker's output on to our stderr, line by line, prefixed."""
@@ -152,7 +161,9 @@ class Worker:
         is needed any more, and an interpreter's teardown costs a second a worker)."""
         proctree.kill(self.proc.pid)  # unconfined (--no-sandbox), a worker's children too
         self.proc.wait()
-        self.sock.close()
+        self._listener.close()
+        if self._sock is not None:
+            self._sock.close()
         for pump in self._pumps:
             pump.join(timeout=2)
         for path in (self.socket_path, self.dir):
