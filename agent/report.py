@@ -33,6 +33,7 @@ from agent.judge import comparable, measure_noise
 from agent.ledger import Ledger
 from agent.liveness import STARTED, STOPPED, Liveness, liveness, when
 from agent.rundir import RunDir
+from agent.shares import TimedShare, slot_busy, timed_share
 from agent.stats import (
     OBJECTIVES,
     Speedup,
@@ -148,6 +149,13 @@ class Snapshot:
         return (f"benchmarks ran {busy:.0%} of the session's {span}{on}{wait}; the device "
                 f"idled {max(0.0, 1 - busy - waited):.0%}")
 
+    def timed(self) -> TimedShare | None:
+        """How much of the slots' time was timed training, and where a run's other seconds
+        went (agent/shares.py)."""
+        runs = [r for e in [self.base, *self.rows] if e for r in e.runs]
+        slots = len({r.get("slot") or "0" for r in runs})
+        return timed_share(runs, self.session["created"], self.until, slots)
+
     def candidate(self, candidate_id: int) -> dict:
         return next(e.candidate for e in [self.base, *self.rows]
                     if e and e.candidate["id"] == candidate_id)
@@ -254,6 +262,8 @@ def _markdown(s: Snapshot) -> str:
         lines += ["", spend + "."]
     if s.busy_text():
         lines += ["", s.busy_text().capitalize() + "."]
+    if s.timed():
+        lines += ["", s.timed().text().capitalize() + "."]
     lines += ["", "## Baseline noise", "", _noise(s), "", "## Champion", ""]
     champ = s.champion
     if champ is None:
@@ -361,22 +371,6 @@ def write_report(run_dir: str | Path) -> ReportPaths:
     paths.results.write_text(_tsv(s))
     progress_chart.plot(paths.progress, s)
     return paths
-
-
-def slot_busy(runs: Sequence[dict], since: float,
-              until: float) -> dict[str, tuple[float, float]]:
-    """Per slot: the fractions of the session's time in which a benchmark ran on it, and in
-    which one waited for its lock (another process's benchmark had the device: not idle
-    time). The rest it idled: waiting on the proposer, the judge, the session's overhead."""
-    span, out = until - since, {}
-    if span <= 0:
-        return {}
-    for name in sorted({r.get("slot") or "0" for r in runs}):
-        mine = [r for r in runs if (r.get("slot") or "0") == name]
-        busy = min(1.0, sum(r["wall_seconds"] or 0.0 for r in mine) / span)
-        waited = min(1.0 - busy, sum(r.get("lock_wait_s") or 0.0 for r in mine) / span)
-        out[name] = (busy, waited)
-    return out
 
 
 def llm_spend(spend: dict, candidates: Sequence[dict]) -> str:

@@ -44,6 +44,8 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
         console.print(spend)
     if s.busy_text():
         console.print(s.busy_text())
+    if s.timed():
+        console.print(s.timed().text())
     if s.champion is None:
         console.print("champion: none yet (the baseline is being measured)")
     else:

@@ -47,6 +47,7 @@ def status_data(run_dir: str | Path, last: int = 10) -> dict:
                         "role": r["role"], "seed": r["seed"], "state": what,
                         "lock_holder": holder, "since": r["lock_at"] or r["started_at"],
                         "log": r["log_path"]})
+    timed = s.timed()
     return {
         "session": s.session["id"], "created": s.session["created"], "state": s.life.state,
         "life": s.life.text, "untrusted": s.untrusted() or None,
@@ -55,6 +56,11 @@ def status_data(run_dir: str | Path, last: int = 10) -> dict:
         "spend": {**s.spend, "text": llm_spend(s.spend, [e.candidate for e in s.rows])
                   or None},
         "busy": s.busy_text() or None,
+        "timed": None if timed is None else {
+            "share": timed.share, "runs": timed.runs,
+            "seconds": {"wall": timed.wall, "train": timed.train, "startup": timed.startup,
+                        "evaluation": timed.evaluation, "rest": timed.rest},
+            "text": timed.text()},
         "champion": None if champ is None else {
             "id": champ["id"], "description": champ["description"],
             "speedup": champ["speedup"], "since": champ["champion_since"]},

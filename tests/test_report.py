@@ -26,7 +26,7 @@ def result(seed: int, time_to_target: float | None, val_loss: float = 3.30) -> d
     return {"status": "ok", "seed": seed, "time_to_target": time_to_target,
             "train_seconds": time_to_target or 20.0, "tokens_per_sec": 9000.0,
             "val_loss": val_loss, "val_bpb": val_loss / 3, "mfu": None,
-            "peak_memory_bytes": 3 * 2**30,
+            "peak_memory_bytes": 3 * 2**30, "untimed": {"startup": 1.0, "evaluation": 0.5},
             "curve": [{"tokens": 1000 * i, "seconds": 2.0 * i, "val_loss": 5.0 - i / 2,
                        "val_bpb": 1.5} for i in range(4)]}
 
@@ -136,6 +136,9 @@ def test_report_md(session):
     assert "<details><summary>diff</summary>" in text and "````diff\n--- a/model" in text
     assert "+lr = 0.02" in text and "+slow" not in text
     assert "Hypothesis: a larger lr converges sooner" in text
+    # Where the runs' seconds went: the 9 runs with a result (not the crash), 21 s each.
+    assert ("of a run's 21.0 s on average: training 17.7 s, start-up 1.0 s, evaluations "
+            "0.5 s, the rest 1.8 s)") in text
 
 
 def test_results_tsv(session):
@@ -314,3 +317,22 @@ def test_the_progress_chart_draws_each_interval_over_the_baseline_noise(session,
                       for y in (p.ci_low, p.ci_high))
     assert expected and drawn == pytest.approx(expected)
     assert any(t.get_text().startswith("baseline noise") for t in ax.get_legend().get_texts())
+
+
+def test_the_timed_share_counts_only_what_the_harness_measured():
+    from agent.shares import timed_share
+
+    def ran(train, startup, evaluation, wall, slot="0"):
+        return {"slot": slot, "wall_seconds": wall, "result": {
+            "train_seconds": train, "untimed": {"startup": startup, "evaluation": evaluation}}}
+
+    runs = [ran(6.0, 3.0, 2.0, 14.0), ran(4.0, 3.0, 1.0, 10.0, slot="1"),
+            {"slot": "0", "wall_seconds": 30.0, "result": None},  # a crash: nothing counted
+            {"slot": "1", "wall_seconds": 5.0, "result": {"train_seconds": 1.0}}]  # old schema
+    share = timed_share(runs, since=100.0, until=150.0, n_slots=2)
+    assert (share.runs, share.wall, share.train, share.rest) == (2, 24.0, 10.0, 5.0)
+    assert share.share == pytest.approx(10.0 / 100.0)  # of 50 s on each of two slots
+    assert share.text().startswith("timed training was 10% of the slots' time (of a run's "
+                                   "12.0 s on average: training 5.0 s, start-up 3.0 s")
+    assert timed_share(runs[2:], 100.0, 150.0, 2) is None
+    assert timed_share(runs, 100.0, 100.0, 2) is None

@@ -94,6 +94,9 @@ STATUS_SCHEMA = {
     "session": str, "created": float, "state": str, "life": str, "untrusted": (str, None),
     "preset": str, "objective": str, "proposer": str, "experiments": int,
     "budget_experiments": (int, None), "busy": (str, None),
+    "timed": ({"share": float, "runs": int, "text": str,
+               "seconds": {k: float for k in ("wall", "train", "startup", "evaluation", "rest")}},
+              None),
     "spend": {"requests": int, "cost_usd": float, "input_tokens": int, "output_tokens": int,
               "cache_creation_input_tokens": int, "cache_read_input_tokens": int,
               "text": (str, None)},
@@ -148,6 +151,11 @@ def test_status_json_holds_everything_status_shows(killed_session, capsys):
     assert [(d["id"], d["verdict"]) for d in data["decisions"]] == [
         (2, "accept"), (3, "refused"), (4, "reject"), (5, "held")]
     assert data["champion"]["id"] == 2 and data["decisions"][0]["speedup"]["ratio"] > 1.1
+    # Every finished run's seconds as the harness counted them (the fake's: 0.01 s timed).
+    timed = data["timed"]
+    assert timed["runs"] == sum(d["runs"] for d in data["decisions"]) + 2  # the baseline's 2
+    assert timed["seconds"]["train"] == pytest.approx(0.01 * timed["runs"])
+    assert 0 < timed["share"] < 0.5 and timed["text"].startswith("timed training was ")
 
 
 def test_the_watch_view_shows_champion_decisions_and_what_runs(killed_session):

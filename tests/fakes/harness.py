@@ -43,6 +43,7 @@ def flag(argv, name, default=None):
 
 
 def main(argv):
+    t0 = time.perf_counter()
     if flag(argv, "--data") == "missing":
         print("error: dataset 'missing' is not prepared", file=sys.stderr)
         return 2
@@ -52,6 +53,7 @@ def main(argv):
     if Path("model/delay.txt").is_file():
         time.sleep(float(Path("model/delay.txt").read_text()))
     loss = 5.0 + 0.002 * rng.gauss(0, 1)
+    startup = time.perf_counter() - t0
     print("clock start", flush=True)
     for step in (1, 2):  # the progress lines of train.py, for whoever watches them
         time.sleep(0.005)
@@ -63,6 +65,7 @@ def main(argv):
         "preset": flag(argv, "--preset"), "seed": seed,
         "tokens": 4096, "tokens_per_sec": 1000.0 * speed * (1 + 0.01 * rng.gauss(0, 1)),
         "train_seconds": 0.01, "val_loss": loss, "time_to_target": None,
+        "untimed": {"startup": startup, "evaluation": 0.0, "other": 0.0},
         "curve": [{"tokens": 4096, "seconds": 0.01, "val_loss": loss}],
     }
     # FAKE_DISTURBED: a file holding how many of the next runs wait for a CPU half their
