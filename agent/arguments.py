@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--objective", choices=list(OBJECTIVES), help="what 'faster' means (default time-to-loss)"
     )
-    run.add_argument("--proposer", help="sweep (default) | patches | anthropic | command")
+    run.add_argument("--proposer", help="sweep (default) | patches | anthropic | command | "
+                     "null (no-op candidates: an A/A test of the judge)")
     run.add_argument(
         "--proposer-arg", help="the proposer's argument (patches: the directory; command: CMD)"
     )

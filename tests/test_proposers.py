@@ -311,3 +311,25 @@ def test_bad_proposer_arguments():
         make_proposer("patches")
     with pytest.raises(FileNotFoundError):
         PatchesProposer("/nonexistent/dir")
+
+
+def test_null_candidates_change_nothing_and_the_judge_finds_no_effect(fake_repo, tmp_path,
+                                                                     monkeypatch):
+    """--proposer null: an A/A session. Each candidate adds one comment line to the recipe,
+    each its own; on the fake harness (1% noise) none of them is found faster."""
+    from agent.config import SessionConfig
+    from agent.loop import Session
+
+    monkeypatch.setenv("SPEEDLOOP_LOCKS", str(tmp_path / "locks"))
+    config = SessionConfig(repo=str(fake_repo), objective="throughput", baseline_runs=2,
+                           proposer="null", wandb="disabled", experiments=4)
+    s = Session.create(tmp_path / "s", config, make_proposer("null"), say=lambda text: None)
+    s.run()
+    made = s.ledger.candidates()[1:]
+    assert [c["description"] for c in made] == [f"no-op {n} (A/A)" for n in range(1, 5)]
+    assert [c["verdict"] for c in made] == ["reject"] * 4
+    for n, c in enumerate(made, 1):
+        added = [line for line in c["diff"].splitlines()
+                 if line.startswith("+") and not line.startswith("+++")]
+        assert added == [f"+# A/A check {n}: this line changes nothing the recipe does."]
+        assert "model/recipe.py" in c["diff"]

@@ -20,6 +20,10 @@ def make_proposer(name: str, arg: str | None = None, options: dict | None = None
         if not arg:
             raise ValueError("--proposer patches needs a directory: --proposer-arg DIR")
         return PatchesProposer(arg)
+    if name == "null":
+        from agent.proposers.null import NullProposer
+
+        return NullProposer()
     if name == "anthropic":
         from agent.proposers.anthropic import AnthropicProposer, LLMConfig
 
@@ -31,7 +35,7 @@ def make_proposer(name: str, arg: str | None = None, options: dict | None = None
         from agent.proposers.command import CommandConfig, CommandProposer
 
         return CommandProposer(arg or "", CommandConfig.from_dict(options or {}))
-    raise ValueError(f"unknown proposer '{name}': use sweep, patches, anthropic or command")
+    raise ValueError(f"unknown proposer '{name}': use sweep, patches, null, anthropic or command")
 
 
 __all__ = [
