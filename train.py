@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
                 "warm-up progress was kept"))
         startup_seconds = time.perf_counter() - wall0
 
-        evaluations = Evaluations(trainer, forward, data.val, device, violations)
+        evaluations = Evaluations(trainer, forward, data.val, device, violations, cores)
         cpu_before = trainer.cpu_times()
         waited, stolen = run_delay_seconds(trainer.processes()), steal_seconds()
         # The GPUs' clocks, power, heat and throttle reasons just outside the clock.

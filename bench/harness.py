@@ -123,8 +123,11 @@ class Evaluations:
     paused and the trainer frozen while the forward worker's logits are scored."""
 
     def __init__(self, trainer: Trainer, forward: Forward, evalset: EvalSet,
-                 device: torch.device, violations: list[dict]):
+                 device: torch.device, violations: list[dict], threads: int = 0):
         self.trainer, self.forward, self.evalset, self.device = trainer, forward, evalset, device
+        # The harness's threads while it scores: every core of the run on a CPU (the trainer
+        # is frozen and the forward worker waits while logits are read); 0: leave them be.
+        self.threads = threads
         self.violations = violations
         self.rng = np.random.default_rng()  # row order and twins: fresh from the OS every run
         self.curve: list[dict] = []
@@ -139,6 +142,8 @@ class Evaluations:
         t = time.perf_counter()
         self.trainer.freeze()
         self.forward.thaw()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or threads)
         try:
             self.forward.load(self.last_weights)
             ev = evaluate(lambda x: self.forward.logits(x).to(self.device), self.evalset,
@@ -147,6 +152,8 @@ class Evaluations:
             ev = None
         except ValueError as e:  # logits of the wrong shape: the candidate's forward is broken
             raise WorkerFailed(f"the forward pass: {e}") from None
+        finally:
+            torch.set_num_threads(threads)
         self.forward.freeze()
         outside = self.trainer.thaw()
         self.seconds += time.perf_counter() - t
