@@ -126,6 +126,14 @@ def check_devices(config) -> None:
         raise SessionStop(str(e)) from None
 
 
+def check_cluster(config) -> None:
+    """--cluster ray: Ray is installed (an optional extra), --devices is one a cluster
+    takes, and the cluster answers (agent/cluster.py)."""
+    from agent import cluster
+
+    cluster.check(config)
+
+
 def check_data(name: str) -> None:
     """Every file of the prepared dataset `name` is there and whole (the shards' headers
     against their sizes), so no run fails on it hours later."""
@@ -189,6 +197,7 @@ def settings_of(config: SessionConfig) -> dict:
         "max_speedup": config.acceptance_config().max_speedup, "rules": config.rules,
         "loss_margin": config.judge_config().loss_margin,
         "gpus": config.gpus, "devices": config.devices, "no_sandbox": not config.sandbox,
+        "cluster": config.cluster,
         "model": llm and llm.model, "max_usd_per_candidate": llm and llm.max_usd_per_candidate,
         "max_turns": llm and llm.max_turns, "effort": llm and llm.effort,
         "thinking": llm and (llm.thinking or {}).get("type"),
