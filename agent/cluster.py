@@ -261,9 +261,12 @@ def prepare(args: list[str], say: Callable[[str], None] = print) -> int:
              for n in nodes]
     failed = 0
     for node, call in zip(nodes, calls):
-        done = ray.get(call)
+        try:
+            done = ray.get(call)
+        except ray.exceptions.RayError as e:  # the node could not even start the command
+            done = {"host": "?", "code": "no task", "last": _last_line(e)}
         failed += done["code"] != 0
-        word = {0: "done", None: "timed out"}.get(done["code"], f"failed (exit {done['code']})")
+        word = {0: "done", None: "timed out"}.get(done["code"], f"failed ({done['code']})")
         say(f"node {node['NodeManagerAddress']} ({done['host']}): {word}: {done['last']}")
     return 1 if failed else 0
 
