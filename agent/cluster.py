@@ -263,10 +263,11 @@ def prepare(args: list[str], say: Callable[[str], None] = print) -> int:
     for node, call in zip(nodes, calls):
         try:
             done = ray.get(call)
+            word = {0: "done", None: "timed out"}.get(done["code"], f"failed (exit "
+                                                                     f"{done['code']})")
         except ray.exceptions.RayError as e:  # the node could not even start the command
-            done = {"host": "?", "code": "no task", "last": _last_line(e)}
-        failed += done["code"] != 0
-        word = {0: "done", None: "timed out"}.get(done["code"], f"failed ({done['code']})")
+            done, word = {"host": "?", "last": _last_line(e)}, "failed"
+        failed += word != "done"
         say(f"node {node['NodeManagerAddress']} ({done['host']}): {word}: {done['last']}")
     return 1 if failed else 0
 
