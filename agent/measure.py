@@ -127,10 +127,11 @@ class Measurer:
                 return result
             discarded[result] += 1
             if discarded["lost"] >= MAX_LOST:
-                raise SessionStop(f"{MAX_LOST} runs of candidate {candidate['id']} in a row "
-                                  "were lost (workers died or were killed from outside; see "
-                                  f"the events and {self.run_dir.logs}): fix the machines, "
-                                  "then `python -m agent run --resume D`")
+                raise SessionStop(f"a {role} run of candidate {candidate['id']} was lost "
+                                  f"{MAX_LOST} times in a row (its workers died, or something "
+                                  f"killed it from outside; the events and {self.run_dir.logs} "
+                                  "say how): fix the machines, then `python -m agent run "
+                                  f"--resume {self.run_dir}`")
 
     def on_every_slot(self, candidate: dict, role: str, slots: Sequence[str]) -> None:
         """One run of `candidate` on each of `slots`, all at once (a thread each)."""
