@@ -16,7 +16,7 @@ import pytest
 from fakes.harness import patch_of
 
 from agent.cli import main
-from agent.config import SessionConfig
+from agent.config import SessionConfig, SessionStop
 from agent.loop import Session
 from agent.proposers import make_proposer
 from agent.status import status_text
@@ -95,6 +95,33 @@ def test_a_session_runs_on_ray_actors_and_its_files_come_home(fake_repo, tmp_pat
         ray.get(slots[0].remote.actor.where.remote(), timeout=60)
 
 
+def kill_screens(s: Session, times: int) -> tuple[list[dict], BaseException | None]:
+    """Run the session in a thread and kill the actor of each screen run once it runs, up
+    to `times` of them; the runs killed, and what the session raised (None: it finished)."""
+    slots = {slot.name: slot for slot in s.measurer.pool.slots}
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            s.run()
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed: list[dict] = []
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and len(killed) < times and time.monotonic() < deadline:
+        for r in s.ledger.running_runs():
+            if r["role"] == "screen" and r["lock_at"] and r["id"] not in [k["id"] for k in killed]:
+                killed.append(r)
+                ray.kill(slots[r["slot"]].remote.actor)
+        time.sleep(0.05)
+    thread.join(timeout=120)
+    assert not thread.is_alive() and len(killed) == times
+    return killed, raised[0] if raised else None
+
+
 def test_a_worker_killed_mid_run_loses_that_run_only(fake_repo, tmp_path):
     """The actor running the candidate's screen is killed: that run is lost (discarded,
     never counted), its slot retired, the run made again on the other slot; the session
@@ -102,17 +129,8 @@ def test_a_worker_killed_mid_run_loses_that_run_only(fake_repo, tmp_path):
     s = session(fake_repo, tmp_path / "s", [{"model/speed.txt": "0.8\n",
                                              "model/delay.txt": "3\n"}])
     slots = {slot.name: slot for slot in s.measurer.pool.slots}
-    thread = threading.Thread(target=s.run)
-    thread.start()
-    killed, deadline = None, time.monotonic() + 120
-    while thread.is_alive() and killed is None and time.monotonic() < deadline:
-        running = [r for r in s.ledger.running_runs() if r["role"] == "screen" and r["lock_at"]]
-        if running:
-            killed = running[0]
-            ray.kill(slots[killed["slot"]].remote.actor)
-        time.sleep(0.05)
-    thread.join(timeout=120)
-    assert killed is not None and not thread.is_alive()
+    (killed,), raised = kill_screens(s, 1)
+    assert raised is None
     lost = s.ledger.run(killed["id"])
     assert lost["state"] == "discarded" and lost["error"].startswith("lost: the worker of node")
     assert "killed by `ray.kill`" in Path(lost["log_path"]).read_text()
@@ -123,6 +141,20 @@ def test_a_worker_killed_mid_run_loses_that_run_only(fake_repo, tmp_path):
     assert [(r["slot"], r["outcome"]) for r in s.ledger.runs_of(candidate["id"])] == \
         [(other, "ok")]
     assert any(f"slot {killed['slot']} retired" in e["text"] for e in s.ledger.events())
+
+
+def test_the_session_stops_when_every_worker_died(fake_repo, tmp_path):
+    """Both actors killed, each while it runs the screen: the session stops with one line
+    saying so, the candidate undecided (a resume runs it on new workers)."""
+    s = session(fake_repo, tmp_path / "s", [{"model/speed.txt": "0.8\n",
+                                             "model/delay.txt": "3\n"}])
+    killed, raised = kill_screens(s, 2)
+    assert isinstance(raised, SessionStop)
+    assert str(raised).startswith("every slot of the session is lost")
+    assert {r["slot"] for r in killed} == {f"{ip()}/cpu0", f"{ip()}/cpu1"}
+    assert [s.ledger.run(r["id"])["state"] for r in killed] == ["discarded"] * 2
+    assert s.ledger.candidates()[1]["state"] == "running"
+    assert "stopped: every slot of the session is lost" in status_text(s.run_dir.root)
 
 
 def test_a_node_without_the_heads_dataset_stops_the_session_in_one_line(tmp_path, monkeypatch,
