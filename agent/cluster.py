@@ -32,6 +32,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from collections.abc import Callable, Mapping
@@ -65,7 +66,7 @@ def check(config: SessionConfig) -> None:
         raise SessionStop(f"--devices {config.devices}: with --cluster ray every GPU of the "
                           "cluster is a slot (--gpus K per slot); leave --devices out")
     if config.device == "cpu" and config.devices is not None and \
-            not config.devices.startswith("cpu:"):
+            not re.fullmatch(r"cpu:[1-9][0-9]*", config.devices):
         raise SessionStop(f"--devices {config.devices}: with --cluster ray on the CPU give "
                           "cpu:N (N slots per node) or leave it out (one per node)")
     connect()
@@ -114,7 +115,7 @@ def slots(config: SessionConfig) -> list[Slot]:
         for actor in actors:
             ray.kill(actor)
         raise
-    problems = [w["problem"] for w in where if w["problem"]]
+    problems = list(dict.fromkeys(w["problem"] for w in where if w["problem"]))  # per node
     if problems:
         for actor in actors:
             ray.kill(actor)

@@ -171,7 +171,7 @@ def test_a_node_without_the_heads_dataset_stops_the_session_in_one_line(tmp_path
     code = main(["run", "--cluster", "ray", "--devices", "cpu:2", "--no-sandbox", "--wandb",
                  "disabled", "--run-dir", str(tmp_path / "s")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1, err
+    assert code == 2 and err.count("\n") == 1 and err.count(f"node {ip()}:") == 1, err
     assert err.startswith(f"error: node {ip()}: its dataset 'embedded' has fingerprint ")
     assert "the head's ffffffffffff" in err
     assert "run `python -m data prepare embedded --force` there" in err
@@ -191,6 +191,15 @@ def test_prepare_runs_the_data_command_on_every_node(node, tmp_path, monkeypatch
     assert capsys.readouterr().out.startswith(f"node {ip()} (")
     assert json.loads((node / "data" / "notes" / "meta.json").read_text())["name"] == "notes"
     assert not (tmp_path / "head-data").exists()
+
+
+@pytest.mark.parametrize("device, devices", [("cuda", "0,1"), ("cpu", "all"), ("cpu", "cpu:x"),
+                                             ("cpu", "cpu:0")])
+def test_devices_a_cluster_does_not_take_are_refused(device, devices):
+    from agent import cluster
+
+    with pytest.raises(SessionStop, match=f"--devices {devices}: with --cluster ray"):
+        cluster.check(SessionConfig(device=device, devices=devices, cluster="ray"))
 
 
 def test_cluster_without_ray_installed_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
