@@ -71,13 +71,15 @@ def session(repo: Path, run_dir: Path, edits: list[dict[str, str]]) -> Session:
 
 def test_a_session_runs_on_ray_actors_and_its_files_come_home(fake_repo, tmp_path):
     """Two slots, each an actor pinned to one of the node's cores, named by node: every
-    run recorded with its slot, its lock streamed back while it ran, its log and result on
+    run recorded with its slot, its lock and lines streamed back while it ran, its log on
     the head; the accepted candidate's checkpoints arrived and were scored on the head."""
     s = session(fake_repo, tmp_path / "s", [{"model/speed.txt": "1.3\n"},
                                             {"model/speed_b.txt": "0.8\n"}])
     slots = s.measurer.pool.slots
     assert [slot.name for slot in slots] == [f"{ip()}/cpu0", f"{ip()}/cpu1"]
     assert [slot.remote.where["cores"] for slot in slots] == [(0,), (1,)]
+    lines: dict[int, list[str]] = {}  # what W&B's live run is handed, line by line
+    s.measurer.tracker.run_line = lambda run, line: lines.setdefault(run, []).append(line)
     s.run()
     runs = [r for c in s.ledger.candidates() for r in s.ledger.runs_of(c["id"])]
     assert {r["slot"] for r in runs} == {slot.name for slot in slots}
@@ -85,6 +87,7 @@ def test_a_session_runs_on_ray_actors_and_its_files_come_home(fake_repo, tmp_pat
         assert r["outcome"] == "ok" and r["lock_at"] is not None
         log = Path(r["log_path"]).read_text()
         assert "[runner] $ " in log and "eval   step" in log
+        assert any(line.startswith("eval   step") for line in lines[r["id"]])
     faster, slower = s.ledger.candidates()[1:]
     assert (faster["verdict"], slower["verdict"]) == ("accept", "reject")
     mine = s.ledger.runs_of(faster["id"])
