@@ -5,6 +5,7 @@ the engine's other children (agent/child.py run_tool)."""
 import dataclasses
 import json
 import math
+import socket
 import sys
 import textwrap
 import threading
@@ -359,7 +360,7 @@ def test_cuda_runs_see_only_their_gpu_and_take_its_lock(tmp_path, locks_dir):
     outcome = run(spec)
     assert outcome.status == "ok", outcome.error
     assert outcome.result["cvd"] == "1" and outcome.result["x"] == "y"
-    assert (locks_dir / "gpu1.lock").exists()
+    assert (locks_dir / socket.gethostname() / "gpu1.lock").exists()
 
 
 def test_two_runs_on_one_device_do_not_overlap(tmp_path):
@@ -386,7 +387,8 @@ def test_two_runs_on_one_device_do_not_overlap(tmp_path):
 
 def test_device_lock_names_and_reports_no_wait_when_free(locks_dir):
     with device_lock("cpu") as lock:
-        assert lock.path == locks_dir / "cpu.lock" and lock.waited_s == 0.0
+        assert lock.path == locks_dir / socket.gethostname() / "cpu.lock"
+        assert lock.waited_s == 0.0
     with device_lock("cuda", None) as lock:
         assert lock.path.name == "gpu0.lock"
     with pytest.raises(ValueError, match="unknown device"):
@@ -459,7 +461,8 @@ def test_a_multi_gpu_run_asks_the_harness_for_k_processes_on_its_gpus(tmp_path, 
         "--nproc", "2", "--budget-tokens", "4096",
     ]  # fmt: skip
     assert outcome.result["cvd"] == "2,3"
-    assert {p.name for p in locks_dir.iterdir()} == {"gpu2.lock", "gpu3.lock"}
+    assert {p.name for p in (locks_dir / socket.gethostname()).iterdir()} == \
+        {"gpu2.lock", "gpu3.lock"}
     with pytest.raises(ValueError, match="nproc=0"):
         run(dataclasses.replace(spec, nproc=0))
 
