@@ -148,7 +148,7 @@ def test_a_worker_killed_mid_run_loses_that_run_only(fake_repo, tmp_path):
 
 def test_the_session_stops_when_every_worker_died(fake_repo, tmp_path):
     """Both actors killed, each while it runs the screen: the session stops with one line
-    saying so, the candidate undecided (a resume runs it on new workers)."""
+    saying so, the candidate undecided; resumed, it runs it on new workers."""
     s = session(fake_repo, tmp_path / "s", [{"model/speed.txt": "0.8\n",
                                              "model/delay.txt": "3\n"}])
     killed, raised = kill_screens(s, 2)
@@ -158,6 +158,12 @@ def test_the_session_stops_when_every_worker_died(fake_repo, tmp_path):
     assert [s.ledger.run(r["id"])["state"] for r in killed] == ["discarded"] * 2
     assert s.ledger.candidates()[1]["state"] == "running"
     assert "stopped: every slot of the session is lost" in status_text(s.run_dir.root)
+    resumed = Session(s.run_dir.root, make_proposer("patches", s.config.proposer_arg, {}),
+                      say=lambda text: None)
+    resumed.run()
+    candidate = resumed.ledger.candidates()[1]
+    assert candidate["state"] == "decided" and candidate["verdict"] == "reject"
+    assert len(resumed.ledger.runs_of(candidate["id"])) == 1
 
 
 def test_a_node_without_the_heads_dataset_stops_the_session_in_one_line(tmp_path, monkeypatch,
