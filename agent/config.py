@@ -87,12 +87,7 @@ class SessionConfig:
         return PRESETS[self.preset].budget_tokens
 
     def dataset(self) -> str:
-        """The dataset of every run: --data among train_args, else the preset's."""
-        from bench.presets import PRESETS
-
-        if "--data" in self.train_args:
-            return self.train_args[self.train_args.index("--data") + 1]
-        return PRESETS[self.preset].data
+        return dataset_of(self.preset, self.train_args)
 
     def judge_config(self) -> JudgeConfig:
         return from_dict(JudgeConfig, {"objective": self.objective, **self.judge},
@@ -100,6 +95,15 @@ class SessionConfig:
 
     def acceptance_config(self) -> AcceptanceConfig:
         return from_dict(AcceptanceConfig, self.acceptance, "acceptance settings")
+
+
+def dataset_of(preset: str, train_args: list[str]) -> str:
+    """The dataset of every run: --data among the train.py flags, else the preset's."""
+    from bench.presets import PRESETS
+
+    if "--data" in train_args:
+        return train_args[train_args.index("--data") + 1]
+    return PRESETS[preset].data
 
 
 def stored(run_dir: Path) -> tuple[dict, SessionConfig]:

@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from agent.config import SessionConfig, SessionStop
+from agent.config import SessionConfig, SessionStop, dataset_of
 from agent.rundir import RunDir
 from agent.workspace import GitError, git
 from bench.surface import SURFACE_DIRS
@@ -112,8 +112,7 @@ def check_machine(preset: str, gpus: int, train_args: list[str]) -> None:
         if gpus > found:
             raise SessionStop(f"--gpus {gpus}: this machine has {found} CUDA GPU(s) visible; "
                               f"give --gpus {found} or fewer")
-    data = train_args[train_args.index("--data") + 1] if "--data" in train_args else spec.data
-    check_data(data)
+    check_data(dataset_of(preset, train_args))
 
 
 def check_devices(config) -> None:
