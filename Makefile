@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	if ! nvidia-smi -L >/dev/null 2>&1; then \
 	    $(PY) -m pip install -q torch==2.13.0 triton==3.7.1; fi
 	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-	    print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' \
+	    extra = p["optional-dependencies"]; \
+	    print("\n".join(p["dependencies"] + extra["dev"] + extra["cluster"]))' \
 	    > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
 	touch $(STAMP)

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="nats the candidate's val loss may be worse than the champion's (default 0.01)",
     )  # fmt: skip
     run.add_argument(
+        "--cluster", choices=["ray"],
+        help="run the benchmarks on the nodes of a running Ray cluster (RAY_ADDRESS, or the "
+        "one this machine is part of): a slot per --gpus K GPUs of a node, or per node on the "
+        "CPU (--devices cpu:N: N per node); needs pip install '.[cluster]'",
+    )  # fmt: skip
+    run.add_argument(
         "--max-speedup", type=float,
         help="hold a step faster than this over the champion for `review` (default 2.0)",
     )  # fmt: skip
@@ -94,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
             view.add_argument("--json", action="store_true", help="everything, as JSON")
             view.add_argument("--watch", action="store_true",
                               help="a live view, refreshed every 2 s (Ctrl-C ends it)")
+
+    cluster = sub.add_parser("cluster", help="work on every node of a Ray cluster")
+    action = cluster.add_subparsers(dest="action", required=True)
+    prepare = action.add_parser(
+        "prepare", help="run `python -m data prepare ARGS` on every node of the cluster",
+        description="e.g. `python -m agent cluster prepare embedded`, or `... fineweb --shards 8`")
+    prepare.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                         help="what `python -m data prepare` takes")
 
     clean = sub.add_parser(
         "clean", help="remove the worktrees, branches and refs of finished or abandoned sessions"

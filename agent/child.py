@@ -44,6 +44,12 @@ def cancel_all(cancel: bool = True) -> None:
         _cancelled.clear()
 
 
+def cancelled() -> bool:
+    """Whether the engine is stopping (`cancel_all`): a wait on a run elsewhere (a Ray slot's)
+    ends then too."""
+    return _cancelled.is_set()
+
+
 def start(argv: list[str], cwd, env: dict | None = None, popen=None,
           stdin: bool = False, merge: bool = False, cores: Sequence[int] = ()
           ) -> subprocess.Popen:

@@ -10,6 +10,7 @@
     python -m agent report D
     python -m agent review --run-dir D [ID --accept|--reject [--note TEXT]]
     python -m agent clean [--repo R] [--dry-run]
+    python -m agent cluster prepare ARGS   # python -m data prepare ARGS on every Ray node
 
 Every bad input is one line on stderr and exit status 2: `run` and `replay` check what
 they are given (agent/preflight.py) before they create a run directory, a worktree or a
@@ -100,7 +101,7 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
         deadline=preflight.deadline(args.deadline) if args.deadline else None,
         baseline_runs=args.baseline_runs, train_args=train_args(args), target_loss=target,
         device=PRESETS[args.preset].device, gpus=args.gpus, devices=args.devices,
-        rules=args.rules, wandb=args.wandb,
+        cluster=args.cluster, rules=args.rules, wandb=args.wandb,
         repo=str(ROOT), allow_flagged=args.allow_flagged, sandbox=not args.no_sandbox,
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
         judge={**({} if args.max_runs is None else {"max_replicates": args.max_runs,
@@ -126,7 +127,10 @@ def check_new(run_dir: Path, config: SessionConfig, say) -> None:
     preflight.check_repo(ROOT)
     check_sandbox(config)
     preflight.check_machine(config.preset, config.gpus, config.train_args)
-    preflight.check_devices(config)
+    if config.cluster:
+        preflight.check_cluster(config)
+    else:
+        preflight.check_devices(config)
     resolve_mode(config.wandb)  # a bad WANDB_MODE fails here, not in the new session
     edits = preflight.uncommitted_surface(ROOT)
     if edits:
@@ -180,6 +184,8 @@ def resume(args: Namespace, say, waiting) -> int:
     changed = apply_budgets(args, config)
     preflight.check_machine(config.preset, config.gpus, config.train_args)
     check_sandbox(config)
+    if config.cluster:
+        preflight.check_cluster(config)
     access = None
     if not is_replay:
         proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)
@@ -269,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             return command_review(args)
         if args.command == "replay":
             return command_replay(args, console)
+        if args.command == "cluster":
+            from agent import cluster
+
+            return cluster.prepare(args.args)
         if args.command == "clean":
             from agent.clean import clean
 

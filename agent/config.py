@@ -58,6 +58,7 @@ class SessionConfig:
     device: str = "cpu"
     gpus: int = 1  # processes of every benchmark run, one per GPU: torchrun when > 1
     devices: str | None = None  # the slots (agent/slots.py): None, "cpu:N", "all", "0,1,2,5"
+    cluster: str | None = None  # "ray": the slots are actors of a Ray cluster (agent/cluster.py)
     rules: str | None = None  # a leaderboard (agent/leaderboard.py) whose loss test applies too
     judge: dict = field(default_factory=dict)  # JudgeConfig overrides
     # AcceptanceConfig overrides: the holdout-gap and untimed-overhead tests, and the speedup
@@ -85,12 +86,24 @@ class SessionConfig:
             return int(self.train_args[self.train_args.index("--budget-tokens") + 1])
         return PRESETS[self.preset].budget_tokens
 
+    def dataset(self) -> str:
+        return dataset_of(self.preset, self.train_args)
+
     def judge_config(self) -> JudgeConfig:
         return from_dict(JudgeConfig, {"objective": self.objective, **self.judge},
                          "judge settings")
 
     def acceptance_config(self) -> AcceptanceConfig:
         return from_dict(AcceptanceConfig, self.acceptance, "acceptance settings")
+
+
+def dataset_of(preset: str, train_args: list[str]) -> str:
+    """The dataset of every run: --data among the train.py flags, else the preset's."""
+    from bench.presets import PRESETS
+
+    if "--data" in train_args:
+        return train_args[train_args.index("--data") + 1]
+    return PRESETS[preset].data
 
 
 def stored(run_dir: Path) -> tuple[dict, SessionConfig]:

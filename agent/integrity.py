@@ -30,7 +30,8 @@ from bench.surface import in_surface
 # -- fixed-hash: the hashes of the fixed files ---------------------------------------------
 
 
-def _tracked(worktree: Path) -> list[str]:
+def tracked(worktree: Path) -> list[str]:
+    """The files git tracks in `worktree`, by path."""
     return [p for p in git(worktree, "ls-files", "-z").split("\0") if p]
 
 
@@ -47,7 +48,7 @@ def fixed_hashes(worktree: Path) -> dict[str, str]:
     in `worktree` (the working copy, not the index: a file changed but not committed counts).
     """
     worktree = Path(worktree)
-    return {p: _digest(worktree / p) for p in _tracked(worktree) if not in_surface(p)}
+    return {p: _digest(worktree / p) for p in tracked(worktree) if not in_surface(p)}
 
 
 def changed_fixed(worktree: Path, expected: Mapping[str, str]) -> list[str]:

@@ -150,6 +150,7 @@ class Session:
             self.finished()
             return why
         finally:
+            self.measurer.close()  # a cluster's workers end with the session
             self.tracker.finish()
 
     @contextlib.contextmanager

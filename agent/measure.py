@@ -1,15 +1,19 @@
 """Measuring: one benchmark run of a candidate, as the session's settings say, recorded.
 
 `Measurer.benchmark` checks out the candidate, takes a fresh seed, starts the run in the
-ledger (its files named by the ledger's run id), checks the fixed files against their
-hashes at session start (`fixed-hash`: a changed harness never runs), runs train.py
-through the runner with the session's timeout and early-stop rule, and records the
-outcome in the ledger and W&B (whose run is live: train.py's lines stream into it). It
-also profiles the champion for the LLM proposers, the same way, under the device lock.
+ledger (its files named by the ledger's run id), and makes the run (`run_checked`): the
+fixed files checked against their hashes at session start (`fixed-hash`: a changed
+harness never runs), then train.py through the runner with the session's timeout and
+early-stop rule; here, or on a Ray slot's node (agent/cluster.py), which sends back the
+result, the log and the checkpoint. It records the outcome in the ledger and W&B (whose
+run is live: train.py's lines stream into it). A run that does not count is discarded and
+run again: one disturbed by a neighbour, and one lost (its Ray worker died, or a SIGKILL
+from outside: infrastructure, not the candidate's failure; a Ray slot that died is retired).
+It also profiles the champion for the LLM proposers, the same way, under the device lock.
 
 What this module must never do: run candidate code in the engine's process (the runner
-starts train.py; the profile runs as a child too), reuse a seed, or let a stale result,
-log or checkpoint pass for a run's own.
+starts train.py; the profile runs as a child too), reuse a seed, let a stale result, log
+or checkpoint pass for a run's own, or count a lost run for or against anyone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import contextlib
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +43,10 @@ from bench.locks import lock_path
 # Disturbed runs discarded in a row before the next one counts anyway: a machine that stays
 # busy slows a session down, it must not stop it.
 MAX_DISTURBED = 2
+# Lost runs of one benchmark in a row before the session stops: something that kills every
+# run (a watchdog, workers that keep dying) is the infrastructure's to fix, and a lost run
+# never counts, so going on would only spin.
+MAX_LOST = 3
 # Expected wall time of a first run, before any run was measured (timeouts scale it).
 FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
 
@@ -53,16 +61,21 @@ class Measurer:
                  workspace: Callable[[], Workspace], tracker, say, waiting):
         self.run_dir, self.ledger, self.config = run_dir, ledger, config
         self.workspace, self.tracker, self.say, self.waiting = workspace, tracker, say, waiting
-        self.pool = SlotPool(parse_devices(config.devices, config.device, config.gpus))
+        self.pool = SlotPool(make_slots(config))
         self._lock = threading.Lock()  # a run's seed and ledger row; the slots' worktrees
         self._worktrees: dict[str, Workspace] = {}
+
+    @property
+    def parallel(self) -> bool:
+        """Several slots: each its own worktree and no spinner, even after some retired."""
+        return len(self.pool.slots) + len(self.pool.retired) > 1
 
     @contextlib.contextmanager
     def slot(self, name: str | None = None) -> Iterator[tuple[Slot, Workspace]]:
         """A free slot (the one named `name`, when given) and its worktree, for one run.
         With one slot that is the session's worktree; with several each has its own."""
         with self.pool.take(name) as slot:
-            if len(self.pool) == 1:
+            if not self.parallel:
                 yield slot, self.workspace()
                 return
             with self._lock:
@@ -100,17 +113,25 @@ class Measurer:
 
     def benchmark(self, candidate: dict, role: str, early_stop: EarlyStop | None = None,
                   slot: str | None = None) -> dict:
-        """Run train.py once for `candidate` on a free slot (the one named `slot`, when
-        given) and record the run; returns its result dict. A run disturbed by a neighbour
-        (bench/disturbance.py) is discarded and run again, up to MAX_DISTURBED times; then
-        the last one counts, and an event says so."""
-        for _ in range(MAX_DISTURBED):
+        """Run train.py once for `candidate` on a free slot (the one named `slot`, while the
+        session has it) and record the run; returns its result dict. A run disturbed by a
+        neighbour (bench/disturbance.py) is discarded and run again, up to MAX_DISTURBED
+        times; then the last one counts, and an event says so. A lost run is discarded and
+        run again (on another slot when its own died); MAX_LOST in a row stop the session."""
+        discarded = {"disturbed": 0, "lost": 0}
+        while True:
             with self.slot(slot) as taken:
-                result = self._benchmark(*taken, candidate, role, early_stop, True)
-            if result is not None:
+                result = self._benchmark(*taken, candidate, role, early_stop,
+                                         discarded["disturbed"] < MAX_DISTURBED)
+            if isinstance(result, dict):
                 return result
-        with self.slot(slot) as taken:
-            return self._benchmark(*taken, candidate, role, early_stop, False)
+            discarded[result] += 1
+            if discarded["lost"] >= MAX_LOST:
+                raise SessionStop(f"a {role} run of candidate {candidate['id']} was lost "
+                                  f"{MAX_LOST} times in a row (its workers died, or something "
+                                  f"killed it from outside; the events and {self.run_dir.logs} "
+                                  "say how): fix the machines, then `python -m agent run "
+                                  f"--resume {self.run_dir}`")
 
     def on_every_slot(self, candidate: dict, role: str, slots: Sequence[str]) -> None:
         """One run of `candidate` on each of `slots`, all at once (a thread each)."""
@@ -120,7 +141,9 @@ class Measurer:
                 done.result()
 
     def _benchmark(self, slot: Slot, ws: Workspace, candidate: dict, role: str,
-                   early_stop: EarlyStop | None, discard_disturbed: bool) -> dict | None:
+                   early_stop: EarlyStop | None, discard_disturbed: bool) -> dict | str:
+        """One run, recorded: its result dict, or why it was discarded ("disturbed",
+        "lost") to be run again."""
         expected = self.session_hashes()
         ws.checkout(candidate["commit_sha"])
         cid = candidate["id"]
@@ -128,7 +151,8 @@ class Measurer:
             seed = max(self.ledger.used_seeds() | {0}) + 1
             run_id = self.ledger.start_run(
                 cid, role, seed, lambda i: self.run_dir.log(run_name(i, cid, role, seed)),
-                lock_path=lock_path(self.config.device, *(slot.gpus or slot.cores)[:1]),
+                lock_path=None if slot.remote else lock_path(
+                    self.config.device, *(slot.gpus or slot.cores)[:1]),  # a node's is there
                 slot=slot.name)  # fmt: skip
         name = run_name(run_id, cid, role, seed)
         log = self.run_dir.log(name)
@@ -138,27 +162,27 @@ class Measurer:
         checkpoint = self.run_dir.checkpoint(name)
         checkpoint.unlink(missing_ok=True)  # a stale one must never pass for this run's
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        on = f" on slot {slot.name}" if len(self.pool) > 1 else ""
+        on = f" on slot {slot.name}" if self.parallel else ""
         self.say(f"  run {name}{on}: {candidate['description']}")
-        changed = integrity.changed_fixed(ws.path, expected)
-        if changed:  # the run fails as an integrity violation, without running train.py
-            detail = f"fixed files differ from the session start: {', '.join(changed[:10])}"
-            found = [protocol.violation(acceptance.FIXED_HASH, detail)]
-            outcome = runner.RunOutcome(
-                "integrity-violation", {"integrity": {"ok": False, "violations": found,
-                                                      "changed": changed}},
-                f"{acceptance.FIXED_HASH}: {detail}", 0.0, str(log), None)  # fmt: skip
-        else:
-            outcome = self._train(slot, ws, run_id, seed, name, early_stop, checkpoint)
+        outcome = self._train(slot, ws, run_id, seed, name, early_stop, checkpoint, expected)
         why = disturbed(outcome.result) if outcome.status == "ok" else None
         if outcome.status != "ok" or (why and discard_disturbed):
             checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
+        if slot.remote is not None and slot.remote.dead:
+            self.pool.retire(slot.name)
+            self.ledger.log_event(f"slot {slot.name} retired, its worker died: "
+                                  f"{slot.remote.dead}; {len(self.pool)} slot(s) left")
+        if outcome.status == "lost":
+            self.ledger.discard_run(run_id, f"lost: {outcome.error}", None, outcome.wall_seconds)
+            self.tracker.finish_run(self.ledger.run(run_id), self.ledger.candidate(cid))
+            self.say(f"  -> lost, discarded and run again: {outcome.error}")
+            return "lost"
         if why and discard_disturbed:
             self.ledger.discard_run(run_id, f"disturbed: {why}", outcome.result,
                                     outcome.wall_seconds)
             self.tracker.finish_run(self.ledger.run(run_id), self.ledger.candidate(cid))
             self.say(f"  -> disturbed, discarded and run again: {why}")
-            return None
+            return "disturbed"
         if why:
             self.ledger.log_event(f"run {run_id} counted although disturbed ({why}): the "
                                   f"machine stayed busy for {MAX_DISTURBED + 1} runs in a row")
@@ -178,9 +202,11 @@ class Measurer:
         return result
 
     def _train(self, slot: Slot, ws: Workspace, run_id: int, seed: int, name: str,
-               early_stop: EarlyStop | None, checkpoint: Path) -> runner.RunOutcome:
-        """train.py in the worktree through the runner, with the session's settings; the
-        ledger hears when the run has its device lock (until then it waits, not runs)."""
+               early_stop: EarlyStop | None, checkpoint: Path,
+               expected: Mapping[str, str]) -> runner.RunOutcome:
+        """The run of the worktree's commit with the session's settings, here or on the
+        slot's node; the ledger hears when the run has its device lock (until then it
+        waits, not runs)."""
         cfg = self.config
         spec = runner.RunSpec(
             worktree=ws.path, preset=cfg.preset, seed=seed, out_path=self.run_dir.result(name),
@@ -192,12 +218,16 @@ class Measurer:
             on_line=lambda line: self.tracker.run_line(run_id, line),
         )  # fmt: skip
         # One spinner at a time: with several slots the progress lines say what runs.
-        waiting = self.waiting if len(self.pool) == 1 else lambda text: contextlib.nullcontext()
-        try:
-            with waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
-                return runner.run(spec)
-        except FileNotFoundError as e:  # the candidate removed the harness itself
-            return runner.RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)
+        waiting = self.waiting if not self.parallel else lambda text: contextlib.nullcontext()
+        run = run_checked if slot.remote is None else slot.remote.run
+        with waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
+            return run(spec, expected)
+
+    def close(self) -> None:
+        """End the session's Ray workers, if it has any (the local slots need nothing)."""
+        for slot in self.pool.slots + self.pool.retired:
+            if slot.remote is not None:
+                slot.remote.close()
 
     def champion_profile(self, champion: dict) -> str | None:
         """Where the champion spends its time (bench/profile.py): made once per champion,
@@ -222,6 +252,35 @@ class Measurer:
             self.ledger.log_event(f"no profile of the champion: {done.last_lines()}")
             return None
         return path.read_text()
+
+
+def make_slots(config: SessionConfig) -> list[Slot]:
+    """The session's slots: Ray actors with `--cluster ray` (agent/cluster.py, which needs
+    Ray: imported only then), else this machine's devices as `--devices` names them."""
+    if config.cluster == "ray":
+        from agent import cluster
+
+        return cluster.slots(config)
+    return parse_devices(config.devices, config.device, config.gpus)
+
+
+def run_checked(spec: runner.RunSpec, expected: Mapping[str, str]) -> runner.RunOutcome:
+    """The one way a benchmark run is made, on this machine or on a Ray slot's node: the
+    fixed files of `spec.worktree` checked against `expected` (`fixed-hash`: a changed
+    harness never runs, the run is an integrity violation), then train.py through the
+    runner."""
+    changed = integrity.changed_fixed(spec.worktree, expected)
+    if changed:
+        detail = f"fixed files differ from the session start: {', '.join(changed[:10])}"
+        found = [protocol.violation(acceptance.FIXED_HASH, detail)]
+        return runner.RunOutcome(
+            "integrity-violation", {"integrity": {"ok": False, "violations": found,
+                                                  "changed": changed}},
+            f"{acceptance.FIXED_HASH}: {detail}", 0.0, str(spec.log_path), None)  # fmt: skip
+    try:
+        return runner.run(spec)
+    except FileNotFoundError as e:  # the candidate removed the harness itself
+        return runner.RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)
 
 
 def train_flags(args: Sequence[str], names: Sequence[str]) -> list[str]:

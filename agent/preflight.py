@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from agent.config import SessionConfig, SessionStop
+from agent.config import SessionConfig, SessionStop, dataset_of
 from agent.rundir import RunDir
 from agent.workspace import GitError, git
 from bench.surface import SURFACE_DIRS
@@ -112,8 +112,7 @@ def check_machine(preset: str, gpus: int, train_args: list[str]) -> None:
         if gpus > found:
             raise SessionStop(f"--gpus {gpus}: this machine has {found} CUDA GPU(s) visible; "
                               f"give --gpus {found} or fewer")
-    data = train_args[train_args.index("--data") + 1] if "--data" in train_args else spec.data
-    check_data(data)
+    check_data(dataset_of(preset, train_args))
 
 
 def check_devices(config) -> None:
@@ -124,6 +123,14 @@ def check_devices(config) -> None:
         parse_devices(config.devices, config.device, config.gpus)
     except ValueError as e:
         raise SessionStop(str(e)) from None
+
+
+def check_cluster(config) -> None:
+    """--cluster ray: Ray is installed (an optional extra), --devices is one a cluster
+    takes, and the cluster answers (agent/cluster.py)."""
+    from agent import cluster
+
+    cluster.check(config)
 
 
 def check_data(name: str) -> None:
@@ -189,6 +196,7 @@ def settings_of(config: SessionConfig) -> dict:
         "max_speedup": config.acceptance_config().max_speedup, "rules": config.rules,
         "loss_margin": config.judge_config().loss_margin,
         "gpus": config.gpus, "devices": config.devices, "no_sandbox": not config.sandbox,
+        "cluster": config.cluster,
         "model": llm and llm.model, "max_usd_per_candidate": llm and llm.max_usd_per_candidate,
         "max_turns": llm and llm.max_turns, "effort": llm and llm.effort,
         "thinking": llm and (llm.thinking or {}).get("type"),

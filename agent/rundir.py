@@ -4,7 +4,8 @@
     D/session.lock             held while a loop or a review works in D (agent/liveness.py)
     D/worktree/                the session's git worktree, where candidates run
     D/propose/                 a second worktree, where the next candidate is drafted meanwhile
-    D/worktree-N/              slot N's worktree, when a session has several (--devices)
+    D/worktree-N/              slot N's worktree, when a session has several (--devices,
+                               --cluster: a Ray slot's worktree is where its files come from)
     D/logs/NAME.log            a run's output
     D/results/NAME.json        its result JSON
     D/checkpoints/NAME.pt      its final weights, until the acceptance checks have read them
@@ -67,7 +68,8 @@ class RunDir:
         return str(self.root)
 
     def slot_worktree(self, slot: str) -> Path:
-        return self.root / f"{WORKTREES[0]}-{slot}"
+        """Slot `slot`'s worktree; a Ray slot's name ("10.0.0.5/gpu0") made a folder name."""
+        return self.root / f"{WORKTREES[0]}-{slot.replace('/', '-')}"
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"

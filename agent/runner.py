@@ -10,6 +10,14 @@ clearly behind the champion can be stopped early, and every stdout line goes to
 one list of run outcomes; the ledger stores them), with the parsed result JSON when there
 is one.
 
+A run killed by a SIGKILL the runner did not send is the kernel's OOM killer's doing
+("oom", the candidate's failure) when the kernel's count of OOM kills (/proc/vmstat
+`oom_kill`: every kill of the OOM killer, global or in a cgroup, counts there) moved while
+it ran, or where that count cannot be read; when it did not move, something outside killed
+it (a person, a userspace OOM daemon, a job manager) and the run is "lost": infrastructure,
+not the candidate's failure (agent/measure.py runs it again). Candidate code cannot send
+that signal from inside its sandbox (its own PID namespace), so it cannot lose its own runs.
+
 What the runner must never do: run candidate code in its own process, leave any process of
 a run alive after `run` returns (not even on Ctrl-C), judge a candidate (that is the judge's
 job; early stopping only saves time on clear losers), or accept a result it has not
@@ -42,6 +50,7 @@ Status = Literal[
     "invalid-result",
     "integrity-violation",
     "early-stopped",
+    "lost",
 ]
 STATUSES: tuple[Status, ...] = get_args(Status)
 
@@ -108,6 +117,7 @@ def run(spec: RunSpec) -> RunOutcome:
         if lock.waited_s > 0:
             _log_note(log, f"waited {lock.waited_s:.1f} s for {lock.path} ({lock.holder})")
         watch = _Watch(log, spec.early_stop, spec.on_line)
+        oom_kills_before = oom_kills()
         started = time.monotonic()
         proc = child.start(cmd, worktree, _child_env(spec), cores=spec.cores)
         try:
@@ -124,7 +134,26 @@ def run(spec: RunSpec) -> RunOutcome:
             _log_note(log, f"killed: over the {spec.timeout_s:g} s timeout")
         elif killed_for == "early-stop":
             _log_note(log, f"stopped early at {watch.curve[-1]}")
-    return _classify(proc.returncode, killed_for, watch, out_path, spec, wall_seconds, log_path)
+        after = oom_kills()
+        ooms = None if None in (oom_kills_before, after) else after - oom_kills_before
+        if proc.returncode == -signal.SIGKILL and killed_for is None:
+            _log_note(log, f"killed by SIGKILL from outside; the kernel's OOM kills meanwhile: "
+                      f"{'unknown' if ooms is None else ooms}")
+    return _classify(proc.returncode, killed_for, watch, out_path, spec, wall_seconds, log_path,
+                     ooms)
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot (/proc/vmstat
+    `oom_kill`, Linux 4.13 and later); None where it does not say."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def command(spec: RunSpec, out_path: Path) -> list[str]:
@@ -228,6 +257,7 @@ def _classify(
     spec: RunSpec,
     wall_seconds: float,
     log_path: Path,
+    oom_kills_meanwhile: int | None,
 ) -> RunOutcome:
     def outcome(status: Status, result: dict | None, error: str | None) -> RunOutcome:
         return RunOutcome(status, result, error, wall_seconds, str(log_path), returncode)
@@ -268,9 +298,13 @@ def _classify(
         return outcome("integrity-violation", result, why)
     if watch.oom_line is not None:
         return outcome("oom", None, watch.oom_line[:300])
-    if returncode == -signal.SIGKILL:
-        # We did not send it (no timeout, no early stop): the kernel's OOM killer, usually.
-        return outcome("oom", None, "killed by SIGKILL from outside (the kernel's OOM killer?)")
+    if returncode == -signal.SIGKILL:  # we did not send it (no timeout, no early stop)
+        if oom_kills_meanwhile == 0:
+            return outcome("lost", None, "killed by SIGKILL from outside, not by the kernel's "
+                           "OOM killer (its count of kills did not move): infrastructure")
+        return outcome("oom", None, "killed by SIGKILL from outside while the kernel's OOM "
+                       f"killer killed {oom_kills_meanwhile or 'an unknown number of'} "
+                       "process(es)")
     return outcome("crash", None, _crash_message(returncode, watch))
 
 

@@ -5,16 +5,19 @@ the whole CPU unpinned). `all` is every visible GPU, `0,1,2,5` those GPUs; with 
 a slot is K of them (one torchrun per run). On a CPU machine `cpu:N` cuts this process's
 cores into N groups, a slot each: its runs are pinned to its cores (the trainer keeps its
 one intra-op thread, the evaluator takes the slot's cores), so the slots of a 2-core
-machine do not steal from each other the way two unpinned runs do.
+machine do not steal from each other the way two unpinned runs do. With `--cluster ray`
+the slots are Ray actors on the nodes of a cluster instead (agent/cluster.py makes them;
+their runs go to `Slot.remote`).
 
 Every run, whatever takes it (a candidate's screen or confirmation, the champion's
 re-measurement, the scorer of an acceptance check), holds its slot from start to end, and
-the slot's device locks (bench/locks.py) while it runs. A slot's name ("0", "1", ...) goes
-with each run into the ledger, so the judge can compare runs slot by slot and `status`
-can say what each slot does.
+the slot's device locks (bench/locks.py) while it runs. A slot's name ("0", "1", ...; a
+Ray slot's "10.0.0.5/gpu0") goes with each run into the ledger, so the judge can compare
+runs slot by slot and `status` can say what each slot does. A slot whose Ray worker died is
+retired: the session goes on with the others, and stops when none is left.
 
-What this module must never do: give one slot to two runs at once, or hand out a device
-the session was not given.
+What this module must never do: give one slot to two runs at once, hand out a device
+the session was not given, or a slot it retired.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config import SessionStop
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,14 @@ class Slot:
     device: str  # "cpu" or "cuda"
     gpus: tuple[int, ...] = ()  # its physical GPUs (cuda); () on the CPU
     cores: tuple[int, ...] = ()  # its own cores (cpu:N); (): the whole CPU, unpinned
+    # A Ray slot (agent/cluster.py RemoteSlot): its runs go to its node. `gpus` and `cores`
+    # are then the head's (none: the whole device), for what the head runs on a slot's turn
+    # (the acceptance scorer, the profile); the node's own are in its name.
+    remote: Any = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
+        if self.remote is not None:
+            return self.remote.describe()
         if self.device == "cuda":
             return f"GPU {','.join(map(str, self.gpus))}"
         return f"cores {','.join(map(str, self.cores))}" if self.cores else "the whole CPU"
@@ -105,6 +117,7 @@ class SlotPool:
         if not slots:
             raise ValueError("a session needs at least one slot")
         self.slots = list(slots)
+        self.retired: list[Slot] = []  # taken out for good (their Ray worker died)
         self._free = list(self.slots)
         self._changed = threading.Condition()
 
@@ -117,14 +130,32 @@ class SlotPool:
 
     @contextlib.contextmanager
     def take(self, name: str | None = None) -> Iterator[Slot]:
-        """Hold a free slot (the one named `name`, when given) until the block ends."""
+        """Hold a free slot (the one named `name`, while the pool has it) until the block
+        ends; SessionStop when every slot is retired."""
+        def fits(slot: Slot) -> bool:
+            return name in (None, slot.name) or name not in self.names
+
         with self._changed:
-            self._changed.wait_for(lambda: any(name in (None, s.name) for s in self._free))
-            slot = next(s for s in self._free if name in (None, s.name))
+            self._changed.wait_for(lambda: not self.slots or any(map(fits, self._free)))
+            if not self.slots:
+                raise SessionStop(f"every slot of the session is lost ("
+                                  f"{', '.join(s.name for s in self.retired)}): their workers "
+                                  "died; `python -m agent run --resume D` goes on with new ones")
+            slot = next(filter(fits, self._free))
             self._free.remove(slot)
         try:
             yield slot
         finally:
             with self._changed:
-                self._free.append(slot)  # at the back: sequential use turns the slots round
+                if slot in self.slots:  # at the back: sequential use turns the slots round
+                    self._free.append(slot)
                 self._changed.notify_all()
+
+    def retire(self, name: str) -> None:
+        """Take the slot `name` out of the session for good (its Ray worker died): runs
+        wait for the others, or stop the session when none is left."""
+        with self._changed:
+            self.retired += [s for s in self.slots if s.name == name]
+            self.slots = [s for s in self.slots if s.name != name]
+            self._free = [s for s in self._free if s.name != name]
+            self._changed.notify_all()

@@ -75,8 +75,9 @@ def status_text(run_dir: str | Path, last: int = 10, width: int = 110) -> str:
                       "--accept|--reject`")
     for r in s.running:
         c = s.candidate(r["candidate_id"])
+        on_slot = f", slot {r['slot']}" if cfg.get("devices") or cfg.get("cluster") else ""
         what = f"candidate {c['id']} ({c['description']}), {r['role']} run {r['id']}, seed " \
-            f"{r['seed']}" + (f", slot {r['slot']}" if cfg.get("devices") else "")
+            f"{r['seed']}{on_slot}"
         if s.life.state != "alive":
             console.print(f"left running by the ended process: {what}; a resume discards and "
                           "re-runs it")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,16 @@ def lock_path(device: str, gpu_index: int | None = None) -> Path:
         name = f"gpu{0 if gpu_index is None else gpu_index}.lock"
     else:
         raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
-    return Path(os.environ.get(LOCKS_ENV) or "~/.cache/speedloop/locks").expanduser() / name
+    return locks_dir() / name
+
+
+def locks_dir() -> Path:
+    """This machine's folder of lock files: one per host under ~/.cache/speedloop/locks
+    ($SPEEDLOOP_LOCKS overrides the root), because a home shared by the nodes of a cluster
+    (NFS, Lustre) may make an flock cluster-wide: GPU 0 of one node must not wait for GPU
+    0 of another."""
+    root = Path(os.environ.get(LOCKS_ENV) or "~/.cache/speedloop/locks").expanduser()
+    return root / socket.gethostname()
 
 
 @contextlib.contextmanager
@@ -49,9 +59,9 @@ def device_lock(
     """Hold the machine-wide lock of one device (blocking until it is free; `announce` is
     told who holds it before the wait begins).
 
-    An flock on a file under ~/.cache/speedloop/locks ($SPEEDLOOP_LOCKS overrides): the
-    kernel releases it when its holder dies, even by kill -9, so a crashed session never
-    leaves a device locked. Sessions of different users share it only through a common
+    An flock on a file under ~/.cache/speedloop/locks/HOST ($SPEEDLOOP_LOCKS overrides the
+    root): the kernel releases it when its holder dies, even by kill -9, so a crashed
+    session never leaves a device locked. Sessions of different users share it only through a common
     $SPEEDLOOP_LOCKS. A `shared` holder excludes only exclusive ones (see `slot_locks`).
     """
     path = lock_path(device, gpu_index)

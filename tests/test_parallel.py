@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fakes.harness import patch_of
 
-from agent.config import SessionConfig
+from agent.config import SessionConfig, SessionStop
 from agent.faults import FAULT_AT, FAULT_TRACE
 from agent.ledger import Ledger
 from agent.loop import Session
@@ -54,6 +54,23 @@ def test_devices_name_slots_or_say_what_would_do():
             parse_devices(spec, "cpu")
     with pytest.raises(ValueError, match="for a CPU session"):
         parse_devices("cpu:2", "cuda")
+
+
+def test_a_retired_slot_is_never_lent_again_and_none_left_stops_the_session():
+    """A slot whose worker died is retired: a run that asked for it by name takes another,
+    one already holding it does not give it back, and with none left the session stops."""
+    pool = SlotPool([Slot("a", "cpu"), Slot("b", "cpu")])
+    with pool.take("a") as held:
+        pool.retire("a")
+        with pool.take("a") as other:  # "a" is gone: any slot will do
+            assert other.name == "b"
+    assert held.name == "a" and pool.names == ["b"] and [s.name for s in pool.retired] == ["a"]
+    with pool.take() as last:
+        assert last.name == "b"
+    pool.retire("b")
+    with pytest.raises(SessionStop, match=r"every slot of the session is lost \(a, b\)"):
+        with pool.take():
+            pass
 
 
 def test_a_two_slot_session_runs_on_both_and_records_each_run_once(fake_repo, tmp_path):
