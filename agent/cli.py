@@ -43,6 +43,14 @@ from bench.leaderboards import LadderError
 
 UNTRUSTED = ("UNTRUSTED: candidate code runs without a sandbox (--no-sandbox); it can reach "
              "what measures it, so no result of this session is evidence")
+def check_cluster(config: SessionConfig) -> None:
+    """--cluster ray: Ray is installed (an optional extra), --devices is one a cluster
+    takes, and the cluster answers (agent/cluster.py, imported only then: it needs Ray)."""
+    from agent import cluster
+
+    cluster.check(config)
+
+
 def check_sandbox(config: SessionConfig) -> None:
     """Before anything is created or resumed: a session runs sandboxed, or says it will not."""
     if not config.sandbox:
@@ -128,7 +136,7 @@ def check_new(run_dir: Path, config: SessionConfig, say) -> None:
     check_sandbox(config)
     preflight.check_machine(config.preset, config.gpus, config.train_args)
     if config.cluster:
-        preflight.check_cluster(config)
+        check_cluster(config)
     else:
         preflight.check_devices(config)
     resolve_mode(config.wandb)  # a bad WANDB_MODE fails here, not in the new session
@@ -185,7 +193,7 @@ def resume(args: Namespace, say, waiting) -> int:
     preflight.check_machine(config.preset, config.gpus, config.train_args)
     check_sandbox(config)
     if config.cluster:
-        preflight.check_cluster(config)
+        check_cluster(config)
     access = None
     if not is_replay:
         proposer = make_proposer(config.proposer, config.proposer_arg, config.proposer_options)

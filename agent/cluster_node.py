@@ -6,7 +6,7 @@ fingerprint (the one train.py reports as `data_fingerprint`), and says which GPU
 it has. For each run it gets the candidate as data: the tracked files of its commit (a
 tar) and the hashes of the fixed files taken at session start. It unpacks them into a
 fresh folder of the node and makes the run exactly as the head makes a local one
-(agent/measure.py `run_checked`: the fixed files checked, a mismatch being an integrity
+(agent/runner.py `run_checked`: the fixed files checked, a mismatch being an integrity
 violation, then train.py through the runner, in its sandbox), sending the device lock and
 each stdout line back as they come (the live W&B run); then the outcome, the log and, for
 an ok run, the checkpoint. `prepare_here` runs `python -m data prepare` on its node.
@@ -31,13 +31,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from agent import child
-from agent.config import SessionStop
-from agent.measure import run_checked
-from agent.preflight import check_data
-from agent.runner import RunSpec
+from agent.runner import RunSpec, run_checked
 from agent.slots import parse_devices
 from agent.workspace import git
 from data.cache import DataMissingError, cache_dir, load_meta, prepare_command
+from data.shards import ShardError, check_whole
 
 SCRATCH_ENV = "SPEEDLOOP_SCRATCH"  # where a node unpacks its runs (default: its temp folder)
 PREPARE_TIMEOUT_S = 6 * 3600.0  # a FineWeb download on a slow link
@@ -139,7 +137,7 @@ def dataset_problem(node: str, name: str, fingerprint: str) -> str | None:
     force = ""
     try:
         found = load_meta(name).get("fingerprint")
-        check_data(name)  # every shard there and whole
+        check_whole(name)  # every shard there and whole
         if found == fingerprint:
             return None
         why = (f"its dataset {name!r} has fingerprint {str(found)[:12]}, the head's "
@@ -147,8 +145,8 @@ def dataset_problem(node: str, name: str, fingerprint: str) -> str | None:
         force = " --force"
     except DataMissingError:
         why = f"dataset {name!r} is not prepared in {cache_dir()}"
-    except SessionStop as e:
-        why = f"dataset {name!r} is incomplete ({str(e).removeprefix(f'--data {name}: ')})"
+    except (ShardError, ValueError, KeyError) as e:
+        why = f"dataset {name!r} is incomplete ({e})"
     command = prepare_command(name)
     return (f"node {node}: {why}: run `{command}{force}` there, or `python -m agent cluster "
             f"prepare {command.removeprefix('python -m data prepare ')}{force}` from the head "

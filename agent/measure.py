@@ -1,7 +1,7 @@
 """Measuring: one benchmark run of a candidate, as the session's settings say, recorded.
 
 `Measurer.benchmark` checks out the candidate, takes a fresh seed, starts the run in the
-ledger (its files named by the ledger's run id), and makes the run (`run_checked`): the
+ledger (its files named by the ledger's run id), and makes the run (runner.run_checked): the
 fixed files checked against their hashes at session start (`fixed-hash`: a changed
 harness never runs), then train.py through the runner with the session's timeout and
 early-stop rule; here, or on a Ray slot's node (agent/cluster.py), which sends back the
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from agent import acceptance, child, integrity, runner
+from agent import child, integrity, runner
 from agent.config import SessionConfig, SessionStop
 from agent.ledger import Ledger
 from agent.rundir import RunDir, run_name
@@ -219,7 +219,7 @@ class Measurer:
         )  # fmt: skip
         # One spinner at a time: with several slots the progress lines say what runs.
         waiting = self.waiting if not self.parallel else lambda text: contextlib.nullcontext()
-        run = run_checked if slot.remote is None else slot.remote.run
+        run = runner.run_checked if slot.remote is None else slot.remote.run
         with waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
             return run(spec, expected)
 
@@ -262,25 +262,6 @@ def make_slots(config: SessionConfig) -> list[Slot]:
 
         return cluster.slots(config)
     return parse_devices(config.devices, config.device, config.gpus)
-
-
-def run_checked(spec: runner.RunSpec, expected: Mapping[str, str]) -> runner.RunOutcome:
-    """The one way a benchmark run is made, on this machine or on a Ray slot's node: the
-    fixed files of `spec.worktree` checked against `expected` (`fixed-hash`: a changed
-    harness never runs, the run is an integrity violation), then train.py through the
-    runner."""
-    changed = integrity.changed_fixed(spec.worktree, expected)
-    if changed:
-        detail = f"fixed files differ from the session start: {', '.join(changed[:10])}"
-        found = [protocol.violation(acceptance.FIXED_HASH, detail)]
-        return runner.RunOutcome(
-            "integrity-violation", {"integrity": {"ok": False, "violations": found,
-                                                  "changed": changed}},
-            f"{acceptance.FIXED_HASH}: {detail}", 0.0, str(spec.log_path), None)  # fmt: skip
-    try:
-        return runner.run(spec)
-    except FileNotFoundError as e:  # the candidate removed the harness itself
-        return runner.RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)
 
 
 def train_flags(args: Sequence[str], names: Sequence[str]) -> list[str]:

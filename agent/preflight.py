@@ -125,31 +125,14 @@ def check_devices(config) -> None:
         raise SessionStop(str(e)) from None
 
 
-def check_cluster(config) -> None:
-    """--cluster ray: Ray is installed (an optional extra), --devices is one a cluster
-    takes, and the cluster answers (agent/cluster.py)."""
-    from agent import cluster
-
-    cluster.check(config)
-
-
 def check_data(name: str) -> None:
     """Every file of the prepared dataset `name` is there and whole (the shards' headers
     against their sizes), so no run fails on it hours later."""
-    from data.cache import DataMissingError, dataset_dir, load_meta, prepare_command
-    from data.shards import ShardError, read_header
+    from data.cache import DataMissingError
+    from data.shards import ShardError, check_whole
 
     try:
-        meta = load_meta(name)
-        root = dataset_dir(name)
-        files = [root / f for split in meta["splits"].values() for f in split]
-        files += [root / meta[key] for key in ("tokenizer", "token_bytes") if meta.get(key)]
-        for path in files:
-            if not path.is_file() or not os.access(path, os.R_OK):
-                raise DataMissingError(f"{path} is missing or unreadable; rebuild the dataset "
-                                       f"with `{prepare_command(name)} --force`")
-            if path.suffix == ".bin":
-                read_header(path)
+        check_whole(name)
     except (DataMissingError, ShardError, ValueError, KeyError) as e:
         raise SessionStop(f"--data {name}: {e}") from None
 

@@ -32,12 +32,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from agent import child
+from agent import acceptance, child, integrity
 from bench import protocol
 from bench.locks import LOCK_HELD_ENV, DeviceLock, slot_locks
 
@@ -154,6 +154,25 @@ def oom_kills() -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def run_checked(spec: RunSpec, expected: Mapping[str, str]) -> RunOutcome:
+    """The one way a benchmark run is made, on this machine or on a Ray slot's node: the
+    fixed files of `spec.worktree` checked against `expected` (`fixed-hash`: a changed
+    harness never runs, the run is an integrity violation), then train.py through the
+    runner."""
+    changed = integrity.changed_fixed(spec.worktree, expected)
+    if changed:
+        detail = f"fixed files differ from the session start: {', '.join(changed[:10])}"
+        found = [protocol.violation(acceptance.FIXED_HASH, detail)]
+        return RunOutcome(
+            "integrity-violation", {"integrity": {"ok": False, "violations": found,
+                                                  "changed": changed}},
+            f"{acceptance.FIXED_HASH}: {detail}", 0.0, str(spec.log_path), None)  # fmt: skip
+    try:
+        return run(spec)
+    except FileNotFoundError as e:  # the candidate removed the harness itself
+        return RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)
 
 
 def command(spec: RunSpec, out_path: Path) -> list[str]:

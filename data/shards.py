@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
-from data.cache import atomic_write, prepare_command
+from data.cache import DataMissingError, atomic_write, dataset_dir, load_meta, prepare_command
 
 MAGIC = 20240520
 VERSION = 1
@@ -89,3 +89,21 @@ def read_shard(path: Path) -> np.ndarray:
         # mmap cannot map zero bytes.
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def check_whole(name: str) -> None:
+    """Every file of the prepared dataset `name` is there, readable and whole (the shards'
+    headers against their sizes): DataMissingError, ShardError or ValueError say what is
+    not, and the command that rebuilds it."""
+    import os
+
+    meta = load_meta(name)
+    root = dataset_dir(name)
+    files = [root / f for split in meta["splits"].values() for f in split]
+    files += [root / meta[key] for key in ("tokenizer", "token_bytes") if meta.get(key)]
+    for path in files:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise DataMissingError(f"{path} is missing or unreadable; rebuild the dataset "
+                                   f"with `{prepare_command(name)} --force`")
+        if path.suffix == ".bin":
+            read_header(path)
