@@ -5,9 +5,12 @@ made in a worktree at the champion, taken as a commit (the workspace refuses one
 the research surface, or one that changes nothing), scanned (the diff scan refuses what
 it flags unless the session allows flagged candidates), and recorded in the ledger as a
 candidate or a refusal. `propose` submits the proposer's edit. While a benchmark runs,
-`prefetch` drafts the next one in the second worktree, in a thread of its own (the
+`prefetch` drafts the next one in a worktree of its own, in a thread of its own (the
 proposer, an LLM say, works meanwhile instead of after); a draft made on a champion that
 has changed since is re-applied on the new one, or proposed anew when it no longer applies.
+An LLM proposer (a conversation takes minutes) drafts as many at once as the session has
+slots, each in its own worktree, so that no slot waits on one conversation; the others
+draft one at a time (the sweep's next point depends on the last one's result).
 
 What this module must never do: trust a proposer's edit (the workspace and the scan check
 it), write to the ledger from the drafting thread (only `take` writes, in the loop's), or
@@ -16,8 +19,9 @@ lose what a proposer's drafts cost.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,8 +61,11 @@ class Drafter:
         self.proposer, self.run_dir, self.ledger, self.config = proposer, run_dir, ledger, config
         self.workspace, self.measurer, self.tracker, self.event = (workspace, measurer,
                                                                    tracker, event)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposer")
-        self._next: Future | None = None  # the draft being made in the background
+        # Drafts made at once: one per slot for an LLM, else one.
+        self.width = len(measurer.pool) if proposer.name in LLM_PROPOSERS else 1
+        self._pool = ThreadPoolExecutor(max_workers=self.width, thread_name_prefix="proposer")
+        # The drafts being made in the background, oldest first, with their worktree's index.
+        self._next: collections.deque[tuple[Future, int]] = collections.deque()
 
     def inputs(self) -> tuple[dict, list[dict], dict]:
         """What a proposer sees: the champion, the history and the context, read now."""
@@ -188,29 +195,37 @@ class Drafter:
         """Ask the proposer for the next candidate now; None when it is done."""
         return self.submit()
 
-    def prefetch(self) -> None:
-        """Start drafting the next candidate in the second worktree (the context, and so the
-        champion's profile, is read here first, before the benchmark takes the device)."""
-        if not self.config.overlap or self._next is not None:
-            return
-        ws = self.workspace().second(self.run_dir.propose_worktree)
-        self._next = self._pool.submit(self.draft, ws, *self.inputs())
+    def prefetch(self, room: Callable[[int], bool] = lambda drafts: True) -> None:
+        """Start drafting the next candidates, each in a worktree of its own, up to `width`
+        at once and while `room(drafts already in the making)` says the session has room
+        for one more. The context (and so the champion's profile) is read here first,
+        before the benchmark takes the device; each draft is told how many others are in
+        the making (`drafts_in_flight`: an LLM reserves their worst-case cost)."""
+        while self.config.overlap and len(self._next) < self.width and room(len(self._next)):
+            free = min(set(range(self.width)) - {i for _, i in self._next})
+            ws = self.workspace().second(self.run_dir.draft_worktree(free))
+            champion, history, context = self.inputs()
+            context["drafts_in_flight"] = len(self._next)
+            self._next.append((self._pool.submit(self.draft, ws, champion, history, context),
+                               free))
 
     def next_candidate(self) -> dict | None:
-        if self._next is None:
+        """The first draft made (waited for when none is ready yet), recorded; without a
+        draft in the making, the proposer's next one, now."""
+        if not self._next:
             return self.propose()
-        future, self._next = self._next, None
-        return self.take(future.result())
+        wait([f for f, _ in self._next], return_when=FIRST_COMPLETED)
+        entry = next(e for e in self._next if e[0].done())
+        self._next.remove(entry)
+        return self.take(entry[0].result())
 
     def keep_pending(self) -> None:
-        """A draft still in the making when the session stops is waited for and recorded
-        (as a proposed candidate that --resume will judge), so its LLM spend is not lost."""
-        if self._next is None:
-            return
-        future, self._next = self._next, None
-        draft = future.result()
-        if draft.made is not None and draft.champion["id"] == self.ledger.champion()["id"]:
-            self.take(draft)
+        """Drafts still in the making when the session stops are waited for and recorded
+        (as proposed candidates that --resume will judge), so their LLM spend is not lost."""
+        while self._next:
+            draft = self._next.popleft()[0].result()
+            if draft.made is not None and draft.champion["id"] == self.ledger.champion()["id"]:
+                self.take(draft)
 
     def record_refusal(self, champion: dict, description: str, reason: str, diff: str = "",
                        usage=None, caught_by: str | None = None) -> dict:

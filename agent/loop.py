@@ -243,10 +243,10 @@ class Session:
                 return None
 
     def start(self, work: InFlight, candidate: dict) -> None:
-        """Start an experiment; the next candidate is drafted meanwhile, unless the budget
-        of experiments has no room for it."""
-        if not self.stop_reason(in_flight=experiments_in(work) + 1):
-            self.drafter.prefetch()
+        """Start an experiment; the next candidates are drafted meanwhile, as many as the
+        budget of experiments has room for beside those in flight and in the making."""
+        ahead = experiments_in(work) + 1
+        self.drafter.prefetch(lambda drafts: not self.stop_reason(in_flight=ahead + drafts))
         work.submit(candidate["id"], self.experiment, candidate)
 
     def prepare(self) -> None:

@@ -59,13 +59,17 @@ class RunDir:
         not where a session keeps its worktrees."""
         name = Path(path).name
         return cls(Path(path).parent) if name in WORKTREES or name.startswith(
-            f"{WORKTREES[0]}-") else None
+            tuple(f"{w}-" for w in WORKTREES)) else None
 
     def __str__(self) -> str:
         return str(self.root)
 
     def __fspath__(self) -> str:  # so that Path(run_dir) and open() take a RunDir
         return str(self.root)
+
+    def draft_worktree(self, i: int) -> Path:
+        """The worktree of the i-th draft made at once (LLM proposers draft one per slot)."""
+        return self.propose_worktree if i == 0 else self.root / f"{WORKTREES[1]}-{i}"
 
     def slot_worktree(self, slot: str) -> Path:
         """Slot `slot`'s worktree; a Ray slot's name ("10.0.0.5/gpu0") made a folder name."""

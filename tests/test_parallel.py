@@ -180,3 +180,39 @@ def test_a_parallel_session_killed_mid_flight_resumes_with_nothing_lost(fake_rep
         assert len({r["seed"] for r in runs}) == len(runs)
         assert {r["slot"] for r in runs} == {"0", "1"}
     assert ": 4 experiments done" in status_text(run_dir)
+
+
+# A coding agent for --proposer command that takes a while: it adds a file of its own to
+# the speed product (each candidate a distinct change, a slower one) and notes when it ran.
+SLOW_AGENT = """\
+import os, pathlib, sys, time, uuid
+started = time.time()
+time.sleep(1.0)
+pathlib.Path(f"model/speed_{uuid.uuid4().hex[:8]}.txt").write_text("0.9\\n")
+with open(sys.argv[1], "a") as f:
+    f.write(f"{started} {time.time()}\\n")
+"""
+
+
+def test_an_llm_proposer_drafts_one_candidate_per_slot_at_once(fake_repo, tmp_path):
+    """With two slots, an LLM proposer (here the command proposer running a slow script)
+    has two conversations going at once, each in its own worktree, and the experiments
+    budget still bounds what is drafted: four experiments, none left over."""
+    script, times = tmp_path / "agent.py", tmp_path / "times.txt"
+    script.write_text(SLOW_AGENT)
+    command = f"{sys.executable} {script} {times}"
+    options = {"checks": False, "sandbox": False}
+    config = SessionConfig(repo=str(fake_repo), objective="throughput", baseline_runs=2,
+                           proposer="command", proposer_arg=command, wandb="disabled",
+                           devices="cpu:2", experiments=4, proposer_options=options)
+    s = Session.create(tmp_path / "s", config, make_proposer("command", command, options),
+                       say=lambda text: None)
+    assert s.drafter.width == 2
+    s.run()
+    spans = [tuple(map(float, line.split())) for line in times.read_text().splitlines()]
+    assert len(spans) == 4  # one conversation per experiment: none drafted past the budget
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+    made = s.ledger.candidates()[1:]
+    assert [c["verdict"] for c in made] == ["reject"] * 4
+    assert len({c["diff"] for c in made}) == 4
+    assert (s.run_dir.root / "propose-1" / ".git").exists()  # the second draft's worktree

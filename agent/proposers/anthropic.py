@@ -8,14 +8,18 @@ brief) is cached; so is the conversation so far, turn by turn.
 It must survive a night alone: each request goes through agent.proposers.messages_api
 (retried through rate limits, overload and outages); a conversation that fails for any
 reason leaves the worktree as it found it; and no candidate starts, nor does any turn, unless
-its worst-case cost fits in the budget. It never commits, never runs the benchmark, and
-never shows the model a file outside the research surface.
+its worst-case cost fits in the budget. With several slots, conversations run at once (one
+per slot, each in its own worktree): a new one starts only when its worst case fits beside
+the worst case of every one still running. It never commits, never runs the benchmark,
+and never shows the model a file outside the research surface.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,7 +141,10 @@ class AnthropicProposer:
         self.on_request = None
         self.stop_at: float | None = None  # unix time the session ends (--hours, --deadline)
         self.session_usage = Usage()  # every request of this process, all candidates
-        self.last_usage: dict | None = None  # the last candidate's, submitted or not
+        # Conversations may run at once (one per slot, agent/drafting.py): the session's
+        # usage and the count of those in flight are shared between them.
+        self._lock = threading.Lock()
+        self._in_flight = 0
 
     def _prompt_tokens(self, system: str | None = None) -> float:
         """The estimated tokens of the stable prompt: system text and tool definitions."""
@@ -160,9 +167,23 @@ class AnthropicProposer:
 
     def propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal | None:
         cfg = self.config
-        spent = max(context.get("spent_usd", 0.0), spent_in_history(history),
-                    self.session_usage.cost(self.price))
-        check_budget(spent, cfg.budget_usd, cfg.max_usd_per_candidate)
+        with self._lock:
+            # The conversations already in flight may each still cost up to their limit:
+            # reserved, so that all of them together stay within the budget.
+            others = max(self._in_flight, context.get("drafts_in_flight", 0))
+            spent = max(context.get("spent_usd", 0.0), spent_in_history(history),
+                        self.session_usage.cost(self.price))
+            check_budget(spent + others * cfg.max_usd_per_candidate, cfg.budget_usd,
+                         cfg.max_usd_per_candidate)
+            self._in_flight += 1
+        try:
+            return self._propose(worktree, history, context)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _propose(self, worktree: Path, history: list[dict], context: dict) -> Proposal:
+        cfg = self.config
         tools = SurfaceTools(
             worktree, history, context.get("preset", "cpu-tiny"),
             CheckSettings(cfg.check_timeout_s, cfg.checks_device, cfg.kernel_tests,
@@ -178,30 +199,40 @@ class AnthropicProposer:
             submission = self._converse(tools, system, messages, usage)
         except BaseException as e:
             tools.restore()
-            self._account(usage, system, messages, len(history))
+            spent = self._account(usage, system, messages, len(history))
             if isinstance(e, (ConversationFailed, ProposerStop)):
-                e.usage = self.last_usage
+                e.usage = spent
             raise
-        self._account(usage, system, messages, len(history))
+        spent = self._account(usage, system, messages, len(history))
         self.say(f"llm: '{submission.description}' in {usage.requests} turns, "
-                 f"${self.last_usage['cost_usd']:.3f}")
+                 f"${spent['cost_usd']:.3f}")
         return Proposal(
             description=submission.description,
             hypothesis=f"{submission.hypothesis}\n\nExpected: {submission.expected_effect}",
             category=submission.category,
-            usage=self.last_usage,
+            usage=spent,
         )
 
-    def _account(self, usage: Usage, system: str, messages: list[dict], number: int) -> None:
-        self.session_usage.merge(usage)
-        self.last_usage = {"model": self.config.model, **usage.as_dict(self.price)}
+    def _account(self, usage: Usage, system: str, messages: list[dict], number: int) -> dict:
+        """Add a conversation's usage to the session's; returns it as the ledger keeps it,
+        and saves the transcript (one file per conversation, also when several run at once)."""
+        with self._lock:
+            self.session_usage.merge(usage)
+        spent = {"model": self.config.model, **usage.as_dict(self.price)}
         if self.config.transcript_dir:
             out = Path(self.config.transcript_dir)
             out.mkdir(parents=True, exist_ok=True)
-            path = out / f"{time.strftime('%Y%m%d-%H%M%S')}-{number:03d}.json"
-            path.write_text(json.dumps({"config": asdict(self.config), "system": system,
-                                        "messages": messages, "usage": self.last_usage},
-                                       indent=1))
+            stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{number:03d}"
+            record = json.dumps({"config": asdict(self.config), "system": system,
+                                 "messages": messages, "usage": spent}, indent=1)
+            for n in itertools.count():
+                try:
+                    with open(out / f"{stem}{'' if n == 0 else f'-{n}'}.json", "x") as f:
+                        f.write(record)
+                    break
+                except FileExistsError:
+                    continue
+        return spent
 
     # -- the conversation --------------------------------------------------------------------
 
