@@ -36,6 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Before torch loads OpenMP: the harness's threads (2 while it scores an evaluation) sleep
+# when they wait, as the workers' do (bench/candidate.py OMP_WAIT_POLICY).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 from bench import protocol

@@ -30,6 +30,11 @@ from bench import proctree, wire
 from bench.sandbox import Sandbox
 
 TAIL_LINES = 20
+# OpenMP threads that wait by sleeping, not spinning: with a neighbour on the machine, a
+# spinning thread whose sibling lost its core burns the time the sibling needs, and an
+# evaluation at 2 threads beside one busy process took 15-42 s instead of ~3 s
+# (bench/RESULTS.md). The harness sets the same for itself (train.py).
+OMP_WAIT_POLICY = "PASSIVE"
 ACCEPT_POLL_S = 0.2
 
 
@@ -60,6 +65,7 @@ class Worker:
         argv = [*launch, self.role, "--socket", str(self.socket_path), "--threads", str(threads),
                 *argv]
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+        env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.proc = sandbox.popen(argv, worktree, read_only=(self.dir, *read_only),
                                   writable=tuple(writable), gpu=gpu, env=env)
