@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runs of a candidate at most before the judge must decide (>= 2; "
                      "default 8: fewer is cheaper and less able to see a small gain)")
     run.add_argument(
+        "--paired", action="store_true", default=None,
+        help="make each candidate run back to back with a champion run, on one slot with one "
+        "seed, and judge the pairs: what they share cancels (a neighbour's load, the slot, "
+        "the seed's noise), for one champion run per candidate run",
+    )  # fmt: skip
+    run.add_argument(
         "--loss-margin", type=float,
         help="nats the candidate's val loss may be worse than the champion's (default 0.01)",
     )  # fmt: skip

@@ -114,7 +114,8 @@ def session_config(args: Namespace, run_dir: Path) -> SessionConfig:
         acceptance={} if args.max_speedup is None else {"max_speedup": args.max_speedup},
         judge={**({} if args.max_runs is None else {"max_replicates": args.max_runs,
                                                       "min_replicates": min(3, args.max_runs)}),
-               **({} if args.loss_margin is None else {"loss_margin": args.loss_margin})},
+               **({} if args.loss_margin is None else {"loss_margin": args.loss_margin}),
+               **({"paired": True} if args.paired else {})},
     )  # fmt: skip
 
 

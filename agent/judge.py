@@ -33,6 +33,15 @@ runs old, kept false accepts at 1.6% and cost 5 points of power (bench/RESULTS.m
 common to all slots is the one-device case of today, which re-measuring the champion
 follows.
 
+Paired runs (`paired`, `--paired`): each candidate run is made back to back with a run of
+the champion, on one slot and with one seed, in ABBA order (agent/recording.py), and the
+judge tests the pairs' differences (`stats.paired`, a one-sample t, its level calibrated by
+`paired_level`). What the two runs of a pair share cancels: the device, the load of that
+minute, and the seed's data order and initialisation, which for a change that leaves the
+model's arithmetic alone (a kernel, say) is most of a time-to-loss run's noise. A run that a
+neighbour slowed skews one pair, not every decision after it. The cost is one champion run
+per candidate run; the champion is not re-measured between candidates then.
+
 What the judge must never do: accept on one run, accept a candidate that has a failed or
 unfinished run, look at anything but the result dicts (it trusts the fixed harness, not the
 candidate), or quietly widen its own error rate (no extra looks past `max_replicates`, no
@@ -58,6 +67,7 @@ from agent.stats import (
     blocked_cells,
     censored_metric,
     number,
+    paired,
     primary_metric,
     welch,
     welch_df,
@@ -81,6 +91,10 @@ class JudgeConfig:
     # runs per neutral candidate in simulation (against 0.05) at no measurable loss of power.
     futility_alpha: float = 0.2
     min_speedup: float = 1.0  # smallest speed ratio worth more runs (1.0: any real gain)
+    # Paired runs: each candidate run is made back to back with a champion run on one slot
+    # with one seed (agent/recording.py), and the judge compares within pairs (`stats.paired`)
+    # instead of against the champion's whole sample.
+    paired: bool = False
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -252,18 +266,59 @@ def blocked_level(per_slot: tuple[int, ...], looks: tuple[int, ...], alpha: floa
     return float(min(levels))
 
 
+@functools.lru_cache(maxsize=64)
+def paired_level(looks: tuple[int, ...], alpha: float) -> float:
+    """`sequential_level` for the paired test (`stats.paired`): the same Pocock boundary for
+    a one-sample t on the pairs' differences, calibrated the same way (2**16 simulated
+    sequences, fixed seed). The differences of independent pairs are alike whatever the
+    two sides' noises, and t does not depend on their scale, so one calibration covers
+    every noise ratio."""
+    rng = np.random.default_rng(12345)
+    d = rng.standard_normal((2**16, max(looks)))
+    p_min = np.ones(len(d))
+    for n in looks:
+        t = d[:, :n].mean(axis=1) / (d[:, :n].std(axis=1, ddof=1) / math.sqrt(n))
+        p_min = np.minimum(p_min, special.stdtr(n - 1, -t))
+    return float(np.quantile(p_min, alpha))
+
+
 _calibrating = threading.Lock()
 
 
-def _level(champion_slots: Sequence[str], blocked_test: bool, looks: tuple[int, ...],
+def _level(champion_slots: Sequence[str], test: str, looks: tuple[int, ...],
            alpha: float) -> float:
     """The nominal level of each look for the test in use: Welch's (champion's sample size
-    alone), or the blocked test's (the champion's runs per slot). One calibration at a
-    time: candidates judged in parallel threads often ask for the same one at once."""
+    alone), the blocked test's (the champion's runs per slot) or the paired test's. One
+    calibration at a time: candidates judged in parallel threads often ask for the same
+    one at once."""
     with _calibrating:
-        if not blocked_test:
+        if test == "paired":
+            return paired_level(looks, alpha)
+        if test == "welch":
             return sequential_level(len(champion_slots), looks, alpha)
         return blocked_level(tuple(sorted(Counter(champion_slots).values())), looks, alpha)
+
+
+def _paired(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
+            metric: np.ndarray, losses: Sequence[float], objective: str):
+    """The paired tests of speed and loss: each candidate run against the champion's ok run
+    of the same seed (its partner, made beside it), and how many candidate runs have none
+    (a partner that crashed, or was never made: a killed session). A lone pair borrows the
+    noise of a difference of two runs from the champion's spread."""
+    sign = OBJECTIVES[objective][1]
+    partner = {r.get("seed"): r for r in champion_runs if r.get("status") == "ok"}
+    at = [i for i, r in enumerate(candidate_runs) if r.get("seed") in partner]
+    mates = [partner[candidate_runs[i]["seed"]] for i in at]
+    noise = measure_noise(champion_runs, objective)
+    lone_df = noise.n - 1.0
+    try:
+        y = sign * np.log([censored_metric(r, objective) for r in mates])
+        y_loss = [number(r, "val_loss") for r in mates]
+    except ValueError:
+        return None, None, len(candidate_runs)
+    speed = paired(metric[at], y, math.sqrt(2) * noise.log_metric_sd, lone_df)
+    loss = paired(np.asarray(losses)[at], y_loss, math.sqrt(2) * noise.loss_sd, lone_df)
+    return speed, loss, len(candidate_runs) - len(at)
 
 
 def _reject(reason: str, n_champion: int, n_candidate: int) -> Decision:
@@ -305,23 +360,37 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
             # time cap is no speedup, whatever its other runs say.
             return _reject(f"run with seed {r.get('seed')} did not reach the target loss", m, n)
         values.append(value)
-    slots = [slot_of(r) for r in candidate_runs]
-    speed = blocked(sign * np.log(values), champ_metric, slots, champ_slots)
-    # A device's offset is a speed: it moves the loss only where the loss is the timed
-    # metric (loss-at-time). At a time-to-loss target, or at equal tokens, the loss is the
-    # same computation on any device, so Welch's test keeps its degrees of freedom there.
-    loss_blocked = cfg.objective == "loss-at-time"
-    loss = (blocked(losses, champ_loss, slots, champ_slots) if loss_blocked
-            else welch(np.array(losses), champ_loss))
-    several = len(set(champ_slots)) > 1
     looks = tuple(range(cfg.min_replicates, cfg.max_replicates + 1))
-    level = _level(champ_slots, several, looks, cfg.alpha)
-    level_loss = _level(champ_slots, several and loss_blocked, looks, cfg.alpha_loss)
+    if cfg.paired:
+        speed, loss, unmatched = _paired(champion_runs, candidate_runs, sign * np.log(values),
+                                         losses, cfg.objective)
+        level = _level(champ_slots, "paired", looks, cfg.alpha)
+        level_loss = _level(champ_slots, "paired", looks, cfg.alpha_loss)
+        m = n - unmatched  # the champion's runs that measure the effect: the partners
+        missing = "has a champion run of its seed beside it"
+        left_out = "runs without a champion partner left out"
+    else:
+        slots = [slot_of(r) for r in candidate_runs]
+        speed = blocked(sign * np.log(values), champ_metric, slots, champ_slots)
+        # A device's offset is a speed: it moves the loss only where the loss is the timed
+        # metric (loss-at-time). At a time-to-loss target, or at equal tokens, the loss is
+        # the same computation on any device, so Welch's test keeps its degrees of freedom
+        # there.
+        loss_blocked = cfg.objective == "loss-at-time"
+        loss = (blocked(losses, champ_loss, slots, champ_slots) if loss_blocked
+                else welch(np.array(losses), champ_loss))
+        several = len(set(champ_slots)) > 1
+        level = _level(champ_slots, "blocked" if several else "welch", looks, cfg.alpha)
+        level_loss = _level(champ_slots, "blocked" if several and loss_blocked else "welch",
+                            looks, cfg.alpha_loss)
+        # The scheduler measures the champion on every slot first, so this is a safeguard.
+        unmatched = sum(slot not in champ_slots for slot in slots)
+        missing = "is on a slot where the champion has a run"
+        left_out = "runs on slots without a champion run left out"
     if speed is None or loss is None:
         word = "reject" if n >= cfg.max_replicates else "more"
-        return Decision(word, f"none of the {n} candidate runs is on a slot where the champion "
-                        "has a run, so none measures the effect", None, None, None, None, None,
-                        m, n, None)
+        return Decision(word, f"none of the {n} candidate runs {missing}, so none measures "
+                        "the effect", None, None, None, None, None, m, n, None)
     # The two-sided (1 - 2 level) interval is Jennison-Turnbull's repeated confidence
     # interval: its lower end clears 1 exactly when the speed test passes at this look.
     template = Decision(
@@ -333,10 +402,7 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
     ci = f"{100 * (1 - 2 * level):.0f}% CI {template.ci_low:.3f}-{template.ci_high:.3f}"
     dloss = f"val loss {loss.estimate:+.4f} nats (margin {cfg.loss_margin})"
 
-    # The scheduler measures the champion on every slot first, so this note is a safeguard.
-    unmatched = sum(slot not in champ_slots for slot in slots)
-    note = (f" ({unmatched} of the {n} runs on slots without a champion run left out: they "
-            "measure no effect)" if unmatched else "")
+    note = f" ({unmatched} of the {n} {left_out}: they measure no effect)" if unmatched else ""
 
     def verdict(word: str, reason: str) -> Decision:
         return replace(template, verdict=word, reason=reason + note)

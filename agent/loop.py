@@ -269,7 +269,10 @@ class Session:
 
     def remeasure_due(self) -> bool:
         """After every `remeasure_every` candidates that ran (refusals ran nothing) since
-        the champion was last measured."""
+        the champion was last measured; never with paired runs, where every candidate run
+        has a champion run beside it."""
+        if self.config.judge_config().paired:
+            return False
         champion = self.ledger.champion()
         since = [c for c in self.ledger.candidates(["decided", "held"])
                  if c["decided_at"] and c["decided_at"] > champion["champion_since"]]

@@ -12,8 +12,9 @@ from outside: infrastructure, not the candidate's failure; a Ray slot that died 
 It also profiles the champion for the LLM proposers, the same way, under the device lock.
 
 What this module must never do: run candidate code in the engine's process (the runner
-starts train.py; the profile runs as a child too), reuse a seed, let a stale result, log
-or checkpoint pass for a run's own, or count a lost run for or against anyone.
+starts train.py; the profile runs as a child too), reuse a seed (but in a pair, whose two
+runs share theirs by design), let a stale result, log or checkpoint pass for a run's own,
+or count a lost run for or against anyone.
 """
 
 from __future__ import annotations
@@ -125,13 +126,48 @@ class Measurer:
                                          discarded["disturbed"] < MAX_DISTURBED)
             if isinstance(result, dict):
                 return result
-            discarded[result] += 1
-            if discarded["lost"] >= MAX_LOST:
-                raise SessionStop(f"a {role} run of candidate {candidate['id']} was lost "
-                                  f"{MAX_LOST} times in a row (its workers died, or something "
-                                  f"killed it from outside; the events and {self.run_dir.logs} "
-                                  "say how): fix the machines, then `python -m agent run "
-                                  f"--resume {self.run_dir}`")
+            self._discarded(discarded, result, candidate, role)
+
+    def pair(self, champion: dict, candidate: dict, role: str, early_stop: EarlyStop | None,
+             champion_first: bool) -> None:
+        """One run of the champion and one of `candidate`, back to back on one slot (held
+        between them) with one fresh seed, in the order given: the judge's paired test
+        compares them (agent/judge.py). A candidate run that fails or stops early ends the
+        pair: its verdict needs no partner. A disturbed run is run again in its place (the
+        same seed when its partner has run); a lost one starts the pair again, on another
+        slot when its own died."""
+        runs = [(champion, "champion", None), (candidate, role, early_stop)]
+        runs = runs if champion_first else runs[::-1]
+        discarded = {"disturbed": 0, "lost": 0}
+        while True:
+            with self.slot() as taken:
+                seed = None
+                for who, what, early in runs:
+                    result = self._benchmark(*taken, who, what, early,
+                                             discarded["disturbed"] < MAX_DISTURBED, seed)
+                    while result == "disturbed":
+                        discarded["disturbed"] += 1
+                        result = self._benchmark(*taken, who, what, early,
+                                                 discarded["disturbed"] < MAX_DISTURBED, seed)
+                    if not isinstance(result, dict) or (who is candidate and
+                                                        result["status"] != "ok"):
+                        break
+                    seed = result["seed"]
+                else:
+                    return
+            if isinstance(result, dict):
+                return
+            self._discarded(discarded, result, candidate, role)
+
+    def _discarded(self, discarded: dict, why: str, candidate: dict, role: str) -> None:
+        """Count a discarded run; MAX_LOST lost in a row stop the session."""
+        discarded[why] += 1
+        if discarded["lost"] >= MAX_LOST:
+            raise SessionStop(f"a {role} run of candidate {candidate['id']} was lost "
+                              f"{MAX_LOST} times in a row (its workers died, or something "
+                              f"killed it from outside; the events and {self.run_dir.logs} "
+                              "say how): fix the machines, then `python -m agent run "
+                              f"--resume {self.run_dir}`")
 
     def on_every_slot(self, candidate: dict, role: str, slots: Sequence[str]) -> None:
         """One run of `candidate` on each of `slots`, all at once (a thread each)."""
@@ -141,14 +177,16 @@ class Measurer:
                 done.result()
 
     def _benchmark(self, slot: Slot, ws: Workspace, candidate: dict, role: str,
-                   early_stop: EarlyStop | None, discard_disturbed: bool) -> dict | str:
+                   early_stop: EarlyStop | None, discard_disturbed: bool,
+                   seed: int | None = None) -> dict | str:
         """One run, recorded: its result dict, or why it was discarded ("disturbed",
-        "lost") to be run again."""
+        "lost") to be run again. A fresh seed unless `seed` (a pair's second run) is given."""
         expected = self.session_hashes()
         ws.checkout(candidate["commit_sha"])
         cid = candidate["id"]
         with self._lock:  # two threads must never take the same seed
-            seed = max(self.ledger.used_seeds() | {0}) + 1
+            if seed is None:
+                seed = max(self.ledger.used_seeds() | {0}) + 1
             run_id = self.ledger.start_run(
                 cid, role, seed, lambda i: self.run_dir.log(run_name(i, cid, role, seed)),
                 lock_path=None if slot.remote else lock_path(

@@ -178,6 +178,7 @@ def settings_of(config: SessionConfig) -> dict:
         "wandb": config.wandb, "allow_flagged": config.allow_flagged,
         "max_speedup": config.acceptance_config().max_speedup, "rules": config.rules,
         "loss_margin": config.judge_config().loss_margin,
+        "paired": config.judge_config().paired,
         "gpus": config.gpus, "devices": config.devices, "no_sandbox": not config.sandbox,
         "cluster": config.cluster,
         "model": llm and llm.model, "max_usd_per_candidate": llm and llm.max_usd_per_candidate,

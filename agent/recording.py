@@ -1,8 +1,9 @@
 """Deciding and recording: the judge's loop over a candidate's runs, the acceptance checks on
 what it would accept, and the verdict written to the ledger and to git.
 
-`Recorder.judge` runs a candidate (a screen, then replicates with fresh seeds) until the
-judge (agent/judge.py), and a leaderboard's loss test under --rules, conclude.
+`Recorder.judge` runs a candidate (a screen, then replicates with fresh seeds; with --paired
+each beside a champion run of its seed, agent/judge.py) until the judge, and a
+leaderboard's loss test under --rules, conclude.
 `Recorder.record` writes the verdict: an accept must first pass the acceptance checks
 (agent/acceptance.py), for which the runs' checkpoints are scored by the fixed scorer
 (bench/score.py) and cached in the ledger; one that fails is rejected with the check
@@ -108,7 +109,8 @@ class Recorder:
             champion = self.ledger.champion()
             if champion["id"] != candidate["parent_id"]:
                 return None
-            self.cover(champion)
+            if not cfg.paired:  # a pair is on one slot: no offset to tell apart
+                self.cover(champion)
             results = self.results(candidate)
             champion_results = self.results(champion)
             if results:
@@ -118,7 +120,11 @@ class Recorder:
                     return decision
             early = None if results else early_stop_rule(champion_results, self.config,
                                                          cfg.loss_margin)
-            self.measurer.benchmark(candidate, "confirm" if results else "screen", early)
+            role = "confirm" if results else "screen"
+            if cfg.paired:  # ABBA: the champion first in every other pair
+                self.measurer.pair(champion, candidate, role, early, len(results) % 2 == 0)
+            else:
+                self.measurer.benchmark(candidate, role, early)
 
     def cover(self, champion: dict) -> None:
         """With several slots: the champion measured on every slot before a candidate is

@@ -29,12 +29,20 @@ class SimulationResult:
 
 
 def fake_run(rng: np.random.Generator, objective: str, seed: int, log_gain: float,
-             noise_sd: float, loss: float, loss_sd: float) -> dict:
+             noise_sd: float, loss: float, loss_sd: float,
+             shared: tuple[float, float] | None = None, correlation: float = 0.0) -> dict:
     """A synthetic result dict: the primary metric is its true value times exp(noise), with
-    the speed gain `log_gain` (> 0 is better) applied in the objective's direction."""
-    drift = math.exp(noise_sd * rng.standard_normal())
+    the speed gain `log_gain` (> 0 is better) applied in the objective's direction. With
+    `shared` (standard normal draws of its seed, for metric and loss) a part `correlation`
+    of each noise's variance is the seed's: the two runs of a pair share it."""
+    z_metric, z_loss = rng.standard_normal(), rng.standard_normal()
+    if shared is not None:
+        own = math.sqrt(1.0 - correlation)
+        z_metric = math.sqrt(correlation) * shared[0] + own * z_metric
+        z_loss = math.sqrt(correlation) * shared[1] + own * z_loss
+    drift = math.exp(noise_sd * z_metric)
     run = {"status": "ok", "seed": seed, "tokens_per_sec": 1.0e5, "train_seconds": 300.0,
-           "time_to_target": None, "val_loss": loss + loss_sd * rng.standard_normal()}
+           "time_to_target": None, "val_loss": loss + loss_sd * z_loss}
     if objective == "time-to-loss":
         run["time_to_target"] = run["train_seconds"] = 300.0 * math.exp(-log_gain) * drift
     elif objective == "throughput":
@@ -61,7 +69,8 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
              noise_ratio: float = 1.0, loss_sd: float = 0.002, seed: int = 0,
              slots: int = 1, slot_offset: float = 0.0, drift: float = 0.0,
              remeasure_every: int = 0, candidate_slots: int | None = None,
-             label_slots: bool = True) -> SimulationResult:
+             label_slots: bool = True, correlation: float = 0.0,
+             slow_champion: float = 1.0) -> SimulationResult:
     """Run the whole sequential procedure `trials` times on synthetic runs.
 
     The candidate's true log gain is `effect_sigmas * noise_sd`, its noise is `noise_ratio`
@@ -76,6 +85,13 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
     follow one per run duration, each on a random slot, or on a random one of the first
     `candidate_slots` only (the others busy with other candidates: its runs cluster).
     `label_slots=False` hides the slots from the judge: today's judge, blind to devices.
+
+    With a paired judge (`config.paired`) each candidate run comes with a champion run of
+    its seed, the two sharing a part `correlation` of their noise (the seed's data order and
+    initialisation; the minute's load); the champion's first sample still measures the
+    noise the screen needs. `slow_champion` > 1 slows one champion run the judge compares
+    by that factor (a neighbour's burst, issue of a shared machine): the first of the
+    sample, or with pairs the partner of the candidate's first confirmation run.
     """
     if slots > 1 and n_champion < slots:
         raise ValueError(f"n_champion={n_champion} < slots={slots}: the champion needs a run "
@@ -100,12 +116,22 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
             offset[:] = slot_offset * rng.standard_normal(slots) + np.cumsum(steps, axis=0)
         champion = [on_slot(fake_run(rng, cfg.objective, s, 0.0, noise_sd, 3.3, loss_sd),
                             s % slots, champion_at[s]) for s in range(n_champion)]
+        if slow_champion != 1.0 and not cfg.paired:
+            champion[0] = rescaled(champion[0], cfg.objective, -math.log(slow_champion))
         candidate: list[dict] = []
         while True:
-            run = fake_run(rng, cfg.objective, 1000 + len(candidate), effect_sigmas * noise_sd,
-                           noise_ratio * noise_sd, 3.3 + loss_shift, loss_sd)
+            seed = 1000 + len(candidate)
+            shared = tuple(rng.standard_normal(2)) if cfg.paired else None
+            run = fake_run(rng, cfg.objective, seed, effect_sigmas * noise_sd,
+                           noise_ratio * noise_sd, 3.3 + loss_shift, loss_sd, shared, correlation)
             slot = int(rng.integers(candidate_slots or slots)) if slots > 1 else 0
             candidate.append(on_slot(run, slot, len(candidate)))
+            if cfg.paired:
+                mate = fake_run(rng, cfg.objective, seed, 0.0, noise_sd, 3.3, loss_sd, shared,
+                                correlation)
+                if slow_champion != 1.0 and len(candidate) == 2:
+                    mate = rescaled(mate, cfg.objective, -math.log(slow_champion))
+                champion.append(on_slot(mate, slot, len(candidate) - 1))
             decision = assess(champion, candidate, cfg)
             if decision.verdict != "more":
                 break
@@ -132,8 +158,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run durations between the champion's runs (0: all at the start)")
     parser.add_argument("--champion", type=int, default=None,
                         help="champion runs (default 5 on one slot, else one per slot)")
+    parser.add_argument("--paired", type=float, default=None, metavar="RHO",
+                        help="the paired judge, each pair sharing this part of its noise")
     args = parser.parse_args(argv)
-    cfg = JudgeConfig(objective=args.objective)
+    cfg = JudgeConfig(objective=args.objective, paired=args.paired is not None)
     n_champion = args.champion or (5 if args.slots == 1 else args.slots)
     devices = {} if args.slots == 1 else {
         "slots": args.slots, "slot_offset": args.slot_offset, "drift": args.drift,
@@ -148,7 +176,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                             "loss_shift": 2 * cfg.loss_margin},
         "A/A, champion of 30": {"n_champion": 30},
         "A/A, candidate twice as noisy": {"noise_ratio": 2.0},
+        "A/A, one champion run 1.3x slow": {"slow_champion": 1.3},
     }
+    if cfg.paired:
+        scenarios = {label: {**kwargs, "correlation": args.paired}
+                     for label, kwargs in scenarios.items()}
     if devices:
         scenarios.update({
             "A/A, candidate on 2 slots only": {"candidate_slots": 2},

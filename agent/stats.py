@@ -1,7 +1,7 @@
 """The statistics of speedloop, in one place: the primary metric of each objective with the
 rule for a run that missed its target, Welch's t on two samples, the same comparison
-blocked by device slot, the speedup as a ratio of geometric means with its interval, and
-the one-sample loss test of a leaderboard. The judge
+blocked by device slot, the paired t of runs made back to back, the speedup as a ratio of
+geometric means with its interval, and the one-sample loss test of a leaderboard. The judge
 (agent/judge.py), the replay (agent/rungs.py) and the report (agent/report.py) all use these.
 
 Student's t comes from scipy.special (stdtr, stdtrit): the functions behind scipy.stats.t
@@ -169,6 +169,21 @@ def blocked(x, y, x_slots: Sequence[str], y_slots: Sequence[str]) -> Diff | None
     if var == 0.0:
         return Diff(float(effect), 0.0, math.inf)
     return Diff(float(effect), math.sqrt(var), float(df))
+
+
+def paired(x, y, lone_se: float, lone_df: float) -> Diff | None:
+    """mean(x - y) over pairs (x[i] and y[i] measured back to back on one device with one
+    seed): the one-sample t on the differences, n - 1 degrees of freedom. Whatever the two
+    runs of a pair share (the seed's data order and initialisation, the device, the
+    machine's load of that minute) cancels in its difference. None with no pair; a lone pair
+    (a screen) cannot measure its own spread and gets `lone_se` and `lone_df`."""
+    d = np.asarray(x, float) - np.asarray(y, float)
+    if len(d) == 0:
+        return None
+    if len(d) == 1:
+        return Diff(float(d[0]), lone_se, lone_df)
+    se = float(d.std(ddof=1)) / math.sqrt(len(d))
+    return Diff(float(d.mean()), se, math.inf if se == 0.0 else len(d) - 1.0)
 
 
 # -- speedups -------------------------------------------------------------------------------

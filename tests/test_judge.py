@@ -12,7 +12,7 @@ from scipy import stats
 
 from agent.judge import JudgeConfig, assess, measure_noise, sequential_level
 from agent.simulate import fake_run, simulate
-from agent.stats import OBJECTIVES, blocked, welch
+from agent.stats import OBJECTIVES, blocked, paired, welch
 
 CFG = JudgeConfig()
 
@@ -306,3 +306,64 @@ def test_a_a_with_devices_that_differ_stays_near_alpha():
     print(f"\nA/A on 8 slots, candidate on one: blocked {result.accept_rate:.2%}, "
           f"Welch blind to slots {blind.accept_rate:.2%} ({result.trials} trials)")
     assert result.accept_rate <= 0.07 < blind.accept_rate
+
+
+# -- paired runs ------------------------------------------------------------------------------
+
+PAIRED = JudgeConfig(paired=True)
+
+
+def test_paired_is_the_one_sample_t_on_the_differences():
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(0.1, 1.0, 5), rng.normal(0.0, 1.0, 5)
+    diff = paired(x, y, 9.0, 9.0)
+    ref = stats.ttest_rel(x, y, alternative="greater")
+    assert diff.p_above(0.0) == pytest.approx(ref.pvalue, rel=1e-9)
+    assert diff.df == 4 and paired([], [], 1.0, 1.0) is None
+    assert paired([2.0], [1.0], 0.3, 4.0) == type(diff)(1.0, 0.3, 4.0)  # a screen borrows
+
+
+@pytest.mark.parametrize("correlation", [0.0, 0.8])
+def test_paired_a_a_false_accept_rate_at_most_5_percent(correlation):
+    result = simulate(0.0, trials=2000, seed=12, config=PAIRED, correlation=correlation)
+    print(f"\npaired A/A, correlation {correlation}: {result.accept_rate:.2%}, "
+          f"{result.mean_runs:.2f} pairs per decision")
+    assert result.accept_rate <= 0.05 + 2 * (0.05 * 0.95 / 2000) ** 0.5  # MC error
+
+
+def test_paired_runs_sharing_their_seed_noise_see_what_unpaired_runs_cannot():
+    # A gain of one noise sd, with 80% of each run's noise its seed's (the case of a kernel
+    # that leaves the arithmetic alone, where the two runs of a pair train alike).
+    pairs = simulate(1.0, trials=500, seed=13, config=PAIRED, correlation=0.8)
+    alone = simulate(1.0, trials=500, seed=13)
+    print(f"\ngain 1 x noise: paired {pairs.accept_rate:.1%} ({pairs.mean_runs:.2f} pairs), "
+          f"unpaired {alone.accept_rate:.1%} ({alone.mean_runs:.2f} runs)")
+    assert pairs.accept_rate >= 0.8 and alone.accept_rate <= 0.5
+
+
+def test_one_slow_champion_run_costs_a_paired_judge_one_pair():
+    # A neighbour's burst slows one champion run by 1.3x: against the pooled sample every
+    # decision runs to the maximum; with pairs it touches one difference.
+    alone = simulate(0.0, trials=300, seed=14, slow_champion=1.3)
+    pairs = simulate(0.0, trials=300, seed=14, config=PAIRED, slow_champion=1.3)
+    print(f"\none champion run 1.3x slow: {alone.mean_runs:.2f} runs per decision unpaired, "
+          f"{pairs.mean_runs:.2f} pairs paired; accepts {alone.accept_rate:.1%}, "
+          f"{pairs.accept_rate:.1%}")
+    assert alone.mean_runs > 7.5 and pairs.mean_runs < 6.5 and pairs.accept_rate <= 0.05
+
+
+def test_the_paired_judge_compares_each_run_with_the_champion_run_of_its_seed():
+    champion = runs("time-to-loss", 5)  # seeds 0-4, the baseline: the screen's noise
+    mates = runs("time-to-loss", 3, seed0=100, rng_seed=1)
+    faster = [dict(r, time_to_target=r["time_to_target"] / 1.1) for r in mates]
+    slow = dict(champion[0], seed=99, time_to_target=5 * champion[0]["time_to_target"])
+    decision = assess([*champion, *mates, slow], faster, PAIRED)
+    assert decision.verdict == "accept" and decision.effect == pytest.approx(1.1)
+    assert decision.n_champion == 3  # the partners only
+    # A run whose partner never ran measures nothing, and the reason says so.
+    lone = dict(faster[0], seed=200)
+    decision = assess([*champion, *mates[:2]], [*faster[:2], lone], PAIRED)
+    assert decision.verdict == "more" and "1 of the 3 runs without a champion partner" \
+        in decision.reason
+    none = assess(champion, [lone], PAIRED)
+    assert none.verdict == "more" and "champion run of its seed" in none.reason

@@ -216,3 +216,32 @@ def test_an_llm_proposer_drafts_one_candidate_per_slot_at_once(fake_repo, tmp_pa
     assert [c["verdict"] for c in made] == ["reject"] * 4
     assert len({c["diff"] for c in made}) == 4
     assert (s.run_dir.root / "propose-1" / ".git").exists()  # the second draft's worktree
+
+
+def test_paired_runs_sit_back_to_back_on_one_slot_with_one_seed_in_abba_order(fake_repo,
+                                                                              tmp_path):
+    """--paired on two slots: every candidate run has a champion run of its seed right
+    before or after it on the same slot, the champion first in every other pair; the
+    champion is never re-measured on its own; a 5% gain is accepted, a loss rejected."""
+    folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": f"{x}\n"}
+                                                 for x in ("0.8", "1.05")]
+                     + [{"model/speed_b.txt": "0.97\n"}])
+    s = session(fake_repo, tmp_path / "s", folder, devices="cpu:2", judge={"paired": True})
+    s.run()
+    cands = s.ledger.candidates()
+    verdicts = [c["verdict"] for c in cands[1:] if c["verdict"] != "rebased"]
+    assert verdicts == ["reject", "accept", "reject"]
+    assert not any("re-measuring" in e["text"] for e in s.ledger.events(limit=1000))
+    runs = sorted((r for c in cands for r in s.ledger.runs_of(c["id"])), key=lambda r: r["id"])
+    by_slot = {slot: [r for r in runs if r["slot"] == slot] for slot in ("0", "1")}  # in time
+    for c in cands[1:]:
+        mine = s.ledger.runs_of(c["id"])
+        for k, run in enumerate(mine):
+            line = by_slot[run["slot"]]
+            at = line.index(run)
+            mate = line[at - 1] if k % 2 == 0 else line[at + 1]  # ABBA
+            assert mate["role"] == "champion" and mate["seed"] == run["seed"]
+            assert mate["candidate_id"] == c["parent_id"]
+    # The 0.8 screen failed on its pair; the 1.05 ran the judge's three pairs.
+    assert len(s.ledger.runs_of(cands[1]["id"])) == 1
+    assert len(s.ledger.runs_of(cands[2]["id"])) == 3
