@@ -311,11 +311,8 @@ def _paired(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
     mates = [partner[candidate_runs[i]["seed"]] for i in at]
     noise = measure_noise(champion_runs, objective)
     lone_df = noise.n - 1.0
-    try:
-        y = sign * np.log([censored_metric(r, objective) for r in mates])
-        y_loss = [number(r, "val_loss") for r in mates]
-    except ValueError:
-        return None, None, len(candidate_runs)
+    y = sign * np.log([censored_metric(r, objective) for r in mates])
+    y_loss = [number(r, "val_loss") for r in mates]  # checked by _champion_samples
     speed = paired(metric[at], y, math.sqrt(2) * noise.log_metric_sd, lone_df)
     loss = paired(np.asarray(losses)[at], y_loss, math.sqrt(2) * noise.loss_sd, lone_df)
     return speed, loss, len(candidate_runs) - len(at)
@@ -408,11 +405,15 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         return replace(template, verdict=word, reason=reason + note)
 
     if n == 1:  # screen: it only rejects, so it costs no false accepts
+        # The noise of what is compared: one run against the champion's mean (a run's own
+        # spread), or one pair's difference (borrowed: two runs' spread).
         noise = measure_noise(champion_runs, cfg.objective)
-        if speed.estimate < -cfg.screen_sigmas * noise.log_metric_sd:
+        sd, sd_loss = ((speed.se, loss.se) if cfg.paired
+                       else (noise.log_metric_sd, noise.loss_sd))
+        if speed.estimate < -cfg.screen_sigmas * sd:
             return verdict("reject", f"screen: {ratio} is worse than the champion by more than "
-                           f"{cfg.screen_sigmas} x noise ({noise.log_metric_sd:.2%})")
-        if loss.estimate > cfg.loss_margin + cfg.screen_sigmas * noise.loss_sd:
+                           f"{cfg.screen_sigmas} x noise ({sd:.2%})")
+        if loss.estimate > cfg.loss_margin + cfg.screen_sigmas * sd_loss:
             return verdict("reject", f"screen: {dloss} is past the margin beyond noise")
         return verdict("more", f"screen passed ({ratio}, {dloss}): confirm with replicates")
     measured = n - unmatched  # runs that measure the effect: "never accept on one run"

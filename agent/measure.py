@@ -48,6 +48,10 @@ MAX_DISTURBED = 2
 # run (a watchdog, workers that keep dying) is the infrastructure's to fix, and a lost run
 # never counts, so going on would only spin.
 MAX_LOST = 3
+# The champion's runs with final weights for the holdout check at most: more add little to
+# its test and cost a scoring each at the next accept (a paired session makes one champion
+# run per candidate run; the re-measurements of an unpaired one add up over a night).
+CHAMPION_CHECKPOINTS = 8
 # Expected wall time of a first run, before any run was measured (timeouts scale it).
 FIRST_RUN_SECONDS = {"cpu-tiny": 120.0, "gpu-small": 900.0, "gpt2-124m": 3600.0}
 
@@ -113,9 +117,10 @@ class Measurer:
         return []
 
     def benchmark(self, candidate: dict, role: str, early_stop: EarlyStop | None = None,
-                  slot: str | None = None) -> dict:
+                  slot: str | None = None, seed: int | None = None) -> dict:
         """Run train.py once for `candidate` on a free slot (the one named `slot`, while the
-        session has it) and record the run; returns its result dict. A run disturbed by a
+        session has it) and record the run; returns its result dict. A fresh seed, or
+        `seed` (the partner of a paired run). A run disturbed by a
         neighbour (bench/disturbance.py) is discarded and run again, up to MAX_DISTURBED
         times; then the last one counts, and an event says so. A lost run is discarded and
         run again (on another slot when its own died); MAX_LOST in a row stop the session."""
@@ -123,51 +128,61 @@ class Measurer:
         while True:
             with self.slot(slot) as taken:
                 result = self._benchmark(*taken, candidate, role, early_stop,
-                                         discarded["disturbed"] < MAX_DISTURBED)
+                                         discarded["disturbed"] < MAX_DISTURBED, seed)
             if isinstance(result, dict):
                 return result
-            self._discarded(discarded, result, candidate, role)
+            discarded[result] += 1
+            if discarded["lost"] >= MAX_LOST:
+                raise SessionStop(f"a {role} run of candidate {candidate['id']} was lost "
+                                  f"{MAX_LOST} times in a row (its workers died, or something "
+                                  f"killed it from outside; the events and {self.run_dir.logs} "
+                                  "say how): fix the machines, then `python -m agent run "
+                                  f"--resume {self.run_dir}`")
 
     def pair(self, champion: dict, candidate: dict, role: str, early_stop: EarlyStop | None,
              champion_first: bool) -> None:
-        """One run of the champion and one of `candidate`, back to back on one slot (held
-        between them) with one fresh seed, in the order given: the judge's paired test
+        """One run of the champion and one of `candidate` with one fresh seed, back to back
+        on one slot (held between them), in the order given: the judge's paired test
         compares them (agent/judge.py). A candidate run that fails or stops early ends the
-        pair: its verdict needs no partner. A disturbed run is run again in its place (the
-        same seed when its partner has run); a lost one starts the pair again, on another
-        slot when its own died."""
+        pair (its verdict needs no partner). A champion run that fails is run again, and a
+        second failure stops the session: the champion ran before, so the machine is at
+        fault. A disturbed run is run again in its place; a lost one too, on any slot (its
+        own may have died), with the pair's seed once its partner has run."""
         runs = [(champion, "champion", None), (candidate, role, early_stop)]
-        runs = runs if champion_first else runs[::-1]
-        discarded = {"disturbed": 0, "lost": 0}
-        while True:
-            with self.slot() as taken:
-                seed = None
-                for who, what, early in runs:
-                    result = self._benchmark(*taken, who, what, early,
-                                             discarded["disturbed"] < MAX_DISTURBED, seed)
-                    while result == "disturbed":
-                        discarded["disturbed"] += 1
-                        result = self._benchmark(*taken, who, what, early,
-                                                 discarded["disturbed"] < MAX_DISTURBED, seed)
-                    if not isinstance(result, dict) or (who is candidate and
-                                                        result["status"] != "ok"):
-                        break
-                    seed = result["seed"]
-                else:
+        seed = None
+        with contextlib.ExitStack() as held:
+            taken = held.enter_context(self.slot())
+            for who, what, early in runs if champion_first else runs[::-1]:
+                result = self._held(taken, who, what, early, seed) if taken else "lost"
+                if result == "lost":
+                    held.close()  # the slot goes back: a lost run is run where one is free
+                    taken = None
+                    result = self.benchmark(who, what, early, seed=seed)
+                if who is champion and result["status"] != "ok":
+                    again = self.benchmark(champion, "champion", None, seed=seed)
+                    if again["status"] != "ok":
+                        raise SessionStop(
+                            f"the champion failed twice in a row beside candidate "
+                            f"{candidate['id']} ({result['status']}, then {again['status']}; "
+                            f"the logs are in {self.run_dir.logs}): it ran before, so the "
+                            "machine is at fault; fix it, then `python -m agent run "
+                            f"--resume {self.run_dir}`")  # fmt: skip
+                    result = again
+                if who is candidate and result["status"] != "ok":
                     return
-            if isinstance(result, dict):
-                return
-            self._discarded(discarded, result, candidate, role)
+                seed = result["seed"]
 
-    def _discarded(self, discarded: dict, why: str, candidate: dict, role: str) -> None:
-        """Count a discarded run; MAX_LOST lost in a row stop the session."""
-        discarded[why] += 1
-        if discarded["lost"] >= MAX_LOST:
-            raise SessionStop(f"a {role} run of candidate {candidate['id']} was lost "
-                              f"{MAX_LOST} times in a row (its workers died, or something "
-                              f"killed it from outside; the events and {self.run_dir.logs} "
-                              "say how): fix the machines, then `python -m agent run "
-                              f"--resume {self.run_dir}`")
+    def _held(self, taken: tuple[Slot, Workspace], candidate: dict, role: str,
+              early_stop: EarlyStop | None, seed: int | None) -> dict | str:
+        """One run on a slot already held, run again in place while disturbed (up to
+        MAX_DISTURBED times); its result, or "lost"."""
+        disturbed_runs = 0
+        while True:
+            result = self._benchmark(*taken, candidate, role, early_stop,
+                                     disturbed_runs < MAX_DISTURBED, seed)
+            if result != "disturbed":
+                return result
+            disturbed_runs += 1
 
     def on_every_slot(self, candidate: dict, role: str, slots: Sequence[str]) -> None:
         """One run of `candidate` on each of `slots`, all at once (a thread each)."""
@@ -200,11 +215,14 @@ class Measurer:
         checkpoint = self.run_dir.checkpoint(name)
         checkpoint.unlink(missing_ok=True)  # a stale one must never pass for this run's
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        if role in ("baseline", "champion") and self.champion_checkpoints(cid) >= \
+                CHAMPION_CHECKPOINTS:
+            checkpoint = None
         on = f" on slot {slot.name}" if self.parallel else ""
         self.say(f"  run {name}{on}: {candidate['description']}")
         outcome = self._train(slot, ws, run_id, seed, name, early_stop, checkpoint, expected)
         why = disturbed(outcome.result) if outcome.status == "ok" else None
-        if outcome.status != "ok" or (why and discard_disturbed):
+        if checkpoint is not None and (outcome.status != "ok" or (why and discard_disturbed)):
             checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
         if slot.remote is not None and slot.remote.dead:
             self.pool.retire(slot.name)
@@ -240,7 +258,7 @@ class Measurer:
         return result
 
     def _train(self, slot: Slot, ws: Workspace, run_id: int, seed: int, name: str,
-               early_stop: EarlyStop | None, checkpoint: Path,
+               early_stop: EarlyStop | None, checkpoint: Path | None,
                expected: Mapping[str, str]) -> runner.RunOutcome:
         """The run of the worktree's commit with the session's settings, here or on the
         slot's node; the ledger hears when the run has its device lock (until then it
@@ -260,6 +278,13 @@ class Measurer:
         run = runner.run_checked if slot.remote is None else slot.remote.run
         with waiting(f"running {name} (timeout {spec.timeout_s:.0f} s)"):
             return run(spec, expected)
+
+    def champion_checkpoints(self, candidate_id: int) -> int:
+        """The champion's ok runs whose final weights the holdout check has: scored, or a
+        checkpoint waiting to be."""
+        runs = self.ledger.runs_of(candidate_id, ok_only=True)
+        scored = self.ledger.holdout_of(r["id"] for r in runs)
+        return sum(r["id"] in scored or self.run_dir.run_checkpoint(r).is_file() for r in runs)
 
     def close(self) -> None:
         """End the session's Ray workers, if it has any (the local slots need nothing)."""

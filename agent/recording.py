@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -121,10 +122,27 @@ class Recorder:
             early = None if results else early_stop_rule(champion_results, self.config,
                                                          cfg.loss_margin)
             role = "confirm" if results else "screen"
-            if cfg.paired:  # ABBA: the champion first in every other pair
-                self.measurer.pair(champion, candidate, role, early, len(results) % 2 == 0)
+            if cfg.paired:
+                self.pair_up(champion, candidate, results, champion_results, role, early)
             else:
                 self.measurer.benchmark(candidate, role, early)
+
+    def pair_up(self, champion: dict, candidate: dict, results: Sequence[dict],
+                champion_results: Sequence[dict], role: str, early) -> None:
+        """With paired runs, the candidate's next pair, in ABBA order from a side drawn per
+        candidate (a run that goes second, into a warm page cache say, favours neither side
+        on average, and by at most one pair's share in any decision). First, though, the
+        partner that a killed session never made for a candidate run: its seed's champion
+        run, on any slot, since its moment has passed."""
+        partnered = {r["seed"] for r in champion_results}
+        orphans = [r["seed"] for r in results if r["status"] == "ok" and r["seed"] not in partnered]
+        if orphans:
+            self.event(f"the champion's run with seed {orphans[0]}, the partner of a run of "
+                       f"#{candidate['experiment']} that a stop left without one")
+            self.measurer.benchmark(champion, "champion", None, seed=orphans[0])
+            return
+        first = random.Random(candidate["id"]).random() < 0.5
+        self.measurer.pair(champion, candidate, role, early, first == (len(results) % 2 == 0))
 
     def cover(self, champion: dict) -> None:
         """With several slots: the champion measured on every slot before a candidate is

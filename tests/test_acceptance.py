@@ -264,7 +264,7 @@ def test_a_step_above_the_limit_is_held_then_accepted_by_review(tmp_path, data_c
     smaller = CPU_TINY_MODEL.replace("n_layer=4", "n_layer=1").replace("n_embd=128", "n_embd=32")
     proposer = EditProposer(("a smaller model", RECIPE, lambda p: edit(p, CPU_TINY_MODEL, smaller)))
     config = SessionConfig(
-        repo=str(repo), objective="throughput", baseline_runs=3, experiments=1,
+        repo=str(repo), objective="throughput", baseline_runs=2, experiments=1,
         train_args=["--budget-tokens", "4096"],
         judge={"loss_margin": 2.0},  # the smaller model's loss is not this test's question
         acceptance={"max_speedup": 1.01},
@@ -284,7 +284,7 @@ def test_a_step_above_the_limit_is_held_then_accepted_by_review(tmp_path, data_c
     assert evidence["commit"] == held["commit_sha"] and len(evidence["runs"]) >= 3
     assert all(Path(r["log"]).exists() for r in evidence["runs"])
     checks = evidence["checks"]  # both checks ran on real numbers, and passed
-    assert checks["holdout-gap"]["n_candidate"] >= 3 and checks["holdout-gap"]["n_champion"] == 3
+    assert checks["holdout-gap"]["n_candidate"] >= 3 and checks["holdout-gap"]["n_champion"] == 2
     assert checks["untimed-overhead"]["rise_s"] < checks["untimed-overhead"]["limit_s"]
     assert ledger.champion()["id"] == ledger.baseline()["id"]  # not promoted
     assert list((run_dir / "checkpoints").iterdir()) == []  # evaluated, then deleted

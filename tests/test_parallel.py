@@ -235,13 +235,31 @@ def test_paired_runs_sit_back_to_back_on_one_slot_with_one_seed_in_abba_order(fa
     runs = sorted((r for c in cands for r in s.ledger.runs_of(c["id"])), key=lambda r: r["id"])
     by_slot = {slot: [r for r in runs if r["slot"] == slot] for slot in ("0", "1")}  # in time
     for c in cands[1:]:
-        mine = s.ledger.runs_of(c["id"])
-        for k, run in enumerate(mine):
+        sides = []
+        for run in s.ledger.runs_of(c["id"]):
             line = by_slot[run["slot"]]
             at = line.index(run)
-            mate = line[at - 1] if k % 2 == 0 else line[at + 1]  # ABBA
-            assert mate["role"] == "champion" and mate["seed"] == run["seed"]
+            near = [line[i] for i in (at - 1, at + 1) if 0 <= i < len(line)]
+            (mate,) = [r for r in near if r["role"] == "champion" and r["seed"] == run["seed"]]
             assert mate["candidate_id"] == c["parent_id"]
+            sides.append(mate["id"] < run["id"])
+        assert all(a != b for a, b in zip(sides, sides[1:])), sides  # ABBA
     # The 0.8 screen failed on its pair; the 1.05 ran the judge's three pairs.
     assert len(s.ledger.runs_of(cands[1]["id"])) == 1
     assert len(s.ledger.runs_of(cands[2]["id"])) == 3
+
+
+def test_a_paired_run_left_without_its_partner_gets_it_first(fake_repo, tmp_path):
+    """A session stopped between the two runs of a pair: on resume the judge first makes
+    the missing champion run, with the orphan's seed, then goes on in pairs."""
+    folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": "1.05\n"}])
+    s = session(fake_repo, tmp_path / "s", folder, judge={"paired": True})
+    s.resume_state()
+    s.measure_baseline()
+    candidate = s.drafter.next_candidate()
+    orphan = s.measurer.benchmark(candidate, "screen")  # its pair's champion run never came
+    assert s.recorder.judge(candidate).verdict == "accept"
+    champion_runs = s.ledger.runs_of(candidate["parent_id"], roles=["champion"])
+    assert champion_runs[0]["seed"] == orphan["seed"]
+    assert {r["seed"] for r in s.ledger.runs_of(candidate["id"])} == \
+        {r["seed"] for r in champion_runs}
