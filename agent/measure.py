@@ -24,6 +24,7 @@ import contextlib
 import math
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -69,6 +70,7 @@ class Measurer:
         self.pool = SlotPool(make_slots(config))
         self._lock = threading.Lock()  # a run's seed and ledger row; the slots' worktrees
         self._worktrees: dict[str, Workspace] = {}
+        self._weighing: Counter = Counter()  # champion runs in flight that keep their weights
 
     @property
     def parallel(self) -> bool:
@@ -207,6 +209,24 @@ class Measurer:
                 lock_path=None if slot.remote else lock_path(
                     self.config.device, *(slot.gpus or slot.cores)[:1]),  # a node's is there
                 slot=slot.name)  # fmt: skip
+            # A champion's run keeps its final weights while fewer than CHAMPION_CHECKPOINTS
+            # of its runs have theirs, those in flight included.
+            weighed = role in ("baseline", "champion") and \
+                self.champion_checkpoints(cid) + self._weighing[cid] < CHAMPION_CHECKPOINTS
+            keep = weighed or role not in ("baseline", "champion")
+            self._weighing[cid] += int(weighed)
+        try:
+            return self._recorded(slot, ws, candidate, role, early_stop, discard_disturbed,
+                                  run_id, seed, keep, expected)
+        finally:
+            with self._lock:
+                self._weighing[cid] -= int(weighed)
+
+    def _recorded(self, slot: Slot, ws: Workspace, candidate: dict, role: str,
+                  early_stop: EarlyStop | None, discard_disturbed: bool, run_id: int,
+                  seed: int, keep: bool, expected: Mapping[str, str]) -> dict | str:
+        """`_benchmark`'s run, started in the ledger as `run_id`: made and recorded."""
+        cid = candidate["id"]
         name = run_name(run_id, cid, role, seed)
         log = self.run_dir.log(name)
         self.tracker.start_run(self.ledger.run(run_id), candidate)
@@ -215,9 +235,7 @@ class Measurer:
         checkpoint = self.run_dir.checkpoint(name)
         checkpoint.unlink(missing_ok=True)  # a stale one must never pass for this run's
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        if role in ("baseline", "champion") and self.champion_checkpoints(cid) >= \
-                CHAMPION_CHECKPOINTS:
-            checkpoint = None
+        checkpoint = checkpoint if keep else None
         on = f" on slot {slot.name}" if self.parallel else ""
         self.say(f"  run {name}{on}: {candidate['description']}")
         outcome = self._train(slot, ws, run_id, seed, name, early_stop, checkpoint, expected)

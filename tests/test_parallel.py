@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from fakes.harness import patch_of
 
+from agent import measure
 from agent.config import SessionConfig, SessionStop
 from agent.faults import FAULT_AT, FAULT_TRACE
 from agent.ledger import Ledger
@@ -219,10 +220,13 @@ def test_an_llm_proposer_drafts_one_candidate_per_slot_at_once(fake_repo, tmp_pa
 
 
 def test_paired_runs_sit_back_to_back_on_one_slot_with_one_seed_in_abba_order(fake_repo,
-                                                                              tmp_path):
+                                                                              tmp_path,
+                                                                              monkeypatch):
     """--paired on two slots: every candidate run has a champion run of its seed right
     before or after it on the same slot, the champion first in every other pair; the
-    champion is never re-measured on its own; a 5% gain is accepted, a loss rejected."""
+    champion is never re-measured on its own; a 5% gain is accepted, a loss rejected; the
+    champion keeps final weights for the holdout check of CHAMPION_CHECKPOINTS runs only."""
+    monkeypatch.setattr(measure, "CHAMPION_CHECKPOINTS", 3)
     folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": f"{x}\n"}
                                                  for x in ("0.8", "1.05")]
                      + [{"model/speed_b.txt": "0.97\n"}])
@@ -244,6 +248,9 @@ def test_paired_runs_sit_back_to_back_on_one_slot_with_one_seed_in_abba_order(fa
             assert mate["candidate_id"] == c["parent_id"]
             sides.append(mate["id"] < run["id"])
         assert all(a != b for a, b in zip(sides, sides[1:])), sides  # ABBA
+    baseline = s.ledger.baseline()["id"]
+    assert len(s.ledger.runs_of(baseline, ok_only=True)) > 3
+    assert s.measurer.champion_checkpoints(baseline) == 3
     # The 0.8 screen failed on its pair; the 1.05 ran the judge's three pairs.
     assert len(s.ledger.runs_of(cands[1]["id"])) == 1
     assert len(s.ledger.runs_of(cands[2]["id"])) == 3
