@@ -2,8 +2,9 @@
 
 Both are read from the ledger's finished runs: the runner's wall time of each run, its lock
 wait, and the harness's own account of the seconds inside the run (train.py's
-`train_seconds` and `untimed`: start-up, evaluation, other). What the harness did not
-count (the interpreter's start and exit, the runner) is the rest of the run's wall time.
+`train_seconds` and `untimed`: start-up, evaluation, other). The rest of the run's wall
+time is the harness's `other` (checkpoint, probes, teardown) and what it did not count (the
+interpreter's start and exit, the runner).
 
 What this module must never do: count a number that a run did not measure, or divide by a
 span or a count of zero.
@@ -44,7 +45,8 @@ class TimedShare:
 
     @property
     def rest(self) -> float:
-        """Interpreter start and exit, teardown, the runner: what the harness did not count."""
+        """The harness's `other` (checkpoint, probes, teardown), and what it did not count:
+        the interpreter's start and exit, the runner."""
         return max(0.0, self.wall - self.train - self.startup - self.evaluation)
 
     @property

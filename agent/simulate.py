@@ -90,7 +90,7 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
     its seed, the two sharing a part `correlation` of their noise (the seed's data order and
     initialisation; the minute's load); the champion's first sample still measures the
     noise the screen needs. `slow_champion` > 1 slows one champion run the judge compares
-    by that factor (a neighbour's burst, issue of a shared machine): the first of the
+    by that factor (a neighbour's burst on a shared machine): the first of the
     sample, or with pairs the partner of the candidate's first confirmation run.
     """
     if slots > 1 and n_champion < slots:
