@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "default 8: fewer is cheaper and less able to see a small gain)")
     run.add_argument(
         "--paired", action="store_true", default=None,
-        help="make each candidate run back to back with a champion run, on one slot with one "
-        "seed, and judge the pairs: what they share cancels (a neighbour's load, the slot, "
-        "the seed's noise), for one champion run per candidate run",
+        help="experimental: make each candidate run back to back with a champion run, on one "
+        "slot with one seed, and judge the pairs: what they share cancels (a neighbour's load, "
+        "the slot, the seed's noise), for one champion run per candidate run; its real-run "
+        "A/A is not yet clean (README)",
     )  # fmt: skip
     run.add_argument(
         "--loss-margin", type=float,
