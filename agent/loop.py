@@ -189,6 +189,9 @@ class Session:
         self.measurer.session_hashes()
 
     def _run(self) -> str:
+        if self.config.judge_config().paired:
+            self.event("--paired is experimental: on this project's real runs its A/A accepted "
+                       "4 of 27 no-op candidates, where 5% was the aim (bench/RESULTS.md)")
         self.resume_state()
         self.prepare()
         self.measure_baseline()
