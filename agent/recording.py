@@ -227,17 +227,25 @@ class Recorder:
             mine, scored, acceptance.REPRODUCE_TOLERANCE.get(self.config.device, 1e-3))
         if acceptance.caught(checks):
             return acceptance.verdict(checks)
+        review = (f"python -m agent review --run-dir {self.run_dir} {candidate['id']} "
+                  "--accept|--reject")
         try:
             champion_gaps = _gaps(self.scored(champion, theirs))
         except EvaluationFailed as e:
-            champion_gaps = {}
-            self.event(f"the champion's holdout evaluation failed: {e}")
+            # Fail closed: the runs already scored stand in, or a human decides; never an
+            # accept whose gap test was skipped because the champion's scorer failed.
+            champion_gaps = _gaps(self.ledger.holdout_of(r["id"] for r in theirs))
+            self.event(f"the champion's holdout evaluation failed: {e}; "
+                       f"{len(champion_gaps)} of its runs were scored before")
+            if len(champion_gaps) < 2:
+                return acceptance.verdict([*checks, Check(
+                    acceptance.HOLDOUT_GAP, True, f"the champion's holdout evaluation failed "
+                    f"({e}), so the gap test cannot run: held for a human (`{review}`)", None,
+                    hold=True)])  # fmt: skip
         gap = acceptance.gap_check(list(_gaps(scored).values()), list(champion_gaps.values()),
                                    cfg)
         if "skipped" in gap.numbers:
             self.event(f"holdout gap not tested: {gap.numbers['skipped']}")
-        review = (f"python -m agent review --run-dir {self.run_dir} {candidate['id']} "
-                  "--accept|--reject")
         return acceptance.verdict([*checks, gap, acceptance.step_check(effect, cfg, review)])
 
     def scored(self, candidate: dict, runs: Sequence[dict]) -> dict[int, dict]:

@@ -270,3 +270,24 @@ def test_a_paired_run_left_without_its_partner_gets_it_first(fake_repo, tmp_path
     assert champion_runs[0]["seed"] == orphan["seed"]
     assert {r["seed"] for r in s.ledger.runs_of(candidate["id"])} == \
         {r["seed"] for r in champion_runs}
+
+
+def test_a_champion_whose_holdout_scoring_fails_holds_the_accept_for_a_human(fake_repo,
+                                                                            tmp_path):
+    """The holdout-gap test needs the champion's gaps: when the scorer fails on the
+    champion's checkpoints (here: unreadable) and none were scored before, the candidate
+    the judge would accept is held, never accepted with the test skipped."""
+    folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": "1.3\n"}])
+    s = session(fake_repo, tmp_path / "s", folder)
+    s.resume_state()
+    s.measure_baseline()
+    for run in s.ledger.runs_of(s.ledger.baseline()["id"]):
+        s.run_dir.run_checkpoint(run).write_text("not a checkpoint")
+    candidate = s.drafter.next_candidate()
+    decision = s.recorder.judge(candidate)
+    assert decision.verdict == "accept"
+    s.recorder.record(candidate, decision)
+    held = s.ledger.candidate(candidate["id"])
+    assert (held["state"], held["caught_by"]) == ("held", "holdout-gap")
+    assert "the champion's holdout evaluation failed" in held["decision"]["reason"]
+    assert s.ledger.champion()["id"] == s.ledger.baseline()["id"]
