@@ -154,14 +154,22 @@ class Measurer:
         seed = None
         with contextlib.ExitStack() as held:
             taken = held.enter_context(self.slot())
-            for who, what, early in runs if champion_first else runs[::-1]:
+
+            def run(who: dict, what: str, early: EarlyStop | None) -> dict:
+                """On the held slot; once a run is lost there, wherever one is free (the
+                held slot goes back first: with one slot, taking another would wait on it)."""
+                nonlocal taken
                 result = self._held(taken, who, what, early, seed) if taken else "lost"
                 if result == "lost":
-                    held.close()  # the slot goes back: a lost run is run where one is free
+                    held.close()
                     taken = None
                     result = self.benchmark(who, what, early, seed=seed)
+                return result
+
+            for who, what, early in runs if champion_first else runs[::-1]:
+                result = run(who, what, early)
                 if who is champion and result["status"] != "ok":
-                    again = self.benchmark(champion, "champion", None, seed=seed)
+                    again = run(champion, "champion", None)
                     if again["status"] != "ok":
                         raise SessionStop(
                             f"the champion failed twice in a row beside candidate "
