@@ -27,6 +27,7 @@ Cheats that the advisory scan would flag run with `allow_flagged`, as a session 
 `agent run --allow-flagged`, so that what stops them is the construction, not the scan.
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -333,7 +334,10 @@ def test_what_a_candidate_can_reach_is_nothing_that_measures_it(session, tmp_pat
         for what in ("ledger", "site-packages", "harness", "network",
                      f"persist {session.workspace.path.resolve()}"):
             assert said[what].startswith("refused"), (what, said)
-        assert said["data"] == "[]", said  # twice: the trainer and the forward worker
+        # Twice, from the trainer and the forward worker, whose lines may interleave in
+        # the one log: every report, wherever it landed, found nothing.
+        data = re.findall(r"\] cheat data: (\[[^\]]*\])", log)
+        assert len(data) >= 2 and set(data) == {"[]"}, (data, said)
         targets = [line for line in log.splitlines() if "] cheat targets: " in line]
         assert len(targets) >= 3 and all(t.endswith(": 0 found") for t in targets), targets
         # The forged lines stayed the worker's output: never a line of the harness's.
