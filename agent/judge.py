@@ -16,7 +16,8 @@ a ratio > 1 for better, e.g. champion time / candidate time. The loss test is th
 all three, on the result's final val_loss with an absolute margin in nats: for throughput
 that is the loss at equal tokens; for time-to-loss runs stop at the target, so it is the
 loss where the target was reached and it only guards against a harness that overshoots.
-A candidate run that misses the target (time_to_target None) is rejected like a failure.
+A candidate run that misses the target (time_to_target None) is rejected like a failure,
+but for one whose paired champion run, with its seed, missed it too (that is the seed's).
 
 Runs may come from several device slots (the GPUs of a node, or CPU core groups: a
 result's "slot"; a result without one ran on slot "0"), whose devices differ by a few
@@ -41,6 +42,14 @@ minute, and the seed's data order and initialisation, which for a change that le
 model's arithmetic alone (a kernel, say) is most of a time-to-loss run's noise. A run that a
 neighbour slowed skews one pair, not every decision after it. The cost is one champion run
 per candidate run; the champion is not re-measured between candidates then.
+A candidate's own spread, from 3 or 4 pairs, is a poor estimate: on real runs the pairs'
+spread changes with the minute, and three pairs that agree closely made a t with 2 degrees
+of freedom read a 3% shift as sure (4 false accepts in 27 A/A decisions, bench/RESULTS.md).
+So the spread the test uses never goes below the session's pair noise (`PairNoise`: the
+spread of the other candidates' pairs, each about its own mean; before there is any, the
+spread of two fresh-seed runs, which only overstates it), and the level is calibrated for
+that floored test. In a replay of those real pairs (bench/RESULTS.md) the floor took false
+accepts from 7.9% to under 1%, and cost power at small gains.
 
 What the judge must never do: accept on one run, accept a candidate that has a failed or
 unfinished run, look at anything but the result dicts (it trusts the fixed harness, not the
@@ -54,7 +63,7 @@ import functools
 import math
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -62,6 +71,7 @@ from scipy import special
 
 from agent.stats import (
     OBJECTIVES,
+    Diff,
     Run,
     blocked,
     blocked_cells,
@@ -121,6 +131,16 @@ class Decision:
     n_champion: int
     n_candidate: int
     loss_delta: float | None  # candidate minus champion mean val loss (nats)
+
+
+@dataclass(frozen=True)
+class PairNoise:
+    """The spread of one pair's log difference (`stats.paired`) measured on a session's other
+    pairs: the runs' clocks, and whatever a change adds to the seed's noise. The paired test
+    uses it as a floor under a candidate's own spread."""
+
+    sd: float
+    df: int  # degrees of freedom of the estimate
 
 
 @dataclass(frozen=True)
@@ -266,56 +286,120 @@ def blocked_level(per_slot: tuple[int, ...], looks: tuple[int, ...], alpha: floa
     return float(min(levels))
 
 
-@functools.lru_cache(maxsize=64)
-def paired_level(looks: tuple[int, ...], alpha: float) -> float:
-    """`sequential_level` for the paired test (`stats.paired`): the same Pocock boundary for
-    a one-sample t on the pairs' differences, calibrated the same way (2**16 simulated
-    sequences, fixed seed). The differences of independent pairs are alike whatever the
-    two sides' noises, and t does not depend on their scale, so one calibration covers
-    every noise ratio."""
+# A pair-noise floor measured on more degrees of freedom is calibrated as if measured on
+# this many: fewer calibrations to cache (the level barely moves past it).
+FLOOR_DF_CAP = 64
+
+
+def floored(diff: Diff, n: int, floor: PairNoise) -> Diff:
+    """The paired difference of `n` pairs with its standard error never below the floor's,
+    `floor.sd / sqrt(n)`. Its degrees of freedom stay the pairs' own: a floor can only make
+    the test stricter than the plain t, whatever the candidate's noise. A floor of 0 degrees
+    of freedom floors nothing (the plain t, as agent/simulate.py's replay compares)."""
+    if floor.df == 0:
+        return diff
+    return replace(diff, se=max(diff.se, floor.sd / math.sqrt(n)))
+
+
+@functools.lru_cache(maxsize=256)
+def paired_level(looks: tuple[int, ...], alpha: float, floor_df: int) -> float:
+    """`sequential_level` for the paired test (`stats.paired`, its spread floored by a pair
+    noise measured on `floor_df` degrees of freedom, `floored`; 0: no floor): the same
+    Pocock boundary, calibrated the same way (2**16 simulated sequences, fixed seed), for
+    each ratio in NOISE_RATIOS of the candidate's pair noise to the noise the floor
+    measured. A change may make its pairs noisier than the session's (one that changes the
+    arithmetic decorrelates the two runs of a pair); the floor then rarely decides. The
+    plain t (no floor) is the same at every ratio: its differences' scale cancels.
+    """
+    floor_df = min(floor_df, FLOOR_DF_CAP)
     rng = np.random.default_rng(12345)
-    d = rng.standard_normal((2**16, max(looks)))
-    p_min = np.ones(len(d))
-    for n in looks:
-        t = d[:, :n].mean(axis=1) / (d[:, :n].std(axis=1, ddof=1) / math.sqrt(n))
-        p_min = np.minimum(p_min, special.stdtr(n - 1, -t))
-    return float(np.quantile(p_min, alpha))
+    unit = rng.standard_normal((2**16, max(looks)))
+    floor = (np.sqrt(rng.chisquare(floor_df, len(unit)) / floor_df) if floor_df
+             else np.zeros(len(unit)))
+    levels = []
+    for ratio in NOISE_RATIOS:
+        d = ratio * unit
+        p_min = np.ones(len(d))
+        for n in looks:
+            sd = np.maximum(d[:, :n].std(axis=1, ddof=1), floor)
+            t = d[:, :n].mean(axis=1) * math.sqrt(n) / sd
+            p_min = np.minimum(p_min, special.stdtr(n - 1, -t))
+        levels.append(np.quantile(p_min, alpha))
+    return float(min(levels))
+
+
+def pair_differences(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
+                     objective: str = "time-to-loss") -> np.ndarray:
+    """The log differences (candidate better: positive) of a candidate's ok runs with the
+    champion's ok run of the same seed, where both reached a value."""
+    sign = OBJECTIVES[objective][1]
+    partner = {r.get("seed"): r for r in champion_runs if r.get("status") == "ok"}
+    out = []
+    for r in candidate_runs:
+        mate = partner.get(r.get("seed"))
+        if mate is None or r.get("status") != "ok":
+            continue
+        x, y = censored_metric(r, objective), censored_metric(mate, objective)
+        if x is not None and y is not None and x > 0 and y > 0:
+            out.append(sign * (math.log(x) - math.log(y)))
+    return np.asarray(out, float)
+
+
+def pair_noise(judged: Iterable[tuple[Sequence[Run], Sequence[Run]]],
+               objective: str = "time-to-loss") -> PairNoise | None:
+    """The session's pair noise from other candidates' runs, each (its champion's runs, its
+    own runs): the spread of each candidate's pair differences about its own mean, pooled.
+    None before any candidate has two pairs."""
+    squares, df = 0.0, 0
+    for champion_runs, candidate_runs in judged:
+        d = pair_differences(champion_runs, candidate_runs, objective)
+        if len(d) > 1:
+            squares += float(((d - d.mean()) ** 2).sum())
+            df += len(d) - 1
+    return PairNoise(math.sqrt(squares / df), df) if df else None
 
 
 _calibrating = threading.Lock()
 
 
 def _level(champion_slots: Sequence[str], test: str, looks: tuple[int, ...],
-           alpha: float) -> float:
+           alpha: float, floor_df: int = 0) -> float:
     """The nominal level of each look for the test in use: Welch's (champion's sample size
-    alone), the blocked test's (the champion's runs per slot) or the paired test's. One
-    calibration at a time: candidates judged in parallel threads often ask for the same
-    one at once."""
+    alone), the blocked test's (the champion's runs per slot) or the paired test's (its
+    floor's degrees of freedom). One calibration at a time: candidates judged in parallel
+    threads often ask for the same one at once."""
     with _calibrating:
         if test == "paired":
-            return paired_level(looks, alpha)
+            return paired_level(looks, alpha, floor_df)
         if test == "welch":
             return sequential_level(len(champion_slots), looks, alpha)
         return blocked_level(tuple(sorted(Counter(champion_slots).values())), looks, alpha)
 
 
 def _paired(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
-            metric: np.ndarray, losses: Sequence[float], objective: str):
+            metric: np.ndarray, losses: Sequence[float], objective: str,
+            floor: PairNoise | None):
     """The paired tests of speed and loss: each candidate run against the champion's ok run
-    of the same seed (its partner, made beside it), and how many candidate runs have none
-    (a partner that crashed, or was never made: a killed session). A lone pair borrows the
-    noise of a difference of two runs from the champion's spread."""
+    of the same seed (its partner, made beside it), how many candidate runs have none (a
+    partner that crashed, or was never made: a killed session), and the speed's floor.
+    Without the session's pair noise, the noise of a difference of two fresh-seed runs (from
+    the champion's spread) stands in: for the speed floor, and for a lone pair's loss."""
     sign = OBJECTIVES[objective][1]
     partner = {r.get("seed"): r for r in champion_runs if r.get("status") == "ok"}
     at = [i for i, r in enumerate(candidate_runs) if r.get("seed") in partner]
+    timed = [i for i in at if not math.isnan(metric[i])]  # not a pair that both missed
     mates = [partner[candidate_runs[i]["seed"]] for i in at]
     noise = measure_noise(champion_runs, objective)
     lone_df = noise.n - 1.0
-    y = sign * np.log([censored_metric(r, objective) for r in mates])
+    floor = floor or PairNoise(math.sqrt(2) * noise.log_metric_sd, noise.n - 1)
+    y = sign * np.log([censored_metric(partner[candidate_runs[i]["seed"]], objective)
+                       for i in timed])
     y_loss = [number(r, "val_loss") for r in mates]  # checked by _champion_samples
-    speed = paired(metric[at], y, math.sqrt(2) * noise.log_metric_sd, lone_df)
+    speed = paired(metric[timed], y, floor.sd, float(floor.df))
+    if speed is not None and len(timed) > 1:
+        speed = floored(speed, len(timed), floor)
     loss = paired(np.asarray(losses)[at], y_loss, math.sqrt(2) * noise.loss_sd, lone_df)
-    return speed, loss, len(candidate_runs) - len(at)
+    return speed, loss, len(candidate_runs) - len(at), len(at) - len(timed), floor
 
 
 def _reject(reason: str, n_champion: int, n_candidate: int) -> Decision:
@@ -323,12 +407,14 @@ def _reject(reason: str, n_champion: int, n_candidate: int) -> Decision:
 
 
 def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
-           config: JudgeConfig | None = None) -> Decision:
+           config: JudgeConfig | None = None, pairs: PairNoise | None = None) -> Decision:
     """Judge a candidate from all its runs so far against the champion's sample.
 
     Call it after every candidate run; on "more", run one more replicate with a fresh seed
     and call again with all runs. Champion re-measurements may be appended to
     `champion_runs` between calls: the noise estimate and the level follow its size.
+    With paired runs, `pairs` is the session's pair noise (`pair_noise` of the other
+    candidates), the floor under this candidate's spread.
     """
     cfg = config or JudgeConfig()
     champ_metric, champ_loss, champ_slots = _champion_samples(champion_runs, cfg.objective)
@@ -341,6 +427,8 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         raise ValueError(f"candidate seeds {seeds} repeat: each replicate needs a fresh seed")
 
     sign, values, losses = OBJECTIVES[cfg.objective][1], [], []
+    partner = ({r.get("seed"): r for r in champion_runs if r.get("status") == "ok"}
+               if cfg.paired else {})
     for r in candidate_runs:
         if r.get("status") == "early-stopped":
             return _reject(f"run with seed {r.get('seed')} fell behind the champion and was "
@@ -353,20 +441,31 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         except ValueError as err:
             return _reject(f"invalid result: {err}", m, n)
         if value is None:
+            mate = partner.get(r.get("seed"))
+            if mate is not None and primary_metric(mate, cfg.objective) is None:
+                # Its partner, the champion with the same seed, missed the target too: the
+                # seed's, not the candidate's, so no failure, and no time to compare either.
+                values.append(math.nan)
+                continue
             # Treated as a failure: a run that cannot reach the target within the harness's
             # time cap is no speedup, whatever its other runs say.
             return _reject(f"run with seed {r.get('seed')} did not reach the target loss", m, n)
         values.append(value)
     looks = tuple(range(cfg.min_replicates, cfg.max_replicates + 1))
     if cfg.paired:
-        speed, loss, unmatched = _paired(champion_runs, candidate_runs, sign * np.log(values),
-                                         losses, cfg.objective)
-        level = _level(champ_slots, "paired", looks, cfg.alpha)
-        level_loss = _level(champ_slots, "paired", looks, cfg.alpha_loss)
+        speed, loss, unmatched, untimed, floor = _paired(
+            champion_runs, candidate_runs, sign * np.log(values), losses, cfg.objective, pairs)
+        level = _level(champ_slots, "paired", looks, cfg.alpha, floor.df)
+        # The loss test has no floor (0): with one seed a pair's two losses are often equal.
+        level_loss = _level(champ_slots, "paired", looks, cfg.alpha_loss, 0)
         m = n - unmatched  # the champion's runs that measure the effect: the partners
-        missing = "has a champion run of its seed beside it"
+        missing = "measures a time beside a champion run of its seed"
         left_out = "runs without a champion partner left out"
+        source = "the session's pairs" if pairs else "two fresh-seed champion runs"
+        floor_note = (f", a pair's noise at least {floor.sd:.2%} ({source}, {floor.df} df)"
+                      if floor.df else "")
     else:
+        untimed = 0
         slots = [slot_of(r) for r in candidate_runs]
         speed = blocked(sign * np.log(values), champ_metric, slots, champ_slots)
         # A device's offset is a speed: it moves the loss only where the loss is the timed
@@ -384,6 +483,7 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         unmatched = sum(slot not in champ_slots for slot in slots)
         missing = "is on a slot where the champion has a run"
         left_out = "runs on slots without a champion run left out"
+        floor_note = ""
     if speed is None or loss is None:
         word = "reject" if n >= cfg.max_replicates else "more"
         return Decision(word, f"none of the {n} candidate runs {missing}, so none measures "
@@ -396,10 +496,14 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         m, n, float(loss.estimate))
     p, p_loss = template.p_value, template.p_value_loss
     ratio = f"speed ratio {template.effect:.3f}"
-    ci = f"{100 * (1 - 2 * level):.0f}% CI {template.ci_low:.3f}-{template.ci_high:.3f}"
+    ci = (f"{100 * (1 - 2 * level):.0f}% CI {template.ci_low:.3f}-{template.ci_high:.3f}"
+          f"{floor_note}")
     dloss = f"val loss {loss.estimate:+.4f} nats (margin {cfg.loss_margin})"
 
     note = f" ({unmatched} of the {n} {left_out}: they measure no effect)" if unmatched else ""
+    if untimed:
+        note += (f" ({untimed} of the {n} runs missed the target beside a champion run that "
+                 "missed it too: no speed measured)")
 
     def verdict(word: str, reason: str) -> Decision:
         return replace(template, verdict=word, reason=reason + note)
@@ -416,7 +520,7 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         if loss.estimate > cfg.loss_margin + cfg.screen_sigmas * sd_loss:
             return verdict("reject", f"screen: {dloss} is past the margin beyond noise")
         return verdict("more", f"screen passed ({ratio}, {dloss}): confirm with replicates")
-    measured = n - unmatched  # runs that measure the effect: "never accept on one run"
+    measured = n - unmatched - untimed  # runs that measure the effect: "never accept on one run"
     if measured >= cfg.min_replicates and p < level and p_loss < level_loss:
         return verdict("accept", f"{ratio} ({ci}), p={p:.2g} < {level:.3g}, and {dloss} "
                        f"non-inferior (p={p_loss:.2g}) after {n} runs")

@@ -29,7 +29,7 @@ from pathlib import Path
 from agent import acceptance, child
 from agent.acceptance import Acceptance, Check
 from agent.config import SessionConfig
-from agent.judge import Decision, assess, comparable
+from agent.judge import Decision, PairNoise, assess, comparable, pair_noise
 from agent.leaderboard import leaderboard_rules, under_rules
 from agent.ledger import Ledger
 from agent.measure import Measurer, early_stop_rule, train_flags
@@ -106,6 +106,7 @@ class Recorder:
         judged beside it, was accepted): it must be re-based, since a verdict is only ever
         recorded against the current champion."""
         cfg = self.config.judge_config()
+        pairs = self.pair_noise(candidate) if cfg.paired else None
         while True:
             champion = self.ledger.champion()
             if champion["id"] != candidate["parent_id"]:
@@ -115,7 +116,8 @@ class Recorder:
             results = self.results(candidate)
             champion_results = self.results(champion)
             if results:
-                decision = with_rules(self.config, assess(champion_results, results, cfg),
+                decision = with_rules(self.config,
+                                      assess(champion_results, results, cfg, pairs),
                                       results, candidate)
                 if decision.verdict != "more":
                     return decision
@@ -126,6 +128,23 @@ class Recorder:
                 self.pair_up(champion, candidate, results, champion_results, role, early)
             else:
                 self.measurer.benchmark(candidate, role, early)
+
+    def pair_noise(self, candidate: dict) -> PairNoise | None:
+        """The session's pair noise, the floor under `candidate`'s spread (agent/judge.py):
+        from every other candidate's runs beside those of the champion it was made from.
+        Measured once per decision, so that the floor is fixed while the candidate is judged
+        (its level is calibrated for a fixed one)."""
+        runs: dict[int, list[dict]] = {}
+
+        def of(cid: int) -> list[dict]:
+            if cid not in runs:
+                runs[cid] = self.results(self.ledger.candidate(cid))
+            return runs[cid]
+
+        judged = [(of(other["parent_id"]), of(other["id"]))
+                  for other in self.ledger.candidates()
+                  if other["parent_id"] is not None and other["id"] != candidate["id"]]
+        return pair_noise(judged, self.config.judge_config().objective)
 
     def pair_up(self, champion: dict, candidate: dict, results: Sequence[dict],
                 champion_results: Sequence[dict], role: str, early) -> None:

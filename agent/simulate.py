@@ -13,10 +13,13 @@ import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from agent.judge import JudgeConfig, assess
+from agent.judge import JudgeConfig, PairNoise, assess, measure_noise, pair_noise
+from agent.ledger import Ledger
+from agent.rundir import RunDir
 from agent.stats import OBJECTIVES
 
 
@@ -70,7 +73,7 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
              slots: int = 1, slot_offset: float = 0.0, drift: float = 0.0,
              remeasure_every: int = 0, candidate_slots: int | None = None,
              label_slots: bool = True, correlation: float = 0.0,
-             slow_champion: float = 1.0) -> SimulationResult:
+             slow_champion: float = 1.0, pair_history: int = 0) -> SimulationResult:
     """Run the whole sequential procedure `trials` times on synthetic runs.
 
     The candidate's true log gain is `effect_sigmas * noise_sd`, its noise is `noise_ratio`
@@ -92,6 +95,9 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
     noise the screen needs. `slow_champion` > 1 slows one champion run the judge compares
     by that factor (a neighbour's burst on a shared machine): the first of the
     sample, or with pairs the partner of the candidate's first confirmation run.
+    `pair_history` > 0 gives the paired judge the session's pair noise (its floor) as
+    measured on that many degrees of freedom of other candidates' pairs like the champion's;
+    0: none yet, the judge falls back on two fresh-seed runs' noise.
     """
     if slots > 1 and n_champion < slots:
         raise ValueError(f"n_champion={n_champion} < slots={slots}: the champion needs a run "
@@ -118,6 +124,11 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
                             s % slots, champion_at[s]) for s in range(n_champion)]
         if slow_champion != 1.0 and not cfg.paired:
             champion[0] = rescaled(champion[0], cfg.objective, -math.log(slow_champion))
+        pairs = None
+        if cfg.paired and pair_history:
+            pair_sd = noise_sd * math.sqrt(2.0 * (1.0 - correlation))
+            pairs = PairNoise(pair_sd * math.sqrt(rng.chisquare(pair_history) / pair_history),
+                              pair_history)
         candidate: list[dict] = []
         while True:
             seed = 1000 + len(candidate)
@@ -132,12 +143,84 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
                 if slow_champion != 1.0 and len(candidate) == 2:
                     mate = rescaled(mate, cfg.objective, -math.log(slow_champion))
                 champion.append(on_slot(mate, slot, len(candidate) - 1))
-            decision = assess(champion, candidate, cfg)
+            decision = assess(champion, candidate, cfg, pairs)
             if decision.verdict != "more":
                 break
         accepted += decision.verdict == "accept"
         screened += decision.verdict == "reject" and len(candidate) == 1
         runs += len(candidate)
+    return SimulationResult(accepted / trials, runs / trials, screened / trials, trials)
+
+
+@dataclass(frozen=True)
+class Pair:
+    at: str  # when its first run started
+    candidate: int  # the candidate it was made for
+    champion: dict  # the two results, with one seed
+    mine: dict
+
+
+def session_pairs(run_dir: Path) -> tuple[list[dict], list[Pair]]:
+    """A paired session's baseline runs (its fresh seeds) and its pairs in time order (from
+    its ledger)."""
+    with Ledger(RunDir(run_dir).ledger, create=False) as ledger:
+        baseline = ledger.baseline()
+        if baseline is None:
+            raise ValueError(f"{run_dir}: the ledger has no baseline: not a session's run dir")
+        found = []
+        for c in ledger.candidates():
+            if c["parent_id"] is None:
+                continue
+            mates = {r["seed"]: r for r in ledger.runs_of(c["parent_id"], ok_only=True)}
+            for r in ledger.runs_of(c["id"], roles=["screen", "confirm"], ok_only=True):
+                mate = mates.get(r["seed"])
+                if mate is not None:
+                    found.append(Pair(min(r["started_at"], mate["started_at"]), c["id"],
+                                      {**mate["result"], "status": "ok"},
+                                      {**r["result"], "status": "ok"}))
+        return (ledger.results_of(baseline["id"], roles=["baseline"]),
+                sorted(found, key=lambda p: p.at))
+
+
+def replay(baseline: Sequence[dict], pairs: Sequence[Pair], gain: float = 0.0, *,
+           config: JudgeConfig | None = None, floor: bool = True) -> SimulationResult:
+    """The paired judge on a real session's pairs, in the order they ran: from each pair a
+    pseudo-candidate whose runs are that pair and the ones after it (as many as the judge
+    asks for), both ways round (in an A/A session either side may be called the
+    candidate), the candidate's metric better by the log gain `gain`. So the judge meets the
+    real noise of those runs (its tails, its changes with the minute) instead of a normal
+    one. The floor is the pair noise of the session's candidates measured on the pairs
+    before the first; `floor=False` judges with the plain t. Pseudo-candidates that run
+    out of pairs undecided are left out (`trials` counts the decided ones)."""
+    cfg = config or JudgeConfig(paired=True)
+    noise = measure_noise(baseline, cfg.objective)
+    accepted = runs = screened = trials = 0
+    for i in range(len(pairs)):
+        if floor:
+            by_candidate: dict[int, list[Pair]] = {}
+            for p in pairs[:i]:
+                by_candidate.setdefault(p.candidate, []).append(p)
+            history = pair_noise([([p.champion for p in ps], [p.mine for p in ps])
+                                  for ps in by_candidate.values()], cfg.objective)
+        else:
+            history = PairNoise(math.sqrt(2.0) * noise.log_metric_sd, 0)
+        for swap in (False, True):
+            champion, candidate = list(baseline), []
+            for k, p in enumerate(pairs[i:i + cfg.max_replicates]):
+                a, b = (p.mine, p.champion) if swap else (p.champion, p.mine)
+                seed = 10**6 + k
+                champion.append({**a, "seed": seed})
+                candidate.append({**rescaled(b, cfg.objective, gain), "seed": seed})
+                decision = assess(champion, candidate, cfg, history)
+                if decision.verdict != "more":
+                    trials += 1
+                    accepted += decision.verdict == "accept"
+                    screened += decision.verdict == "reject" and len(candidate) == 1
+                    runs += len(candidate)
+                    break
+    if trials == 0:
+        raise ValueError(f"{len(pairs)} pairs decided nothing: a replay needs a paired "
+                         "session's ledger with more pairs than one decision's maximum")
     return SimulationResult(accepted / trials, runs / trials, screened / trials, trials)
 
 
@@ -160,7 +243,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="champion runs (default 5 on one slot, else one per slot)")
     parser.add_argument("--paired", type=float, default=None, metavar="RHO",
                         help="the paired judge, each pair sharing this part of its noise")
+    parser.add_argument("--pair-history", type=int, default=20, metavar="DF",
+                        help="with --paired: degrees of freedom of the session's pair noise "
+                        "the judge floors a candidate's spread with (0: none yet)")
+    parser.add_argument("--replay", type=Path, default=None, metavar="RUN_DIR",
+                        help="instead: the paired judge on the real pairs of a paired A/A "
+                        "session's run dir, with and without the floor, at a few gains")
     args = parser.parse_args(argv)
+    if args.replay is not None:
+        baseline, pairs = session_pairs(args.replay)
+        cfg = JudgeConfig(objective=args.objective, paired=True)
+        print(f"{len(pairs)} pairs of {args.replay}, each the start of a pseudo-candidate "
+              f"both ways round; {cfg}")
+        for gain in (0.0, 0.02, 0.03, 0.05, 0.08):
+            line = f"gain {gain:4.0%}:"
+            for floor in (True, False):
+                r = replay(baseline, pairs, gain, config=cfg, floor=floor)
+                line += (f"   {'floored' if floor else 'plain t'}: accept {r.accept_rate:6.1%} "
+                         f"of {r.trials}, {r.mean_runs:4.2f} pairs per decision")
+            print(line)
+        return
     cfg = JudgeConfig(objective=args.objective, paired=args.paired is not None)
     n_champion = args.champion or (5 if args.slots == 1 else args.slots)
     devices = {} if args.slots == 1 else {
@@ -179,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "A/A, one champion run 1.3x slow": {"slow_champion": 1.3},
     }
     if cfg.paired:
-        scenarios = {label: {**kwargs, "correlation": args.paired}
+        scenarios = {label: {**kwargs, "correlation": args.paired,
+                             "pair_history": args.pair_history}
                      for label, kwargs in scenarios.items()}
     if devices:
         scenarios.update({

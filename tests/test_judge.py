@@ -4,14 +4,23 @@ Run with `-s` to see the measured figures; `python -m agent.simulate` prints the
 """
 
 import json
+import math
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from agent.judge import JudgeConfig, assess, measure_noise, sequential_level
-from agent.simulate import fake_run, simulate
+from agent.judge import (
+    JudgeConfig,
+    PairNoise,
+    assess,
+    measure_noise,
+    pair_noise,
+    paired_level,
+    sequential_level,
+)
+from agent.simulate import Pair, fake_run, replay, simulate
 from agent.stats import OBJECTIVES, blocked, paired, welch
 
 CFG = JudgeConfig()
@@ -323,18 +332,79 @@ def test_paired_is_the_one_sample_t_on_the_differences():
     assert paired([2.0], [1.0], 0.3, 4.0) == type(diff)(1.0, 0.3, 4.0)  # a screen borrows
 
 
-@pytest.mark.parametrize("correlation", [0.0, 0.8])
-def test_paired_a_a_false_accept_rate_at_most_5_percent(correlation):
-    result = simulate(0.0, trials=2000, seed=12, config=PAIRED, correlation=correlation)
-    print(f"\npaired A/A, correlation {correlation}: {result.accept_rate:.2%}, "
-          f"{result.mean_runs:.2f} pairs per decision")
+@pytest.mark.parametrize("correlation,history,noise_ratio", [
+    (0.0, 20, 1.0), (0.8, 20, 2.0), (0.8, 0, 1.0), (0.8, 3, 2.0)])
+def test_paired_a_a_false_accept_rate_at_most_5_percent(correlation, history, noise_ratio):
+    # With the session's pair noise measured on `history` degrees of freedom (0: none yet,
+    # two fresh-seed runs' noise stands in), and a candidate as noisy as the champion or
+    # twice as noisy (its pairs then noisier than the floor says).
+    result = simulate(0.0, trials=2000, seed=12, config=PAIRED, correlation=correlation,
+                      pair_history=history, noise_ratio=noise_ratio)
+    print(f"\npaired A/A, correlation {correlation}, floor of {history} df, noise ratio "
+          f"{noise_ratio}: {result.accept_rate:.2%}, {result.mean_runs:.2f} pairs per decision")
     assert result.accept_rate <= 0.05 + 2 * (0.05 * 0.95 / 2000) ** 0.5  # MC error
+
+
+def test_the_floor_never_lets_a_few_close_pairs_speak_for_a_noisy_session():
+    # Real pairs of a quiet A/A session (bench/RESULTS.md): three that agree closely read a
+    # 5% shift as sure on their own spread; against the session's pair noise of 3.9% they
+    # are not enough, and they are accepted once the session's pairs are that quiet.
+    champion = runs("time-to-loss", 5, noise_sd=0.09)  # fresh seeds: 9% apart
+    mates = runs("time-to-loss", 3, seed0=100, rng_seed=1, noise_sd=0.09)
+    close = [dict(r, time_to_target=r["time_to_target"] * math.exp(-d))
+             for r, d in zip(mates, (0.052, 0.059, 0.046))]
+    noisy, quiet = PairNoise(0.039, 85), PairNoise(0.005, 85)
+    assert assess([*champion, *mates], close, PAIRED, noisy).verdict == "more"
+    decision = assess([*champion, *mates], close, PAIRED, quiet)
+    assert decision.verdict == "accept"
+    assert "a pair's noise at least 0.50% (the session's pairs, 85 df)" in decision.reason
+    # A floor of 0 df floors nothing: the plain t, which accepts them.
+    assert assess([*champion, *mates], close, PAIRED, PairNoise(0.039, 0)).verdict == "accept"
+    # The floor makes the test stricter, never laxer: its level sits above the plain t's
+    # only as far as its calibration for a candidate twice as noisy as the floor allows.
+    looks = tuple(range(3, 9))
+    assert paired_level(looks, 0.05, 0) < paired_level(looks, 0.05, 85) < 0.05
+
+
+def test_the_session_pair_noise_is_each_candidates_spread_about_its_own_mean():
+    champion = runs("time-to-loss", 6, seed0=100)
+    a = [dict(r, time_to_target=r["time_to_target"] / 1.5) for r in champion[:3]]  # +40%
+    b = [dict(r, time_to_target=r["time_to_target"] * f) for r, f in
+         zip(champion[3:], (1.0, 1.02, 0.98))]
+    noise = pair_noise([(champion, a), (champion, b), (champion, a[:1])])
+    d_b = -np.log([1.0, 1.02, 0.98])
+    assert noise.df == 2 + 2  # a lone pair has no spread to give
+    assert noise.sd == pytest.approx(math.sqrt(((d_b - d_b.mean()) ** 2).sum() / 4))
+    assert pair_noise([(champion, a[:1])]) is None
+
+
+def test_a_pair_that_both_missed_the_target_is_no_failure_and_measures_no_speed():
+    champion = runs("time-to-loss", 5)
+    mates = runs("time-to-loss", 4, seed0=100, rng_seed=1)
+    faster = [dict(r, time_to_target=r["time_to_target"] / 1.1) for r in mates]
+    mates[1] = dict(mates[1], time_to_target=None)  # the seed's: it misses on both sides
+    faster[1] = dict(faster[1], time_to_target=None)
+    floor = PairNoise(0.005, 40)
+    decision = assess([*champion, *mates], faster, PAIRED, floor)
+    assert decision.verdict == "accept" and decision.effect == pytest.approx(1.1)
+    assert "1 of the 4 runs missed the target beside a champion run that missed it too" \
+        in decision.reason
+    # Three pairs, one of them untimed: two measure the speed, fewer than the judge needs.
+    assert assess([*champion, *mates[:3]], faster[:3], PAIRED, floor).verdict == "more"
+    # A candidate that misses where its champion partner reached the target has failed.
+    mates[2] = dict(mates[2], time_to_target=None)
+    faster[1] = dict(faster[1], time_to_target=1.0)
+    faster[2] = dict(faster[2], time_to_target=None)
+    mates[2], faster[1] = dict(mates[2], time_to_target=5.0), faster[1]
+    lost = assess([*champion, *mates], faster, PAIRED, floor)
+    assert lost.verdict == "reject" and "did not reach the target" in lost.reason
 
 
 def test_paired_runs_sharing_their_seed_noise_see_what_unpaired_runs_cannot():
     # A gain of one noise sd, with 80% of each run's noise its seed's (the case of a kernel
     # that leaves the arithmetic alone, where the two runs of a pair train alike).
-    pairs = simulate(1.0, trials=500, seed=13, config=PAIRED, correlation=0.8)
+    pairs = simulate(1.0, trials=500, seed=13, config=PAIRED, correlation=0.8,
+                     pair_history=20)
     alone = simulate(1.0, trials=500, seed=13)
     print(f"\ngain 1 x noise: paired {pairs.accept_rate:.1%} ({pairs.mean_runs:.2f} pairs), "
           f"unpaired {alone.accept_rate:.1%} ({alone.mean_runs:.2f} runs)")
@@ -345,7 +415,8 @@ def test_one_slow_champion_run_costs_a_paired_judge_one_pair():
     # A neighbour's burst slows one champion run by 1.3x: against the pooled sample every
     # decision runs to the maximum; with pairs it touches one difference.
     alone = simulate(0.0, trials=300, seed=14, slow_champion=1.3)
-    pairs = simulate(0.0, trials=300, seed=14, config=PAIRED, slow_champion=1.3)
+    pairs = simulate(0.0, trials=300, seed=14, config=PAIRED, slow_champion=1.3,
+                     pair_history=20)
     print(f"\none champion run 1.3x slow: {alone.mean_runs:.2f} runs per decision unpaired, "
           f"{pairs.mean_runs:.2f} pairs paired; accepts {alone.accept_rate:.1%}, "
           f"{pairs.accept_rate:.1%}")
@@ -357,8 +428,10 @@ def test_the_paired_judge_compares_each_run_with_the_champion_run_of_its_seed():
     mates = runs("time-to-loss", 3, seed0=100, rng_seed=1)
     faster = [dict(r, time_to_target=r["time_to_target"] / 1.1) for r in mates]
     slow = dict(champion[0], seed=99, time_to_target=5 * champion[0]["time_to_target"])
-    decision = assess([*champion, *mates, slow], faster, PAIRED)
+    decision = assess([*champion, *mates, slow], faster, PAIRED, PairNoise(0.01, 40))
     assert decision.verdict == "accept" and decision.effect == pytest.approx(1.1)
+    # Without the session's pair noise the slow run's spread stands in as the floor.
+    assert assess([*champion, *mates, slow], faster, PAIRED).verdict == "more"
     assert decision.n_champion == 3  # the partners only
     # A run whose partner never ran measures nothing, and the reason says so.
     lone = dict(faster[0], seed=200)
@@ -367,3 +440,21 @@ def test_the_paired_judge_compares_each_run_with_the_champion_run_of_its_seed():
         in decision.reason
     none = assess(champion, [lone], PAIRED)
     assert none.verdict == "more" and "champion run of its seed" in none.reason
+
+
+def test_a_replay_judges_real_pairs_in_the_order_they_ran_both_ways_round():
+    # Normal pairs stand in for a session's real ones: the replay must hold the judge's
+    # error rate on them, see a gain, and run the plain t beside the floored test.
+    baseline = runs("time-to-loss", 3, noise_sd=0.09)
+    pairs = []
+    for i in range(60):
+        mine, mate = runs("time-to-loss", 2, seed0=1000 + i, rng_seed=100 + i, noise_sd=0.03)
+        pairs.append(Pair(f"{i:04d}", i // 4, mate, dict(mine, seed=mate["seed"])))
+    same = replay(baseline, pairs)
+    assert same.trials > 100 and same.accept_rate <= 0.05
+    gain = replay(baseline, pairs, 0.1)
+    assert gain.accept_rate >= 0.8 and gain.mean_runs < same.mean_runs
+    plain = replay(baseline, pairs, 0.1, floor=False)
+    assert plain.accept_rate >= gain.accept_rate
+    with pytest.raises(ValueError, match="decided nothing"):
+        replay(baseline, [])

@@ -20,6 +20,7 @@ from agent.ledger import Ledger
 from agent.loop import Session
 from agent.proposers import make_proposer
 from agent.rundir import LEDGER_FILE
+from agent.simulate import session_pairs
 from agent.slots import Slot, SlotPool, parse_devices
 from agent.status import status_text
 
@@ -254,6 +255,18 @@ def test_paired_runs_sit_back_to_back_on_one_slot_with_one_seed_in_abba_order(fa
     # The 0.8 screen failed on its pair; the 1.05 ran the judge's three pairs.
     assert len(s.ledger.runs_of(cands[1]["id"])) == 1
     assert len(s.ledger.runs_of(cands[2]["id"])) == 3
+    # The session's pair noise, the floor of the judge: the 1.05's three pairs, about their
+    # mean (the 0.8's lone pair has no spread to give), for any candidate but the 1.05.
+    assert s.recorder.pair_noise(cands[2]) is None
+    assert s.recorder.pair_noise(cands[-1]).df == 2
+    # The replay's reading of the session: its pairs in the order they ran.
+    baseline_results, pairs = session_pairs(s.run_dir.root)
+    assert len(baseline_results) == s.config.baseline_runs
+    made = [p.candidate for p in pairs]
+    assert made.count(cands[1]["id"]) == 1 and made.count(cands[2]["id"]) == 3
+    assert len(made) == sum(len(s.ledger.runs_of(c["id"], ok_only=True)) for c in cands[1:])
+    assert all(p.champion["seed"] == p.mine["seed"] for p in pairs)
+    assert [p.at for p in pairs] == sorted(p.at for p in pairs)
 
 
 def test_a_paired_run_left_without_its_partner_gets_it_first(fake_repo, tmp_path):
