@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 
 # Before torch loads OpenMP: the harness's threads (2 while it scores an evaluation) sleep
-# when they wait, as the workers' do (bench/candidate.py OMP_WAIT_POLICY).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# when they wait, as the workers' do (bench/candidate.py OMP_WAIT_POLICY). Set, not
+# defaulted: an inherited ACTIVE would bring back the spinning a neighbour turns into noise.
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import torch
 
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace, setup: Setup) -> tuple[dict, int]:
         "tokens_per_sec": tokens_per_sec,
         "cpu_usage": {"threads": threads, "trainer_cpu_seconds": cpu_seconds,
                       "beyond_threads_seconds": extra, "run_delay_seconds": waited,
-                      "steal_seconds": stolen,
+                      "steal_seconds": stolen, "wait_policy": os.environ["OMP_WAIT_POLICY"],
                       "load_start": load_start[0], "load_end": os.getloadavg()[0]},
         "val_loss": final["val_loss"] if final else None,
         "val_bpb": final["val_bpb"] if final else None,

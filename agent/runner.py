@@ -169,10 +169,10 @@ def run_checked(spec: RunSpec, expected: Mapping[str, str]) -> RunOutcome:
             "integrity-violation", {"integrity": {"ok": False, "violations": found,
                                                   "changed": changed}},
             f"{acceptance.FIXED_HASH}: {detail}", 0.0, str(spec.log_path), None)  # fmt: skip
-    try:
-        return run(spec)
-    except FileNotFoundError as e:  # the candidate removed the harness itself
-        return RunOutcome("crash", None, str(e), 0.0, str(spec.log_path), None)
+    # A removed harness is a changed fixed file, caught above; a file missing here (the
+    # interpreter, the worktree) is the engine's and stops the session with its error rather
+    # than reading as every candidate's crash.
+    return run(spec)
 
 
 def command(spec: RunSpec, out_path: Path) -> list[str]:

@@ -45,7 +45,8 @@ def test_session_runs_and_reports(repo, env, tmp_path):
     run_dir = tmp_path / "session"
     args = ["run", *SHORT, "--objective", "throughput", "--experiments", "2", "--max-runs", "2",
             "--devices", "cpu:2"]  # two slots, one core each: the parallel path end to end
-    proc = agent(repo, env, *args, "--run-dir", str(run_dir))
+    # An inherited spinning wait policy does not reach the benchmark (train.py sets its own).
+    proc = agent(repo, {**env, "OMP_WAIT_POLICY": "ACTIVE"}, *args, "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ledger = Ledger(run_dir / "ledger.sqlite")
     decided = [c for c in ledger.candidates() if c["experiment"]]
@@ -55,6 +56,7 @@ def test_session_runs_and_reports(repo, env, tmp_path):
     assert len(baseline) == 2 and {r["slot"] for r in baseline} == {"0", "1"}
     for run in baseline:  # each pinned to its slot's one core, its trainer on one thread
         assert run["result"]["cpu_usage"]["threads"] == 1
+        assert run["result"]["cpu_usage"]["wait_policy"] == "PASSIVE"
     for name in ("report.md", "progress.png", "results.tsv"):
         assert (run_dir / name).stat().st_size > 0
     status = agent(repo, env, "status", str(run_dir))

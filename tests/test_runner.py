@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from agent import integrity
 from agent.measure import behind_champion
-from agent.runner import STATUSES, RunSpec, run
+from agent.runner import STATUSES, RunSpec, run, run_checked
 from bench.locks import device_lock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -500,3 +502,12 @@ def test_a_tool_past_its_timeout_is_killed_with_its_children(tmp_path):
             break
         time.sleep(0.02)
     assert not alive(pid), f"the tool's child process {pid} outlived it"
+
+
+def test_a_file_missing_on_the_engines_side_is_its_error_not_a_candidates_crash(tmp_path):
+    spec = fake_spec(tmp_path, "emit(RESULT)")
+    subprocess.run(["git", "init", "-q", str(spec.worktree)], check=True)
+    expected = integrity.fixed_hashes(spec.worktree)
+    with pytest.raises(FileNotFoundError):
+        run_checked(dataclasses.replace(spec, python=str(tmp_path / "no-python")), expected)
+    assert run_checked(spec, expected).status == "ok"
