@@ -362,14 +362,23 @@ def train_flags(args: Sequence[str], names: Sequence[str]) -> list[str]:
     return out
 
 
+# The champion's runs (the latest) that the early stop compares a screen against: a
+# baseline's worth, so that the rule is as strict late in a session as at its start.
+EARLY_STOP_RUNS = 3
+
+
 def early_stop_rule(champion: Sequence[dict], config: SessionConfig,
                     loss_margin: float) -> EarlyStop | None:
     """The rule that stops a screening run that is clearly losing, by the objective's own
     comparison: loss at equal training time (time-to-loss, loss-at-time), or at equal
     tokens past the judge's loss margin (throughput, whose loss test is at equal tokens).
-    Against the champion's slowest run, from half of it on: only a clear loser stops, not
-    a run that met a slow minute of a shared machine."""
+    Against the slowest of the champion's last `EARLY_STOP_RUNS` runs, from half of it on:
+    only a clear loser stops, not a run that met a slow minute of a shared machine. The
+    last few, not all: the slowest of all only ever gets slower as the champion's runs
+    accumulate (pairs, re-measurements), and one run that met a neighbour's burst would
+    blunt the rule for the rest of the session."""
     curves = [r["curve"] for r in champion if r.get("status") == "ok" and r["curve"]]
+    curves = curves[-EARLY_STOP_RUNS:]
     if not curves:
         return None
     if config.objective == "throughput":

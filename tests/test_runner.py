@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from agent import integrity
-from agent.measure import behind_champion
+from agent.config import SessionConfig
+from agent.measure import EARLY_STOP_RUNS, behind_champion, early_stop_rule
 from agent.runner import STATUSES, RunSpec, run, run_checked
 from bench.locks import device_lock
 
@@ -511,3 +512,19 @@ def test_a_file_missing_on_the_engines_side_is_its_error_not_a_candidates_crash(
     with pytest.raises(FileNotFoundError):
         run_checked(dataclasses.replace(spec, python=str(tmp_path / "no-python")), expected)
     assert run_checked(spec, expected).status == "ok"
+
+
+def test_the_early_stop_follows_the_champions_latest_runs_not_its_slowest_ever():
+    # One champion run met a neighbour's burst (every step took twice as long); the runs
+    # since are normal. A screen that falls behind those is stopped, as it was before the
+    # burst; against the slow one it would run on.
+    def run(slowdown):
+        curve = [{"tokens": 1000 * s, "seconds": slowdown * s, "val_loss": 6.0 - 0.1 * s}
+                 for s in range(1, 11)]
+        return {"status": "ok", "curve": curve}
+
+    config = SessionConfig(objective="time-to-loss")
+    loser = (8000, 8.0, 6.0 - 0.07 * 8)  # 0.24 nats behind a normal run at 8 s
+    latest = [run(1.0)] * EARLY_STOP_RUNS
+    assert early_stop_rule([run(2.0), *latest], config, 0.01)(*loser)
+    assert not early_stop_rule([*latest[1:], run(2.0)], config, 0.01)(*loser)
