@@ -46,10 +46,12 @@ A candidate's own spread, from 3 or 4 pairs, is a poor estimate: on real runs th
 spread changes with the minute, and three pairs that agree closely made a t with 2 degrees
 of freedom read a 3% shift as sure (4 false accepts in 27 A/A decisions, bench/RESULTS.md).
 So the spread the test uses never goes below the session's pair noise (`PairNoise`: the
-spread of the other candidates' pairs, each about its own mean; before there is any, the
-spread of two fresh-seed runs, which only overstates it), and the level is calibrated for
-that floored test. In a replay of those real pairs (bench/RESULTS.md) the floor took false
-accepts from 7.9% to under 1%, and cost power at small gains.
+spread of the paired baseline's twin runs and of the other candidates' pairs, each about
+its own mean; failing those, the spread of two fresh-seed runs, which only overstates it).
+It is judged at the plain t's level: a larger standard error only makes p larger, so the
+floored test accepts less often than the plain t whatever the candidate's noise. In a
+replay of those real pairs (bench/RESULTS.md) it held false accepts to 0 where the plain t
+made 7.7%, at a cost in power at small gains.
 
 What the judge must never do: accept on one run, accept a candidate that has a failed or
 unfinished run, look at anything but the result dicts (it trusts the fixed harness, not the
@@ -156,10 +158,33 @@ def slot_of(run: Run) -> str:
     return "0" if slot is None else str(slot)
 
 
+def first_of_seed(runs: Iterable[Run]) -> list[Run]:
+    """The runs, each seed's first only: a run made again with the seed of one before it (a
+    paired baseline's twin) trains the same and is no fresh sample of the seed's noise."""
+    seen: set = set()
+    out = []
+    for r in runs:
+        seed = r.get("seed")
+        if seed is None or seed not in seen:
+            out.append(r)
+        seen.add(seed)
+    return out
+
+
+def twins(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
+    """(each seed's first ok run, the ok runs made again with a seed before them): a
+    paired baseline's pairs of identical code, the session's first measure of its pair
+    noise (`pair_noise`)."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    first = first_of_seed(ok)
+    chosen = {id(r) for r in first}
+    return first, [r for r in ok if id(r) not in chosen]
+
+
 def _champion_samples(runs: Sequence[Run], objective: str
                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Signed log metric (higher is better), val loss and slot of the champion's ok runs."""
-    ok = [r for r in runs if r.get("status") == "ok"]  # a crash of the champion says nothing
+    ok = first_of_seed(r for r in runs if r.get("status") == "ok")  # a crash says nothing
     if len(ok) < 2:
         raise ValueError(f"champion has {len(ok)} ok runs: need at least 2 to measure noise; "
                          "replicate the baseline before judging candidates")
@@ -286,52 +311,40 @@ def blocked_level(per_slot: tuple[int, ...], looks: tuple[int, ...], alpha: floa
     return float(min(levels))
 
 
-# A pair-noise floor measured on more degrees of freedom is calibrated as if measured on
-# this many: fewer calibrations to cache (the level barely moves past it).
-FLOOR_DF_CAP = 64
-
-
 def floored(diff: Diff, n: int, floor: PairNoise) -> Diff:
     """The paired difference of `n` pairs with its standard error never below the floor's,
-    `floor.sd / sqrt(n)`. Its degrees of freedom stay the pairs' own: a floor can only make
-    the test stricter than the plain t, whatever the candidate's noise. A floor of 0 degrees
-    of freedom floors nothing (the plain t, as agent/simulate.py's replay compares)."""
-    if floor.df == 0:
+    `floor.sd / sqrt(n)`, on the pairs' own n - 1 degrees of freedom. Judged at the plain
+    t's level (`paired_level`), it can only accept less often than the plain t, whatever
+    the candidate's noise. A floor of 0 degrees of freedom floors nothing (the plain t, as
+    agent/simulate.py's replay compares)."""
+    se = floor.sd / math.sqrt(n)
+    if floor.df == 0 or diff.se >= se:
         return diff
-    return replace(diff, se=max(diff.se, floor.sd / math.sqrt(n)))
+    return Diff(diff.estimate, se, n - 1.0)
 
 
-@functools.lru_cache(maxsize=256)
-def paired_level(looks: tuple[int, ...], alpha: float, floor_df: int) -> float:
-    """`sequential_level` for the paired test (`stats.paired`, its spread floored by a pair
-    noise measured on `floor_df` degrees of freedom, `floored`; 0: no floor): the same
-    Pocock boundary, calibrated the same way (2**16 simulated sequences, fixed seed), for
-    each ratio in NOISE_RATIOS of the candidate's pair noise to the noise the floor
-    measured. A change may make its pairs noisier than the session's (one that changes the
-    arithmetic decorrelates the two runs of a pair); the floor then rarely decides. The
-    plain t (no floor) is the same at every ratio: its differences' scale cancels.
-    """
-    floor_df = min(floor_df, FLOOR_DF_CAP)
+@functools.lru_cache(maxsize=64)
+def paired_level(looks: tuple[int, ...], alpha: float) -> float:
+    """`sequential_level` for the paired test (`stats.paired`): the same Pocock boundary for
+    a one-sample t on the pairs' differences, calibrated the same way (2**16 simulated
+    sequences, fixed seed). The differences of independent pairs are alike whatever the
+    two sides' noises, and t does not depend on their scale, so one calibration covers
+    every noise ratio. The floor (`floored`) only makes p larger, so the same level holds
+    for the floored test at any ratio of the candidate's noise to the floor's."""
     rng = np.random.default_rng(12345)
-    unit = rng.standard_normal((2**16, max(looks)))
-    floor = (np.sqrt(rng.chisquare(floor_df, len(unit)) / floor_df) if floor_df
-             else np.zeros(len(unit)))
-    levels = []
-    for ratio in NOISE_RATIOS:
-        d = ratio * unit
-        p_min = np.ones(len(d))
-        for n in looks:
-            sd = np.maximum(d[:, :n].std(axis=1, ddof=1), floor)
-            t = d[:, :n].mean(axis=1) * math.sqrt(n) / sd
-            p_min = np.minimum(p_min, special.stdtr(n - 1, -t))
-        levels.append(np.quantile(p_min, alpha))
-    return float(min(levels))
+    d = rng.standard_normal((2**16, max(looks)))
+    p_min = np.ones(len(d))
+    for n in looks:
+        t = d[:, :n].mean(axis=1) / (d[:, :n].std(axis=1, ddof=1) / math.sqrt(n))
+        p_min = np.minimum(p_min, special.stdtr(n - 1, -t))
+    return float(np.quantile(p_min, alpha))
 
 
 def pair_differences(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
                      objective: str = "time-to-loss") -> np.ndarray:
     """The log differences (candidate better: positive) of a candidate's ok runs with the
-    champion's ok run of the same seed, where both reached a value."""
+    champion's ok run of the same seed, where both have the metric (a run that missed the
+    target has none: its training time would read as a huge difference)."""
     sign = OBJECTIVES[objective][1]
     partner = {r.get("seed"): r for r in champion_runs if r.get("status") == "ok"}
     out = []
@@ -339,10 +352,19 @@ def pair_differences(champion_runs: Sequence[Run], candidate_runs: Sequence[Run]
         mate = partner.get(r.get("seed"))
         if mate is None or r.get("status") != "ok":
             continue
-        x, y = censored_metric(r, objective), censored_metric(mate, objective)
+        x, y = primary_metric(r, objective), primary_metric(mate, objective)
         if x is not None and y is not None and x > 0 and y > 0:
             out.append(sign * (math.log(x) - math.log(y)))
     return np.asarray(out, float)
+
+
+def fresh_seed_floor(champion_runs: Sequence[Run], objective: str = "time-to-loss"
+                     ) -> PairNoise:
+    """The floor without any pairs measured yet: the spread of a difference of two of the
+    champion's fresh-seed runs. Sharing a seed only takes noise away, so it overstates a
+    pair's (several times, for a change that leaves the arithmetic alone)."""
+    noise = measure_noise(champion_runs, objective)
+    return PairNoise(math.sqrt(2) * noise.log_metric_sd, noise.n - 1)
 
 
 def pair_noise(judged: Iterable[tuple[Sequence[Run], Sequence[Run]]],
@@ -363,14 +385,14 @@ _calibrating = threading.Lock()
 
 
 def _level(champion_slots: Sequence[str], test: str, looks: tuple[int, ...],
-           alpha: float, floor_df: int = 0) -> float:
+           alpha: float) -> float:
     """The nominal level of each look for the test in use: Welch's (champion's sample size
-    alone), the blocked test's (the champion's runs per slot) or the paired test's (its
-    floor's degrees of freedom). One calibration at a time: candidates judged in parallel
-    threads often ask for the same one at once."""
+    alone), the blocked test's (the champion's runs per slot) or the paired test's. One
+    calibration at a time: candidates judged in parallel threads often ask for the same
+    one at once."""
     with _calibrating:
         if test == "paired":
-            return paired_level(looks, alpha, floor_df)
+            return paired_level(looks, alpha)
         if test == "welch":
             return sequential_level(len(champion_slots), looks, alpha)
         return blocked_level(tuple(sorted(Counter(champion_slots).values())), looks, alpha)
@@ -381,9 +403,10 @@ def _paired(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
             floor: PairNoise | None):
     """The paired tests of speed and loss: each candidate run against the champion's ok run
     of the same seed (its partner, made beside it), how many candidate runs have none (a
-    partner that crashed, or was never made: a killed session), and the speed's floor.
-    Without the session's pair noise, the noise of a difference of two fresh-seed runs (from
-    the champion's spread) stands in: for the speed floor, and for a lone pair's loss."""
+    partner that crashed, or was never made: a killed session), how many are pairs that both
+    missed the target, and the speed's floor. Without the session's pair noise, the noise
+    of a difference of two fresh-seed runs (from the champion's spread) is the floor. A lone
+    pair (a screen) borrows that noise too, for speed and loss."""
     sign = OBJECTIVES[objective][1]
     partner = {r.get("seed"): r for r in champion_runs if r.get("status") == "ok"}
     at = [i for i, r in enumerate(candidate_runs) if r.get("seed") in partner]
@@ -391,11 +414,12 @@ def _paired(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
     mates = [partner[candidate_runs[i]["seed"]] for i in at]
     noise = measure_noise(champion_runs, objective)
     lone_df = noise.n - 1.0
-    floor = floor or PairNoise(math.sqrt(2) * noise.log_metric_sd, noise.n - 1)
+    floor = floor or fresh_seed_floor(champion_runs, objective)
     y = sign * np.log([censored_metric(partner[candidate_runs[i]["seed"]], objective)
                        for i in timed])
     y_loss = [number(r, "val_loss") for r in mates]  # checked by _champion_samples
-    speed = paired(metric[timed], y, floor.sd, float(floor.df))
+    lone = math.sqrt(2) * noise.log_metric_sd  # a screen's: it only rejects a clear loser
+    speed = paired(metric[timed], y, lone, lone_df)
     if speed is not None and len(timed) > 1:
         speed = floored(speed, len(timed), floor)
     loss = paired(np.asarray(losses)[at], y_loss, math.sqrt(2) * noise.loss_sd, lone_df)
@@ -455,9 +479,9 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
     if cfg.paired:
         speed, loss, unmatched, untimed, floor = _paired(
             champion_runs, candidate_runs, sign * np.log(values), losses, cfg.objective, pairs)
-        level = _level(champ_slots, "paired", looks, cfg.alpha, floor.df)
-        # The loss test has no floor (0): with one seed a pair's two losses are often equal.
-        level_loss = _level(champ_slots, "paired", looks, cfg.alpha_loss, 0)
+        level = _level(champ_slots, "paired", looks, cfg.alpha)
+        # The loss test has no floor: with one seed a pair's two losses are often equal.
+        level_loss = _level(champ_slots, "paired", looks, cfg.alpha_loss)
         m = n - unmatched  # the champion's runs that measure the effect: the partners
         missing = "measures a time beside a champion run of its seed"
         left_out = "runs without a champion partner left out"

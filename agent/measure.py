@@ -182,6 +182,24 @@ class Measurer:
                     return
                 seed = result["seed"]
 
+    def twin(self, candidate: dict, role: str) -> None:
+        """Two runs of `candidate` with one fresh seed, back to back on one slot (held
+        between them): a pair of the same code, whose difference is the clock's alone (a
+        paired session's baseline, agent/baseline.py). No second run when the first fails;
+        a lost run is made again on any slot, with the seed once the first has run."""
+        seed = None
+        with contextlib.ExitStack() as held:
+            taken = held.enter_context(self.slot())
+            for _ in range(2):
+                result = self._held(taken, candidate, role, None, seed) if taken else "lost"
+                if result == "lost":
+                    held.close()
+                    taken = None
+                    result = self.benchmark(candidate, role, None, seed=seed)
+                if result["status"] != "ok":
+                    return
+                seed = result["seed"]
+
     def _held(self, taken: tuple[Slot, Workspace], candidate: dict, role: str,
               early_stop: EarlyStop | None, seed: int | None) -> dict | str:
         """One run on a slot already held, run again in place while disturbed (up to

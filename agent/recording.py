@@ -29,7 +29,15 @@ from pathlib import Path
 from agent import acceptance, child
 from agent.acceptance import Acceptance, Check
 from agent.config import SessionConfig
-from agent.judge import Decision, PairNoise, assess, comparable, pair_noise
+from agent.judge import (
+    Decision,
+    PairNoise,
+    assess,
+    comparable,
+    fresh_seed_floor,
+    pair_noise,
+    twins,
+)
 from agent.leaderboard import leaderboard_rules, under_rules
 from agent.ledger import Ledger
 from agent.measure import Measurer, early_stop_rule, train_flags
@@ -106,7 +114,10 @@ class Recorder:
         judged beside it, was accepted): it must be re-based, since a verdict is only ever
         recorded against the current champion."""
         cfg = self.config.judge_config()
-        pairs = self.pair_noise(candidate) if cfg.paired else None
+        pairs = None
+        if cfg.paired:  # the floor, fixed for this decision (its level assumes one)
+            pairs = self.pair_noise(candidate) or fresh_seed_floor(
+                self.results(self.ledger.champion()), cfg.objective)
         while True:
             champion = self.ledger.champion()
             if champion["id"] != candidate["parent_id"]:
@@ -131,9 +142,10 @@ class Recorder:
 
     def pair_noise(self, candidate: dict) -> PairNoise | None:
         """The session's pair noise, the floor under `candidate`'s spread (agent/judge.py):
-        from every other candidate's runs beside those of the champion it was made from.
-        Measured once per decision, so that the floor is fixed while the candidate is judged
-        (its level is calibrated for a fixed one)."""
+        from every other candidate's runs beside those of the champion it was made from, and
+        the baseline's twin runs.
+        Measured once per decision, so that the floor is fixed while the candidate is
+        judged. None before any pair."""
         runs: dict[int, list[dict]] = {}
 
         def of(cid: int) -> list[dict]:
@@ -144,6 +156,7 @@ class Recorder:
         judged = [(of(other["parent_id"]), of(other["id"]))
                   for other in self.ledger.candidates()
                   if other["parent_id"] is not None and other["id"] != candidate["id"]]
+        judged.append(twins(of(self.ledger.baseline()["id"])))  # the baseline's twin runs
         return pair_noise(judged, self.config.judge_config().objective)
 
     def pair_up(self, champion: dict, candidate: dict, results: Sequence[dict],

@@ -12,12 +12,21 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from agent.judge import JudgeConfig, PairNoise, assess, measure_noise, pair_noise
+from agent.config import SessionConfig
+from agent.judge import (
+    JudgeConfig,
+    PairNoise,
+    assess,
+    comparable,
+    fresh_seed_floor,
+    pair_noise,
+    twins,
+)
 from agent.ledger import Ledger
 from agent.rundir import RunDir
 from agent.stats import OBJECTIVES
@@ -154,73 +163,89 @@ def simulate(effect_sigmas: float = 0.0, loss_shift: float = 0.0, *, trials: int
 
 @dataclass(frozen=True)
 class Pair:
-    at: str  # when its first run started
+    at: float  # when its first run started (the ledger's clock)
     candidate: int  # the candidate it was made for
     champion: dict  # the two results, with one seed
     mine: dict
 
 
-def session_pairs(run_dir: Path) -> tuple[list[dict], list[Pair]]:
-    """A paired session's baseline runs (its fresh seeds) and its pairs in time order (from
-    its ledger)."""
+def session_pairs(run_dir: Path) -> tuple[JudgeConfig, list[dict], list[Pair]]:
+    """A paired session's judge settings, its baseline's fresh-seed runs (each seed's first,
+    read as the judge reads them) and its pairs in time order, from its ledger."""
     with Ledger(RunDir(run_dir).ledger, create=False) as ledger:
-        baseline = ledger.baseline()
-        if baseline is None:
-            raise ValueError(f"{run_dir}: the ledger has no baseline: not a session's run dir")
+        session, baseline = ledger.session(), ledger.baseline()
+        if session is None or baseline is None:
+            raise ValueError(f"{run_dir}: the ledger has no session or no baseline: not the "
+                             "run dir of a session that measured its baseline")
+        config = SessionConfig.from_dict(session["config"])
+
+        def results(cid: int, roles=None) -> list[dict]:  # as the judge sees them
+            return comparable(ledger.results_of(cid, roles), asdict(config))
+
         found = []
         for c in ledger.candidates():
             if c["parent_id"] is None:
                 continue
-            mates = {r["seed"]: r for r in ledger.runs_of(c["parent_id"], ok_only=True)}
-            for r in ledger.runs_of(c["id"], roles=["screen", "confirm"], ok_only=True):
+            started = {r["seed"]: r["started_at"] for r in ledger.runs_of(c["parent_id"])}
+            started.update((r["seed"], min(r["started_at"], started.get(r["seed"], math.inf)))
+                           for r in ledger.runs_of(c["id"]))
+            mates = {r["seed"]: r for r in results(c["parent_id"]) if r["status"] == "ok"}
+            for r in results(c["id"]):
                 mate = mates.get(r["seed"])
-                if mate is not None:
-                    found.append(Pair(min(r["started_at"], mate["started_at"]), c["id"],
-                                      {**mate["result"], "status": "ok"},
-                                      {**r["result"], "status": "ok"}))
-        return (ledger.results_of(baseline["id"], roles=["baseline"]),
+                if r["status"] == "ok" and mate is not None:
+                    found.append(Pair(started[r["seed"]], c["id"], mate, r))
+        # The baseline's replicates, and its twins: pairs of the same code.
+        own = results(baseline["id"], ["baseline"])
+        fresh, again = twins(own)
+        started = {}
+        for r in ledger.runs_of(baseline["id"]):
+            started[r["seed"]] = min(r["started_at"], started.get(r["seed"], math.inf))
+        mates = {r["seed"]: r for r in fresh}
+        found += [Pair(started[r["seed"]], baseline["id"], mates[r["seed"]], r) for r in again]
+        return (replace(config.judge_config(), paired=True), fresh,
                 sorted(found, key=lambda p: p.at))
 
 
-def replay(baseline: Sequence[dict], pairs: Sequence[Pair], gain: float = 0.0, *,
-           config: JudgeConfig | None = None, floor: bool = True) -> SimulationResult:
-    """The paired judge on a real session's pairs, in the order they ran: from each pair a
-    pseudo-candidate whose runs are that pair and the ones after it (as many as the judge
-    asks for), both ways round (in an A/A session either side may be called the
-    candidate), the candidate's metric better by the log gain `gain`. So the judge meets the
-    real noise of those runs (its tails, its changes with the minute) instead of a normal
-    one. The floor is the pair noise of the session's candidates measured on the pairs
-    before the first; `floor=False` judges with the plain t. Pseudo-candidates that run
-    out of pairs undecided are left out (`trials` counts the decided ones)."""
-    cfg = config or JudgeConfig(paired=True)
-    noise = measure_noise(baseline, cfg.objective)
+def replay(config: JudgeConfig, baseline: Sequence[dict], pairs: Sequence[Pair],
+           gain: float = 0.0, *, floor: bool = True) -> SimulationResult:
+    """The paired judge (`config`) on a real session's pairs, in the order they ran: from
+    each pair a pseudo-candidate whose runs are that pair and the ones after it (as many as
+    the judge asks for), both ways round (in an A/A session either side may be called the
+    candidate), the candidate's metric better by the log gain `gain`. So the judge meets
+    the real noise of those runs (its tails, its changes with the minute) instead of a
+    normal one. Only pairs with a whole decision's worth after them start one, so every
+    pseudo-candidate is decided. The floor is the pair noise of the session's candidates
+    measured on the pairs before the first (failing those, the baseline's spread);
+    `floor=False` judges with the plain t."""
     accepted = runs = screened = trials = 0
-    for i in range(len(pairs)):
+    for i in range(len(pairs) - config.max_replicates + 1):
+        history = None
         if floor:
             by_candidate: dict[int, list[Pair]] = {}
             for p in pairs[:i]:
                 by_candidate.setdefault(p.candidate, []).append(p)
             history = pair_noise([([p.champion for p in ps], [p.mine for p in ps])
-                                  for ps in by_candidate.values()], cfg.objective)
-        else:
-            history = PairNoise(math.sqrt(2.0) * noise.log_metric_sd, 0)
+                                  for ps in by_candidate.values()], config.objective)
+        history = history or fresh_seed_floor(baseline, config.objective)
+        if not floor:
+            history = replace(history, df=0)
         for swap in (False, True):
             champion, candidate = list(baseline), []
-            for k, p in enumerate(pairs[i:i + cfg.max_replicates]):
+            for k, p in enumerate(pairs[i:i + config.max_replicates]):
                 a, b = (p.mine, p.champion) if swap else (p.champion, p.mine)
                 seed = 10**6 + k
                 champion.append({**a, "seed": seed})
-                candidate.append({**rescaled(b, cfg.objective, gain), "seed": seed})
-                decision = assess(champion, candidate, cfg, history)
+                candidate.append({**rescaled(b, config.objective, gain), "seed": seed})
+                decision = assess(champion, candidate, config, history)
                 if decision.verdict != "more":
-                    trials += 1
-                    accepted += decision.verdict == "accept"
-                    screened += decision.verdict == "reject" and len(candidate) == 1
-                    runs += len(candidate)
                     break
+            trials += 1
+            accepted += decision.verdict == "accept"
+            screened += decision.verdict == "reject" and len(candidate) == 1
+            runs += len(candidate)
     if trials == 0:
-        raise ValueError(f"{len(pairs)} pairs decided nothing: a replay needs a paired "
-                         "session's ledger with more pairs than one decision's maximum")
+        raise ValueError(f"{len(pairs)} pairs: a replay needs more pairs than one decision's "
+                         f"maximum ({config.max_replicates})")
     return SimulationResult(accepted / trials, runs / trials, screened / trials, trials)
 
 
@@ -251,14 +276,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "session's run dir, with and without the floor, at a few gains")
     args = parser.parse_args(argv)
     if args.replay is not None:
-        baseline, pairs = session_pairs(args.replay)
-        cfg = JudgeConfig(objective=args.objective, paired=True)
-        print(f"{len(pairs)} pairs of {args.replay}, each the start of a pseudo-candidate "
-              f"both ways round; {cfg}")
+        cfg, baseline, pairs = session_pairs(args.replay)
+        print(f"{len(pairs)} pairs of {args.replay}, each with a decision's worth after it "
+              f"the start of a pseudo-candidate, both ways round; the session's {cfg}")
         for gain in (0.0, 0.02, 0.03, 0.05, 0.08):
             line = f"gain {gain:4.0%}:"
             for floor in (True, False):
-                r = replay(baseline, pairs, gain, config=cfg, floor=floor)
+                r = replay(cfg, baseline, pairs, gain, floor=floor)
                 line += (f"   {'floored' if floor else 'plain t'}: accept {r.accept_rate:6.1%} "
                          f"of {r.trials}, {r.mean_runs:4.2f} pairs per decision")
             print(line)

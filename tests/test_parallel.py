@@ -250,23 +250,33 @@ def test_paired_runs_sit_back_to_back_on_one_slot_with_one_seed_in_abba_order(fa
             sides.append(mate["id"] < run["id"])
         assert all(a != b for a, b in zip(sides, sides[1:])), sides  # ABBA
     baseline = s.ledger.baseline()["id"]
-    assert len(s.ledger.runs_of(baseline, ok_only=True)) > 3
     assert s.measurer.champion_checkpoints(baseline) == 3
     # The 0.8 screen failed on its pair; the 1.05 ran the judge's three pairs.
     assert len(s.ledger.runs_of(cands[1]["id"])) == 1
     assert len(s.ledger.runs_of(cands[2]["id"])) == 3
-    # The session's pair noise, the floor of the judge: the 1.05's three pairs, about their
-    # mean (the 0.8's lone pair has no spread to give), for any candidate but the 1.05.
-    assert s.recorder.pair_noise(cands[2]) is None
-    assert s.recorder.pair_noise(cands[-1]).df == 2
+    # Each baseline replicate's seed ran twice: the pairs' noise before any candidate's.
+    seeds = [r["seed"] for r in s.ledger.runs_of(baseline, roles=["baseline"], ok_only=True)]
+    assert len(seeds) == 2 * s.config.baseline_runs and len(set(seeds)) == len(seeds) / 2
+    for seed in set(seeds):  # back to back on one slot
+        a, b = [r for r in runs if r["candidate_id"] == baseline and r["seed"] == seed]
+        assert a["slot"] == b["slot"] and by_slot[a["slot"]].index(b) == \
+            by_slot[a["slot"]].index(a) + 1
+    # The session's pair noise, the floor of the judge: the twins' and the 1.05's three
+    # pairs, each about its mean (the 0.8's lone pair has no spread to give).
+    twins_df = s.config.baseline_runs - 1
+    assert s.recorder.pair_noise(cands[2]).df == twins_df
+    assert s.recorder.pair_noise(cands[-1]).df == twins_df + 2
     # The replay's reading of the session: its pairs in the order they ran.
-    baseline_results, pairs = session_pairs(s.run_dir.root)
-    assert len(baseline_results) == s.config.baseline_runs
+    _, fresh, pairs = session_pairs(s.run_dir.root)
+    assert len(fresh) == s.config.baseline_runs
     made = [p.candidate for p in pairs]
+    assert made.count(baseline) == s.config.baseline_runs
     assert made.count(cands[1]["id"]) == 1 and made.count(cands[2]["id"]) == 3
-    assert len(made) == sum(len(s.ledger.runs_of(c["id"], ok_only=True)) for c in cands[1:])
+    assert len(made) == len(seeds) / 2 + sum(len(s.ledger.runs_of(c["id"], ok_only=True))
+                                              for c in cands[1:])
     assert all(p.champion["seed"] == p.mine["seed"] for p in pairs)
-    assert [p.at for p in pairs] == sorted(p.at for p in pairs)
+    first = {r["seed"]: r["started_at"] for r in sorted(runs, key=lambda r: -r["id"])}
+    assert [p.at for p in pairs] == sorted(first[p.mine["seed"]] for p in pairs)
 
 
 def test_a_paired_run_left_without_its_partner_gets_it_first(fake_repo, tmp_path):
@@ -283,6 +293,21 @@ def test_a_paired_run_left_without_its_partner_gets_it_first(fake_repo, tmp_path
     assert champion_runs[0]["seed"] == orphan["seed"]
     assert {r["seed"] for r in s.ledger.runs_of(candidate["id"])} == \
         {r["seed"] for r in champion_runs}
+
+
+def test_a_paired_baseline_replicate_left_without_its_twin_gets_it_on_resume(fake_repo,
+                                                                           tmp_path):
+    folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": "1.05\n"}])
+    s = session(fake_repo, tmp_path / "s", folder, judge={"paired": True})
+    s.resume_state()
+    bid = s.ledger.add_candidate("baseline", parent_id=None, proposer="baseline",
+                                 commit_sha=s.workspace.champion)
+    s.measurer.twin(s.ledger.candidate(bid), "baseline")
+    s.measurer.benchmark(s.ledger.candidate(bid), "baseline")  # a stop before its twin
+    s.measure_baseline()
+    seeds = [r["seed"] for r in s.ledger.runs_of(bid, ok_only=True)]
+    assert len(seeds) == 2 * s.config.baseline_runs
+    assert all(seeds.count(seed) == 2 for seed in seeds)
 
 
 def test_a_champion_whose_holdout_scoring_fails_holds_the_accept_for_a_human(fake_repo,
