@@ -464,13 +464,15 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
             losses.append(number(r, "val_loss"))
         except ValueError as err:
             return _reject(f"invalid result: {err}", m, n)
-        if value is None:
+        if value is None and cfg.paired:
             mate = partner.get(r.get("seed"))
-            if mate is not None and primary_metric(mate, cfg.objective) is None:
+            if mate is None or primary_metric(mate, cfg.objective) is None:
                 # Its partner, the champion with the same seed, missed the target too: the
                 # seed's, not the candidate's, so no failure, and no time to compare either.
+                # (No partner yet, after a stop: it is made next, and then this is decided.)
                 values.append(math.nan)
                 continue
+        if value is None:
             # Treated as a failure: a run that cannot reach the target within the harness's
             # time cap is no speedup, whatever its other runs say.
             return _reject(f"run with seed {r.get('seed')} did not reach the target loss", m, n)
@@ -482,7 +484,7 @@ def assess(champion_runs: Sequence[Run], candidate_runs: Sequence[Run],
         level = _level(champ_slots, "paired", looks, cfg.alpha)
         # The loss test has no floor: with one seed a pair's two losses are often equal.
         level_loss = _level(champ_slots, "paired", looks, cfg.alpha_loss)
-        m = n - unmatched  # the champion's runs that measure the effect: the partners
+        m = n - unmatched - untimed  # the champion's runs that measure the effect
         missing = "measures a time beside a champion run of its seed"
         left_out = "runs without a champion partner left out"
         source = "the session's pairs" if pairs else "two fresh-seed champion runs"

@@ -394,6 +394,11 @@ def test_a_pair_that_both_missed_the_target_is_no_failure_and_measures_no_speed(
         in decision.reason
     # Three pairs, one of them untimed: two measure the speed, fewer than the judge needs.
     assert assess([*champion, *mates[:3]], faster[:3], PAIRED, floor).verdict == "more"
+    # One that missed before a stop left it without its partner waits for the partner.
+    orphan = dict(faster[1], seed=555)
+    waits = assess([*champion, *mates[:3]], [*faster[:3], orphan], PAIRED, floor)
+    assert waits.verdict == "more" and "without a champion partner" in waits.reason
+    assert waits.n_champion == 2  # the partners that measure the speed
     # A candidate that misses where its champion partner reached the target has failed.
     faster[2] = dict(faster[2], time_to_target=None)
     lost = assess([*champion, *mates], faster, PAIRED, floor)
