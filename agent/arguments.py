@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--paired", action="store_true", default=None,
         help="experimental: make each candidate run back to back with a champion run, on one "
         "slot with one seed, and judge the pairs: what they share cancels (a neighbour's load, "
-        "the slot, the seed's noise), for one champion run per candidate run; its real-run "
-        "A/A is not yet clean (README)",
+        "the slot, the seed's noise), for one champion run per candidate run (README)",
     )  # fmt: skip
     run.add_argument(
         "--loss-margin", type=float,

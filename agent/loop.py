@@ -190,8 +190,9 @@ class Session:
 
     def _run(self) -> str:
         if self.config.judge_config().paired:
-            self.event("--paired is experimental: on this project's real runs its A/A accepted "
-                       "4 of 27 no-op candidates, where 5% was the aim (bench/RESULTS.md)")
+            self.event("--paired is experimental: its judge is strict (a candidate's spread "
+                       "never below the session's pair noise), and it has few real-run A/A "
+                       "decisions yet (bench/RESULTS.md)")
         self.resume_state()
         self.prepare()
         self.measure_baseline()
