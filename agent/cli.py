@@ -18,7 +18,9 @@ branch. Flags that fix a session's settings default to None here, so that a resu
 what the user gave and compares it with the session's own settings.
 """
 
+import signal
 import sys
+import threading
 import time
 from argparse import Namespace
 from dataclasses import asdict
@@ -209,8 +211,15 @@ def resume(args: Namespace, say, waiting) -> int:
     return run_session(Session(run_dir, proposer, say=say, waiting=waiting), say)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (`kill PID`, a job scheduler's stop) stops a session as Ctrl-C does: the runs
+    in flight end, the ledger says it stopped, `--resume` goes on."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_session(session: Session, say) -> int:
-    """Run a session (or a replay) to its end; its reports then, or exit 130 on Ctrl-C."""
+    """Run a session (or a replay) to its end; its reports then, or exit 130 on Ctrl-C or
+    SIGTERM."""
     run_dir, cfg = session.run_dir, session.config
     command = "replay" if isinstance(session, replay.Replay) else "run"
     if command == "replay":
@@ -219,12 +228,17 @@ def run_session(session: Session, say) -> int:
         say(f"session {session.id} in {run_dir}: {cfg.preset}, {cfg.objective}")
     if not cfg.sandbox:
         say(UNTRUSTED)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         session.run()
     except KeyboardInterrupt:
         say("interrupted: the run in flight was stopped; it will be discarded and re-run by "
             f"`python -m agent {command} --resume {run_dir}`")
         return 130
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     paths = [str(p) for p in write_report(run_dir.root)]
     replayed = f"; replay: {run_dir.replay_md}" if command == "replay" else ""
     say(f"report: {', '.join(paths)}{replayed}")

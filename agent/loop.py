@@ -162,8 +162,9 @@ class Session:
             self.ledger.log_event(f"{liveness.STARTED} (pid {os.getpid()})")
             try:
                 yield
-            except KeyboardInterrupt:
-                self.ledger.log_event(f"{liveness.STOPPED}interrupted by the user (Ctrl-C)")
+            except KeyboardInterrupt as e:  # Ctrl-C, or a SIGTERM (agent/cli.py)
+                how = f"a {e.args[0]}" if e.args else "the user (Ctrl-C)"
+                self.ledger.log_event(f"{liveness.STOPPED}interrupted by {how}")
                 raise
             except SessionStop as e:
                 self.ledger.log_event(f"{liveness.STOPPED}{e}")

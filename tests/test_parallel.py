@@ -184,6 +184,43 @@ def test_a_parallel_session_killed_mid_flight_resumes_with_nothing_lost(fake_rep
     assert ": 4 experiments done" in status_text(run_dir)
 
 
+def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_path):
+    """`kill PID` (a job scheduler's stop) with a run in flight: the session exits 130, says
+    how to resume, the ledger says it stopped and why, and no process of its runs is left."""
+    folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": "1.3\n"}])
+    env = {**os.environ, "SPEEDLOOP_DATA": str(data_cache), "WANDB_MODE": "disabled",
+           "SPEEDLOOP_LOCKS": str(tmp_path / "locks")}  # fmt: skip
+    for name in (FAULT_AT, FAULT_TRACE):
+        env.pop(name, None)
+    run_dir = tmp_path / "s"
+    head = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--preset", "cpu-tiny", "--objective",
+         "throughput", "--baseline-runs", "2", "--proposer", "patches", "--proposer-arg",
+         str(folder), "--experiments", "1", "--wandb", "disabled", "--run-dir", str(run_dir)],
+        cwd=fake_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while head.poll() is None and time.monotonic() < deadline:
+        if (run_dir / LEDGER_FILE).exists():
+            with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
+                if ledger.running_runs():
+                    head.send_signal(signal.SIGTERM)
+                    break
+        time.sleep(0.02)
+    out, _ = head.communicate(timeout=120)
+    assert head.returncode == 130, out[-2000:]
+    assert "interrupted: the run in flight was stopped" in out
+    with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
+        assert any("interrupted by a SIGTERM" in e["text"] for e in ledger.events(limit=50))
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(run_dir).encode() in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:
+            pass  # ended while we looked
+    assert not left
+
+
 # A coding agent for --proposer command that takes a while: it adds a file of its own to
 # the speed product (each candidate a distinct change, a slower one) and notes when it ran.
 SLOW_AGENT = """\
