@@ -227,6 +227,9 @@ class Measurer:
         expected = self.session_hashes()
         ws.checkout(candidate["commit_sha"])
         cid = candidate["id"]
+        # A baseline run given a seed is a twin (agent/baseline.py): its final weights are
+        # its replicate's, so the holdout check has them already.
+        twin = role == "baseline" and seed is not None
         with self._lock:  # two threads must never take the same seed
             if seed is None:
                 seed = max(self.ledger.used_seeds() | {0}) + 1
@@ -237,7 +240,7 @@ class Measurer:
                 slot=slot.name)  # fmt: skip
             # A champion's run keeps its final weights while fewer than CHAMPION_CHECKPOINTS
             # of its runs have theirs, those in flight included.
-            weighed = role in ("baseline", "champion") and \
+            weighed = role in ("baseline", "champion") and not twin and \
                 self.champion_checkpoints(cid) + self._weighing[cid] < CHAMPION_CHECKPOINTS
             keep = weighed or role not in ("baseline", "champion")
             self._weighing[cid] += int(weighed)

@@ -34,6 +34,7 @@ from agent.judge import (
     PairNoise,
     assess,
     comparable,
+    first_of_seed,
     fresh_seed_floor,
     pair_noise,
     twins,
@@ -244,7 +245,9 @@ class Recorder:
         cheaper checks passed."""
         cfg, champion = self.config.acceptance_config(), self.ledger.champion()
         mine = self.ledger.runs_of(candidate["id"], ok_only=True)
-        theirs = self.ledger.runs_of(champion["id"], ok_only=True)
+        # Each seed once: a paired baseline's twin trains as its replicate did, and would
+        # count the same holdout gap twice.
+        theirs = first_of_seed(self.ledger.runs_of(champion["id"], ok_only=True))
         checks = acceptance.checks_on_runs(mine, theirs, cfg)
         if acceptance.caught(checks):
             return acceptance.verdict(checks)
