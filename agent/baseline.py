@@ -45,7 +45,7 @@ def measure_twins(measurer: Measurer, baseline: dict, event) -> None:
         if run["seed"] not in done:
             event(f"baseline twin of seed {run['seed']} (a pair of the same code: the pairs' "
                   "noise)")
-            measurer.benchmark(baseline, "baseline", seed=run["seed"])
+            measurer.benchmark(baseline, "baseline", slot=run.get("slot"), seed=run["seed"])
 
 
 def measure_baseline(measurer: Measurer, event) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent import preflight, replay, review
+from agent import child, preflight, replay, review
 from agent.arguments import REPLAY_DEFAULTS, ROOT, RUN_DEFAULTS, build_parser, with_defaults
 from agent.config import SessionConfig, SessionStop, stored
 from agent.leaderboard import LEADERBOARDS
@@ -233,11 +233,12 @@ def run_session(session: Session, say) -> int:
     try:
         session.run()
     except KeyboardInterrupt:
+        child.cancel_all()  # a draft's agent too, which no run's thread would end
         say("interrupted: the run in flight was stopped; it will be discarded and re-run by "
             f"`python -m agent {command} --resume {run_dir}`")
         return 130
     finally:
-        if main:
+        if main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
     paths = [str(p) for p in write_report(run_dir.root)]
     replayed = f"; replay: {run_dir.replay_md}" if command == "replay" else ""

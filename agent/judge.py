@@ -78,6 +78,7 @@ from agent.stats import (
     blocked,
     blocked_cells,
     censored_metric,
+    first_of_seed,
     number,
     paired,
     primary_metric,
@@ -156,19 +157,6 @@ def slot_of(run: Run) -> str:
     """The device slot a run ran on; a run without one ran on the only slot, "0"."""
     slot = run.get("slot")
     return "0" if slot is None else str(slot)
-
-
-def first_of_seed(runs: Iterable[Run]) -> list[Run]:
-    """The runs, each seed's first only: a run made again with the seed of one before it (a
-    paired baseline's twin) trains the same and is no fresh sample of the seed's noise."""
-    seen: set = set()
-    out = []
-    for r in runs:
-        seed = r.get("seed")
-        if seed is None or seed not in seen:
-            out.append(r)
-        seen.add(seed)
-    return out
 
 
 def twins(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
@@ -350,8 +338,8 @@ def pair_differences(champion_runs: Sequence[Run], candidate_runs: Sequence[Run]
     out = []
     for r in candidate_runs:
         mate = partner.get(r.get("seed"))
-        if mate is None or r.get("status") != "ok":
-            continue
+        if mate is None or r.get("status") != "ok" or slot_of(mate) != slot_of(r):
+            continue  # a pair made on two slots (a lost run made again) has their gap in it
         x, y = primary_metric(r, objective), primary_metric(mate, objective)
         if x is not None and y is not None and x > 0 and y > 0:
             out.append(sign * (math.log(x) - math.log(y)))

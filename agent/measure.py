@@ -36,7 +36,7 @@ from agent.ledger import Ledger
 from agent.rundir import RunDir, run_name
 from agent.runner import EarlyStop
 from agent.slots import Slot, SlotPool, parse_devices
-from agent.stats import OBJECTIVES, primary_metric
+from agent.stats import OBJECTIVES, first_of_seed, primary_metric
 from agent.workspace import Workspace
 from bench import protocol
 from bench.disturbance import disturbed
@@ -268,6 +268,11 @@ class Measurer:
         on = f" on slot {slot.name}" if self.parallel else ""
         self.say(f"  run {name}{on}: {candidate['description']}")
         outcome = self._train(slot, ws, run_id, seed, name, early_stop, checkpoint, expected)
+        if child.cancelled():
+            # The engine is stopping (Ctrl-C, SIGTERM): a signal to the whole process group
+            # may have ended this run first. Not the candidate's doing: left running, it is
+            # discarded and made again on resume.
+            raise child.Cancelled(f"run {run_id} ended while the engine was stopping")
         why = disturbed(outcome.result) if outcome.status == "ok" else None
         if checkpoint is not None and (outcome.status != "ok" or (why and discard_disturbed)):
             checkpoint.unlink(missing_ok=True)  # nothing will evaluate it
@@ -398,8 +403,8 @@ def early_stop_rule(champion: Sequence[dict], config: SessionConfig,
     last few, not all: the slowest of all only ever gets slower as the champion's runs
     accumulate (pairs, re-measurements), and one run that met a neighbour's burst would
     blunt the rule for the rest of the session."""
-    curves = [r["curve"] for r in champion if r.get("status") == "ok" and r["curve"]]
-    curves = curves[-EARLY_STOP_RUNS:]
+    ok = first_of_seed(r for r in champion if r.get("status") == "ok" and r["curve"])
+    curves = [r["curve"] for r in ok][-EARLY_STOP_RUNS:]  # a twin repeats its replicate
     if not curves:
         return None
     if config.objective == "throughput":

@@ -317,6 +317,11 @@ def _classify(
         return outcome("integrity-violation", result, why)
     if watch.oom_line is not None:
         return outcome("oom", None, watch.oom_line[:300])
+    if returncode in (128 + signal.SIGTERM, -signal.SIGTERM):
+        # train.py ends so on a SIGTERM; we sent none (no timeout, no early stop), and the
+        # candidate's workers cannot reach it (their own pid namespace): a stop from outside,
+        # a scheduler's or a whole process group's.
+        return outcome("lost", None, "ended by SIGTERM from outside: infrastructure")
     if returncode == -signal.SIGKILL:  # we did not send it (no timeout, no early stop)
         if oom_kills_meanwhile == 0:
             return outcome("lost", None, "killed by SIGKILL from outside, not by the kernel's "

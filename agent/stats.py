@@ -15,7 +15,7 @@ anything but the numbers and result dicts it is given.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +47,19 @@ def primary_metric(run: Run, objective: str) -> float | None:
     if objective == "time-to-loss" and run.get(key) is None:
         return None
     return number(run, key)
+
+
+def first_of_seed(runs: Iterable[Run]) -> list[Run]:
+    """The runs, each seed's first only: a run made again with the seed of one before it (a
+    paired baseline's twin) trains the same and is no fresh sample of the seed's noise."""
+    seen: set = set()
+    out = []
+    for r in runs:
+        seed = r.get("seed")
+        if seed is None or seed not in seen:
+            out.append(r)
+        seen.add(seed)
+    return out
 
 
 def censored_metric(run: Run, objective: str) -> float:
@@ -220,9 +233,10 @@ def speedup_vs_baseline(baseline: Sequence[dict], results: Sequence[dict],
 
     A baseline run that missed a time-to-loss target counts with its training time, as the
     judge counts the champion's (`censored_metric`); a candidate run that missed it
-    measured no speed and is left out. None when either side has no usable run.
+    measured no speed and is left out; a paired baseline's twins count once, with their
+    replicate. None when either side has no usable run.
     """
-    base = metric_values(baseline, lambda r: censored_metric(r, objective))
+    base = metric_values(first_of_seed(baseline), lambda r: censored_metric(r, objective))
     mine = metric_values(results, lambda r: primary_metric(r, objective))
     return speedup(base, mine, higher_is_better=OBJECTIVES[objective][1] > 0)
 

@@ -192,22 +192,24 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         faults.boundary(lambda: "ledger " + faults.caller(("<lambda>", "boundary", "_write")))
-        self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
-        try:
+        try:  # a Ctrl-C that lands right after BEGIN must roll back too
+            self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
     @contextmanager
     def snapshot(self):
         """Read several things from one consistent state while the loop goes on writing."""
-        self._db.execute("BEGIN")
         try:
+            self._db.execute("BEGIN")
             yield self
         finally:
-            self._db.execute("COMMIT")
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
 
     def _one(self, sql: str, args: Iterable = ()) -> sqlite3.Row | None:
         return self._db.execute(sql, tuple(args)).fetchone()

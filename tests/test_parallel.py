@@ -202,7 +202,7 @@ def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_pa
     while head.poll() is None and time.monotonic() < deadline:
         if (run_dir / LEDGER_FILE).exists():
             with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
-                if ledger.running_runs():
+                if any(r["lock_at"] for r in ledger.running_runs()):  # its child starts
                     head.send_signal(signal.SIGTERM)
                     break
         time.sleep(0.02)
@@ -211,14 +211,20 @@ def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_pa
     assert "interrupted: the run in flight was stopped" in out
     with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
         assert any("interrupted by a SIGTERM" in e["text"] for e in ledger.events(limit=50))
-    left = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(run_dir).encode() in cmdline.read_bytes():
-                left.append(cmdline.parent.name)
-        except OSError:
-            pass  # ended while we looked
-    assert not left
+    def left() -> list[str]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(run_dir).encode() in cmdline.read_bytes():
+                    found.append(cmdline.parent.name)
+            except OSError:
+                pass  # ended while we looked
+        return found
+
+    deadline = time.monotonic() + 10  # a killed process group is reaped asynchronously
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left()
 
 
 # A coding agent for --proposer command that takes a while: it adds a file of its own to

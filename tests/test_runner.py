@@ -528,3 +528,12 @@ def test_the_early_stop_follows_the_champions_latest_runs_not_its_slowest_ever()
     latest = [run(1.0)] * EARLY_STOP_RUNS
     assert early_stop_rule([run(2.0), *latest], config, 0.01)(*loser)
     assert not early_stop_rule([*latest[1:], run(2.0)], config, 0.01)(*loser)
+
+
+@pytest.mark.parametrize("body", ["os.kill(os.getpid(), signal.SIGTERM)", "sys.exit(143)"],
+                         ids=["signal", "train.py's exit"])
+def test_a_sigterm_we_did_not_send_is_a_lost_run_not_a_crash(tmp_path, body):
+    """A SIGTERM to the whole process group (a scheduler stopping the session) ends train.py
+    with 143 (or the signal): the run is lost, made again, never the candidate's crash."""
+    outcome = run(fake_spec(tmp_path, body))
+    assert outcome.status == "lost" and "SIGTERM from outside" in outcome.error
