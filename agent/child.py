@@ -44,6 +44,24 @@ def cancel_all(cancel: bool = True) -> None:
         _cancelled.clear()
 
 
+_stop_signal: list[str] = []  # the signal that asked the engine to stop (agent/cli.py)
+
+
+def stop(signal_name: str) -> None:
+    """A signal asks the engine to stop: every child ends (`cancel_all`, from a thread of its
+    own: the handler may have interrupted this thread inside the event's lock), and the
+    session reads the Cancelled that follows as that signal's stop (`stopped_by`), even
+    where the KeyboardInterrupt the handler raises was swallowed (Python ignores an
+    exception raised in an at-fork callback, say)."""
+    _stop_signal[:] = [signal_name]
+    threading.Thread(target=cancel_all, name="stop", daemon=True).start()
+
+
+def stopped_by() -> str | None:
+    """The signal that asked the engine to stop, if one did."""
+    return _stop_signal[0] if _stop_signal else None
+
+
 def cancelled() -> bool:
     """Whether the engine is stopping (`cancel_all`): a wait on a run elsewhere (a Ray slot's)
     ends then too."""

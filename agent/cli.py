@@ -214,7 +214,9 @@ def resume(args: Namespace, say, waiting) -> int:
 def _terminated(signum, frame) -> None:
     """SIGTERM (`kill PID`, a job scheduler's stop) stops a session as Ctrl-C does: the runs
     in flight end, the ledger says it stopped, `--resume` goes on."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    child.stop(name)
+    raise KeyboardInterrupt(name)
 
 
 def run_session(session: Session, say) -> int:

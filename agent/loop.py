@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from agent import baseline, liveness
+from agent import baseline, child, liveness
 from agent.config import SessionConfig, SessionStop, stored
 from agent.costs import ProposerStop
 from agent.drafting import Drafter, Edit
@@ -170,6 +170,10 @@ class Session:
                 self.ledger.log_event(f"{liveness.STOPPED}{e}")
                 raise
             except Exception as e:
+                how = child.stopped_by() if isinstance(e, child.Cancelled) else None
+                if how is not None:  # a SIGTERM whose KeyboardInterrupt was swallowed
+                    self.ledger.log_event(f"{liveness.STOPPED}interrupted by a {how}")
+                    raise KeyboardInterrupt(how) from e
                 self.ledger.log_event(f"{liveness.STOPPED}an error: {type(e).__name__}: {e}")
                 raise
 

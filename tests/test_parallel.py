@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fakes.harness import patch_of
 
-from agent import measure
+from agent import child, measure
 from agent.config import SessionConfig, SessionStop
 from agent.faults import FAULT_AT, FAULT_TRACE
 from agent.ledger import Ledger
@@ -225,6 +225,35 @@ def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_pa
     while left() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left()
+
+
+def test_a_stop_signal_whose_interrupt_was_swallowed_still_stops_the_session(fake_repo,
+                                                                             tmp_path):
+    """Python ignores a KeyboardInterrupt raised where it cannot propagate (an at-fork
+    callback: seen in a full test run). The signal's stop ends every child anyway, and
+    the session reads the Cancelled that follows as the signal's stop, not as an error."""
+    folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": "1.3\n"}])
+    s = session(fake_repo, tmp_path / "s", folder)
+    event = s.event
+
+    def stop_at_the_screen(text: str) -> None:
+        event(text)
+        if text.startswith("experiment #1"):
+            child.stop("SIGTERM")  # as the handler does, but its raise lost
+            while not child.cancelled():  # the stop's thread sets it
+                time.sleep(0.001)
+
+    s.event = stop_at_the_screen
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            s.run()
+    finally:
+        child._stop_signal.clear()
+        child.cancel_all(False)
+    texts = [e["text"] for e in s.ledger.events(limit=20)]
+    assert any("interrupted by a SIGTERM" in t for t in texts)
+    assert not any("an error" in t for t in texts)
+    assert s.ledger.candidates()[1]["verdict"] is None  # nothing recorded for it
 
 
 # A coding agent for --proposer command that takes a while: it adds a file of its own to
