@@ -211,12 +211,14 @@ def resume(args: Namespace, say, waiting) -> int:
     return run_session(Session(run_dir, proposer, say=say, waiting=waiting), say)
 
 
-def _terminated(signum, frame) -> None:
-    """SIGTERM (`kill PID`, a job scheduler's stop) stops a session as Ctrl-C does: the runs
-    in flight end, the ledger says it stopped, `--resume` goes on."""
+def _stopped(signum, frame) -> None:
+    """Ctrl-C, or SIGTERM (`kill PID`, a job scheduler's stop): the runs in flight end, the
+    ledger says the session stopped and why, `--resume` goes on. Every child is ended too
+    (`child.stop`), so the stop holds where Python swallows the KeyboardInterrupt (one
+    raised inside an at-fork callback is only printed)."""
     name = signal.Signals(signum).name
     child.stop(name)
-    raise KeyboardInterrupt(name)
+    raise KeyboardInterrupt(*(() if signum == signal.SIGINT else (name,)))
 
 
 def run_session(session: Session, say) -> int:
@@ -230,8 +232,11 @@ def run_session(session: Session, say) -> int:
         say(f"session {session.id} in {run_dir}: {cfg.preset}, {cfg.objective}")
     if not cfg.sandbox:
         say(UNTRUSTED)
+    # SIGINT only where Python's own handler is in place: a background job's stays ignored.
+    stops = [signal.SIGTERM] + [signal.SIGINT] * (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+    previous = {sig: signal.signal(sig, _stopped) for sig in stops} if main else {}
     try:
         session.run()
     except KeyboardInterrupt:
@@ -240,8 +245,9 @@ def run_session(session: Session, say) -> int:
             f"`python -m agent {command} --resume {run_dir}`")
         return 130
     finally:
-        if main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     paths = [str(p) for p in write_report(run_dir.root)]
     replayed = f"; replay: {run_dir.replay_md}" if command == "replay" else ""
     say(f"report: {', '.join(paths)}{replayed}")

@@ -171,8 +171,9 @@ class Session:
                 raise
             except Exception as e:
                 how = child.stopped_by() if isinstance(e, child.Cancelled) else None
-                if how is not None:  # a SIGTERM whose KeyboardInterrupt was swallowed
-                    self.ledger.log_event(f"{liveness.STOPPED}interrupted by a {how}")
+                if how is not None:  # a stop signal whose KeyboardInterrupt was swallowed
+                    who = "the user (Ctrl-C)" if how == "SIGINT" else f"a {how}"
+                    self.ledger.log_event(f"{liveness.STOPPED}interrupted by {who}")
                     raise KeyboardInterrupt(how) from e
                 self.ledger.log_event(f"{liveness.STOPPED}an error: {type(e).__name__}: {e}")
                 raise

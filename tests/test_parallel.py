@@ -184,9 +184,12 @@ def test_a_parallel_session_killed_mid_flight_resumes_with_nothing_lost(fake_rep
     assert ": 4 experiments done" in status_text(run_dir)
 
 
-def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_path):
-    """`kill PID` (a job scheduler's stop) with a run in flight: the session exits 130, says
-    how to resume, the ledger says it stopped and why, and no process of its runs is left."""
+@pytest.mark.parametrize("sig, why", [(signal.SIGTERM, "a SIGTERM"),
+                                      (signal.SIGINT, "the user (Ctrl-C)")])
+def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_path, sig, why):
+    """`kill PID` (a job scheduler's stop), or Ctrl-C, with a run in flight: the session
+    exits 130, says how to resume, the ledger says it stopped and why, and no process of its
+    runs is left."""
     folder = patches(fake_repo, tmp_path / "p", [{"model/speed.txt": "1.3\n"}])
     env = {**os.environ, "SPEEDLOOP_DATA": str(data_cache), "WANDB_MODE": "disabled",
            "SPEEDLOOP_LOCKS": str(tmp_path / "locks")}  # fmt: skip
@@ -203,14 +206,14 @@ def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_pa
         if (run_dir / LEDGER_FILE).exists():
             with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
                 if any(r["lock_at"] for r in ledger.running_runs()):  # its child starts
-                    head.send_signal(signal.SIGTERM)
+                    head.send_signal(sig)
                     break
         time.sleep(0.02)
     out, _ = head.communicate(timeout=120)
     assert head.returncode == 130, out[-2000:]
     assert "interrupted: the run in flight was stopped" in out
     with Ledger(run_dir / LEDGER_FILE, create=False) as ledger:
-        assert any("interrupted by a SIGTERM" in e["text"] for e in ledger.events(limit=50))
+        assert any(f"interrupted by {why}" in e["text"] for e in ledger.events(limit=50))
     def left() -> list[str]:
         found = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
