@@ -200,7 +200,10 @@ def test_a_session_sent_sigterm_stops_as_on_ctrl_c(fake_repo, data_cache, tmp_pa
         [sys.executable, "-m", "agent", "run", "--preset", "cpu-tiny", "--objective",
          "throughput", "--baseline-runs", "2", "--proposer", "patches", "--proposer-arg",
          str(folder), "--experiments", "1", "--wandb", "disabled", "--run-dir", str(run_dir)],
-        cwd=fake_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=fake_repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # As from a terminal: a test run started in the background inherits SIGINT ignored,
+        # and a session keeps an ignored SIGINT ignored (a background job's convention).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while head.poll() is None and time.monotonic() < deadline:
         if (run_dir / LEDGER_FILE).exists():
